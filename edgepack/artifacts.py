@@ -1,0 +1,153 @@
+"""Artifact folders: content-hashed names, atomic creation, manifest.json with sha256 of every output.
+
+A stage writes into `.tmp-<name>-<pid>` beside its final folder and renames it when complete, so a crash
+never leaves a folder that looks finished. A folder counts as complete only when its manifest lists files
+whose sha256 still match.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import os
+import platform
+import shutil
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from edgepack import __version__
+
+MANIFEST = "manifest.json"
+
+
+def sha256_file(path: Path, *, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def content_hash(payload: Any, *, length: int = 12) -> str:
+    """Stable short hash of a JSON-able payload (stage config + input hashes + version)."""
+    text = json.dumps(payload, sort_keys=True, default=str, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:length]
+
+
+def tool_versions() -> dict[str, str]:
+    versions = {"edgepack": __version__, "python": platform.python_version()}
+    for module in ("onnx", "onnxruntime", "torch", "transformers", "numpy"):
+        with contextlib.suppress(ImportError):
+            versions[module] = __import__(module).__version__
+    return versions
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def write_json(path: Path, payload: Any) -> None:
+    """Strict JSON: non-finite floats (e.g. the SQNR of identical outputs) become null."""
+    text = json.dumps(_finite(payload), indent=2, allow_nan=False, default=_json_default)
+    atomic_write_text(path, text + "\n")
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
+def _json_default(value: Any) -> Any:
+    if hasattr(value, "item"):  # numpy scalars
+        return value.item()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"not JSON serializable: {type(value).__name__}")
+
+
+@dataclass
+class StageRecord:
+    """What a stage writes into its manifest besides the output files."""
+
+    stage: str
+    config: Mapping[str, Any]
+    inputs: Mapping[str, str]  # name -> sha256
+    metrics: dict[str, Any] = field(default_factory=dict)
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def read_manifest(folder: Path) -> dict[str, Any] | None:
+    """The manifest of a complete artifact folder, or None if missing, unreadable or its files changed."""
+    path = folder / MANIFEST
+    if not path.is_file():
+        return None
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    for name, entry in manifest.get("outputs", {}).items():
+        file = folder / name
+        if not file.is_file() or file.stat().st_size != entry["size_bytes"]:
+            return None
+    return manifest
+
+
+@contextlib.contextmanager
+def stage_folder(final: Path, record: StageRecord) -> Iterator[Path]:
+    """Yield a temporary folder to write into; on success hash outputs, write manifest, rename to `final`."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.with_name(f".tmp-{final.name}-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    start = time.perf_counter()
+    try:
+        yield tmp
+        outputs = {
+            str(p.relative_to(tmp)): {"sha256": sha256_file(p), "size_bytes": p.stat().st_size}
+            for p in sorted(tmp.rglob("*"))
+            if p.is_file()
+        }
+        manifest = {
+            "stage": record.stage,
+            "config": dict(record.config),
+            "inputs": dict(record.inputs),
+            "outputs": outputs,
+            "metrics": record.metrics,
+            "history": record.history,
+            "tool_versions": tool_versions(),
+            "wall_time_s": round(time.perf_counter() - start, 3),
+            "peak_rss_mb": round(peak_rss_mb(), 1),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+        write_json(tmp / MANIFEST, manifest)
+        if final.exists():
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def peak_rss_mb() -> float:
+    """Peak resident set size of this process so far (VmHWM on Linux, ru_maxrss elsewhere)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return psutil.Process().memory_info().rss / 2**20

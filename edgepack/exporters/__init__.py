@@ -1,0 +1,1 @@
+"""Exporters: torch / Hugging Face -> ONNX (with an output check against PyTorch)."""

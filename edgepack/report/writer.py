@@ -1,0 +1,85 @@
+"""report.json and report.md."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from edgepack.artifacts import atomic_write_text, write_json
+
+COLUMNS = ("variant", "EP", "how", "size MB", "size ×", "p50 ms", "p90 ms", "peak RSS MB", "cosine mean",
+           "cosine min", "task metric")
+
+
+def _fmt(value: Any, spec: str) -> str:
+    return "–" if value is None else format(value, spec)
+
+
+def _task(metrics: dict[str, Any]) -> str:
+    from edgepack.report.gates import FIDELITY_KEYS
+
+    task = [(k, v) for k, v in metrics.items() if k not in FIDELITY_KEYS]
+    return ", ".join(f"{k} {v:.4f}" for k, v in task) or "–"
+
+
+def results_rows(report: dict[str, Any]) -> list[list[str]]:
+    """One row per variant x EP, the columns of COLUMNS, as display strings."""
+    ref_size = report["variants"][report["reference"]]["size_bytes"]
+    rows = []
+    for name, variant in report["variants"].items():
+        size = variant["size_bytes"]
+        for ep, entry in variant["providers"].items():
+            if entry["status"] != "ok":
+                rows.append([name, ep, entry.get("how", ""), _fmt(size / 1e6, ".1f"), _fmt(size / ref_size, ".2f"),
+                             entry["status"], "", "", "", "", (entry.get("error") or "")[:80]])
+                continue
+            lat, mem, met = entry["latency_ms"], entry["memory_mb"], entry["metrics"]
+            rows.append([name, ep, entry["how"], _fmt(size / 1e6, ".1f"), _fmt(size / ref_size, ".2f"),
+                         _fmt(lat["p50"], ".2f"), _fmt(lat["p90"], ".2f"), _fmt(mem["peak"], ".0f"),
+                         _fmt(met.get("cosine_mean"), ".4f"), _fmt(met.get("cosine_min"), ".4f"), _task(met)])
+    return rows
+
+
+def render_markdown(report: dict[str, Any]) -> str:
+    recipe, data = report["recipe"], report["data"]
+    v = recipe["validate"]
+    lines = [
+        f"# edgepack report: {recipe['name']}",
+        "",
+        f"- model: `{report['model']['source']}` ({report['model']['adapter']})",
+        f"- data: `{data['path']}`: {data['n_calibration']} calibration, {data['n_evaluation']} evaluation samples "
+        "(disjoint)",
+        f"- latency: batch 1, sequence {v['sequence_length']}, {v['threads']} threads, {v['warmup']} warm-up + "
+        f"{v['runs']} timed runs, fresh process per row",
+        f"- fidelity: cosine of `{report.get('primary_output', 'output')}` vs the {report['reference']} variant on "
+        "the CPU EP, evaluation split",
+        f"- result: **{'PASSED' if report['passed'] else 'FAILED'}**",
+        "",
+        "| " + " | ".join(COLUMNS) + " |",
+        "|" + "---|" * len(COLUMNS),
+        *("| " + " | ".join(row) + " |" for row in results_rows(report)),
+        "",
+    ]
+    if report["gates"]:
+        lines += ["## Gates", "", "| gate | variant | threshold | value | passed |", "|---|---|---|---|---|"]
+        lines += [f"| {g['name']} | {g['variant']} | {g['threshold']} | {_fmt(g['value'], '.4f')} | "
+                  f"{'yes' if g['passed'] else '**no**'} |" for g in report["gates"]]
+        lines.append("")
+    lines += ["## Artifacts", ""]
+    lines += [f"- {name}: `{variant['path']}` (sha256 `{variant['sha256'][:16]}…`)"
+              for name, variant in report["variants"].items()]
+    lines += ["", "Memory: " + _memory_method(report), ""]
+    return "\n".join(lines)
+
+
+def _memory_method(report: dict[str, Any]) -> str:
+    for variant in report["variants"].values():
+        for entry in variant["providers"].values():
+            if entry.get("memory_mb"):
+                return entry["memory_mb"].get("method", "")
+    return "not measured"
+
+
+def write_reports(report: dict[str, Any], out: Path) -> None:
+    write_json(out / "report.json", report)
+    atomic_write_text(out / "report.md", render_markdown(report))
