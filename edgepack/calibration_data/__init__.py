@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Union
 
 import numpy as np
 
@@ -25,7 +24,7 @@ class TextSample:
 
 #: One array sample: input name -> array *without* the batch dimension.
 ArraySample = dict[str, np.ndarray]
-Sample = Union[TextSample, ArraySample]
+Sample = TextSample | ArraySample
 
 from edgepack.calibration_data.readers import (  # noqa: E402
     DataSplit,
