@@ -1,0 +1,548 @@
+"""Streaming activation-range calibrators: O(1) memory in the number of calibration samples.
+
+Why our own: onnxruntime.quantization's calibrators fail on real transformers. Its Percentile and Entropy methods
+crash on all-MiniLM-L6-v2 ("Too many bins for data range"), and its histogram collectors keep every activation of
+every sample until the end, so memory grows linearly with the sample count. Here each calibrator folds one
+activation batch at a time into a fixed-size state; ONNX Runtime runs the model (`collect_tensor_ranges`) and the
+ranges go to onnxruntime.quantization's own QDQ quantizer (we never write a quantizer).
+
+>>> import numpy as np
+>>> calibrator = make_calibrator("percentile", percentile=99.0, num_bins=256)
+>>> for sample in range(4):
+...     calibrator.update("relu_out", np.abs(np.random.default_rng(sample).normal(size=1000)), sample=sample)
+>>> low, high = calibrator.ranges()["relu_out"]
+>>> low == 0.0 and 2.0 < high < 3.5
+True
+
+Histogram calibrators (`percentile`, `entropy`, `mse`) keep, per tensor, `num_bins` counts of |x| over [0, top],
+plus the exact min and max. When a batch holds a value above `top`, `top` doubles until it covers the value and each
+pair of neighbouring bins merges into one (bins 2j and 2j+1 -> bin j; the upper half starts empty). Every new bin
+edge k * 2top / num_bins is an old edge, so each old bin falls wholly inside one new bin: the merge loses nothing,
+and the merged counts equal the histogram the whole stream would have had on the new range from the start (values
+exactly at the old top, kept in the closed last bin, are moved to their new bin; a test checks equality with
+np.histogram). The cost is resolution: top is the first batch's max|x| doubled k times, so it ends in
+[max|x|, 2 max|x|) and the final bin width is up to twice that of a one-shot histogram. A threshold is chosen from the |x| histogram, then turned into a range that is symmetric about 0
+for signed tensors (min < 0) and [0, threshold] otherwise, each end clipped to the observed min / max. Ranges are
+data ranges: making them contain 0 is left to the quantizer (onnxruntime does it).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tempfile
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, ClassVar
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from edgepack.errors import BadInputError, did_you_mean
+from edgepack.registry import Registry
+from edgepack.reporter import get_reporter
+
+if TYPE_CHECKING:
+    from edgepack.calibration_data import Feed
+
+#: Protobuf cannot serialise a message over 2 GiB: above this many initializer bytes we save weights as external data.
+_PROTOBUF_LIMIT_BYTES = 2**31 - 2**24
+#: Smoothing mass (in counts) given to empty bins before a KL divergence, as in TensorRT / MXNet.
+_KL_EPS = 1e-4
+
+
+class RangeCalibrator(ABC):
+    """Folds activation batches into per-tensor (low, high) ranges with memory independent of the sample count.
+
+    Subclasses set `name` and `Options` (a frozen dataclass) and implement `_update`, `ranges` and `state_bytes`.
+    """
+
+    name: ClassVar[str]
+    Options: ClassVar[type]
+
+    def __init__(self, options: object | None = None) -> None:
+        self.options = options if options is not None else self.Options()
+
+    def update(self, tensor: str, values: np.ndarray, *, sample: int) -> None:
+        """Fold one activation batch of `tensor` (any shape, any real dtype) observed on calibration `sample`."""
+        data = _checked_values(tensor, values, sample)
+        if data.size:  # an empty batch says nothing about the range
+            self._update(tensor, data)
+
+    @abstractmethod
+    def _update(self, tensor: str, data: np.ndarray) -> None:
+        """`data`: (N,) float64, finite, N >= 1."""
+
+    @abstractmethod
+    def ranges(self) -> dict[str, tuple[float, float]]:
+        """Tensor name -> (low, high) for every tensor that received data so far; the state is left as is."""
+
+    @abstractmethod
+    def state_bytes(self) -> int:
+        """Bytes of state held (arrays and scalars), to show that memory does not grow with the sample count."""
+
+
+CALIBRATORS: Registry[type[RangeCalibrator]] = Registry("calibrator")
+
+
+def make_calibrator(name: str, **options: object) -> RangeCalibrator:
+    """The calibrator registered as `name`, built with its frozen options dataclass; unknown options are errors."""
+    cls = CALIBRATORS.get(name)
+    known = [field.name for field in dataclasses.fields(cls.Options)]
+    for key in options:
+        if key not in known:
+            raise BadInputError(
+                f"unknown option '{key}' for calibrator '{name}'{did_you_mean(key, known)}; "
+                f"known: {', '.join(known) or 'none'}"
+            )
+    return cls(cls.Options(**options))
+
+
+def _checked_values(tensor: str, values: np.ndarray, sample: int) -> np.ndarray:
+    """Flatten to (N,) float64 (integer tensors too) and refuse NaN / Inf, naming the tensor and the sample."""
+    data = np.asarray(values, dtype=np.float64).reshape(-1)
+    if not np.isfinite(data).all():
+        raise BadInputError(
+            f"tensor '{tensor}' holds NaN or Inf at calibration sample {sample}; check the input data, "
+            "and calibrate the model in FP32 (FP16 activations can overflow to Inf)"
+        )
+    return data
+
+
+# ----------------------------------------------------------------------------------------------- option checks
+
+
+def _check_int(option: str, value: object, *, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise BadInputError(f"calibrator option {option} must be an integer >= {minimum}, got {value!r}")
+
+
+def _check_float(option: str, value: object, *, low: float, high: float, closed_low: bool) -> None:
+    number = value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+    inside = number is not None and (low <= number if closed_low else low < number) and number <= high
+    if not inside:
+        bracket = "[" if closed_low else "("
+        raise BadInputError(f"calibrator option {option} must be a number in {bracket}{low}, {high}], got {value!r}")
+
+
+def _check_num_bins(num_bins: object) -> None:
+    _check_int("num_bins", num_bins, minimum=2)
+    if num_bins % 2:  # type: ignore[operator]
+        raise BadInputError(f"calibrator option num_bins must be even (pairs of bins merge), got {num_bins}")
+
+
+@dataclass(frozen=True)
+class NoOptions:
+    """minmax takes no options."""
+
+
+@dataclass(frozen=True)
+class MovingAverageOptions:
+    #: Weight of the running value: low <- momentum * low + (1 - momentum) * batch_min (likewise high).
+    momentum: float = 0.9
+
+    def __post_init__(self) -> None:
+        _check_float("momentum", self.momentum, low=0.0, high=1.0, closed_low=True)
+        if self.momentum == 1.0:
+            raise BadInputError("calibrator option momentum must be below 1 (1 would keep the first batch forever)")
+
+
+@dataclass(frozen=True)
+class PercentileOptions:
+    #: Percentile of |x| kept inside the range (the rest is clipped).
+    percentile: float = 99.999
+    num_bins: int = 2048
+
+    def __post_init__(self) -> None:
+        _check_float("percentile", self.percentile, low=0.0, high=100.0, closed_low=False)
+        _check_num_bins(self.num_bins)
+
+
+@dataclass(frozen=True)
+class EntropyOptions:
+    num_bins: int = 2048
+    #: Levels of the quantised distribution compared with the reference (128 as in TensorRT for |x|).
+    num_quantized_bins: int = 128
+
+    def __post_init__(self) -> None:
+        _check_num_bins(self.num_bins)
+        _check_int("num_quantized_bins", self.num_quantized_bins, minimum=2)
+        if self.num_quantized_bins > self.num_bins:
+            raise BadInputError(
+                f"calibrator option num_quantized_bins ({self.num_quantized_bins}) must not exceed "
+                f"num_bins ({self.num_bins})"
+            )
+
+
+@dataclass(frozen=True)
+class MseOptions:
+    num_bins: int = 2048
+    #: Bits of the uniform quantiser whose error is minimised.
+    num_bits: int = 8
+
+    def __post_init__(self) -> None:
+        _check_num_bins(self.num_bins)
+        _check_int("num_bits", self.num_bits, minimum=2)
+
+
+# ------------------------------------------------------------------------------------------------- min / max
+
+
+@CALIBRATORS.register("minmax")
+class MinMaxCalibrator(RangeCalibrator):
+    """Exact running min and max over every value seen."""
+
+    name = "minmax"
+    Options = NoOptions
+
+    def __init__(self, options: NoOptions | None = None) -> None:
+        super().__init__(options)
+        self._ranges: dict[str, tuple[float, float]] = {}
+
+    def _update(self, tensor: str, data: np.ndarray) -> None:
+        low, high = float(data.min()), float(data.max())
+        if tensor in self._ranges:
+            old_low, old_high = self._ranges[tensor]
+            low, high = min(low, old_low), max(high, old_high)
+        self._ranges[tensor] = (low, high)
+
+    def ranges(self) -> dict[str, tuple[float, float]]:
+        return dict(self._ranges)
+
+    def state_bytes(self) -> int:
+        return 16 * len(self._ranges)  # two float64 per tensor
+
+
+@CALIBRATORS.register("moving-average-minmax")
+class MovingAverageMinMaxCalibrator(RangeCalibrator):
+    """Exponential moving average of each batch's min and max (the first batch initialises it), as in PyTorch's
+    MovingAverageMinMaxObserver; it damps the effect of one outlier batch."""
+
+    name = "moving-average-minmax"
+    Options = MovingAverageOptions
+
+    def __init__(self, options: MovingAverageOptions | None = None) -> None:
+        super().__init__(options)
+        self._ranges: dict[str, tuple[float, float]] = {}
+
+    def _update(self, tensor: str, data: np.ndarray) -> None:
+        low, high = float(data.min()), float(data.max())
+        if tensor in self._ranges:
+            momentum = self.options.momentum
+            old_low, old_high = self._ranges[tensor]
+            low = momentum * old_low + (1.0 - momentum) * low
+            high = momentum * old_high + (1.0 - momentum) * high
+        self._ranges[tensor] = (low, high)
+
+    def ranges(self) -> dict[str, tuple[float, float]]:
+        return dict(self._ranges)
+
+    def state_bytes(self) -> int:
+        return 16 * len(self._ranges)
+
+
+# ------------------------------------------------------------------------------------------------- histograms
+
+
+class AbsHistogram:
+    """`num_bins` counts of |x| over [0, top], plus the exact min and max; see the module docstring for the merge."""
+
+    __slots__ = ("counts", "top", "low", "high", "at_top")
+
+    def __init__(self, num_bins: int) -> None:
+        self.counts = np.zeros(num_bins, dtype=np.int64)  # (num_bins,)
+        self.top = 0.0  # 0 while every value seen is exactly 0: those sit in bin 0 whatever top becomes
+        self.low = np.inf
+        self.high = -np.inf
+        # How many counted values equal top exactly. Bins are half-open [k w, (k+1) w) except the last, which
+        # is closed (as in np.histogram) and so also holds |x| == top; after a doubling those values belong to
+        # bin num_bins // 2, not to the merged last bin, and this count lets the merge move them there.
+        self.at_top = 0
+
+    def add(self, data: np.ndarray) -> None:
+        """`data`: (N,) float64, finite, N >= 1."""
+        self.low = min(self.low, float(data.min()))
+        self.high = max(self.high, float(data.max()))
+        magnitudes = np.abs(data)  # (N,)
+        largest = float(magnitudes.max())
+        self._grow_to(largest)
+        num_bins = self.counts.size
+        if self.top == 0.0:
+            self.counts[0] += magnitudes.size
+            return
+        # |x| == top lands on index num_bins: it belongs to the closed last bin.
+        index = np.minimum((magnitudes * (num_bins / self.top)).astype(np.intp), num_bins - 1)
+        self.counts += np.bincount(index, minlength=num_bins)
+        if largest == self.top:
+            self.at_top += int(np.count_nonzero(magnitudes == self.top))
+
+    def _grow_to(self, magnitude: float) -> None:
+        if magnitude <= self.top:
+            return
+        if self.top == 0.0:
+            self.top = magnitude
+            return
+        while self.top < magnitude:
+            self.top *= 2.0
+            merged = self.counts.reshape(-1, 2).sum(axis=1)  # (num_bins // 2,): bins 2j and 2j+1 -> j
+            self.counts[: merged.size] = merged
+            self.counts[merged.size :] = 0
+            # Values at the old top sit on the new edge (num_bins // 2) * w: move them up from the bin below.
+            self.counts[merged.size - 1] -= self.at_top
+            self.counts[merged.size] += self.at_top
+            self.at_top = 0
+
+    @property
+    def nbytes(self) -> int:
+        return self.counts.nbytes + 4 * 8  # counts + top, low, high, at_top
+
+
+class _HistogramCalibrator(RangeCalibrator):
+    """Shared state for histogram methods; subclasses choose a threshold on |x| from (counts, top, signed)."""
+
+    def __init__(self, options: object | None = None) -> None:
+        super().__init__(options)
+        self._histograms: dict[str, AbsHistogram] = {}
+
+    def _update(self, tensor: str, data: np.ndarray) -> None:
+        if tensor not in self._histograms:
+            self._histograms[tensor] = AbsHistogram(self.options.num_bins)
+        self._histograms[tensor].add(data)
+
+    @abstractmethod
+    def _threshold(self, counts: np.ndarray, top: float, *, signed: bool) -> float: ...
+
+    def histogram(self, tensor: str) -> tuple[np.ndarray, float]:
+        """A copy of `tensor`'s |x| counts (num_bins,) and the range top: bin k covers [k, k+1) * top / num_bins."""
+        if tensor not in self._histograms:
+            raise BadInputError(f"no calibration data for tensor '{tensor}'{did_you_mean(tensor, self._histograms)}")
+        histogram = self._histograms[tensor]
+        return histogram.counts.copy(), histogram.top
+
+    def ranges(self) -> dict[str, tuple[float, float]]:
+        result = {}
+        for tensor, histogram in self._histograms.items():
+            signed = histogram.low < 0.0
+            threshold = self._threshold(histogram.counts, histogram.top, signed=signed)
+            result[tensor] = clipped_range(threshold, histogram.low, histogram.high)
+        return result
+
+    def state_bytes(self) -> int:
+        return sum(histogram.nbytes for histogram in self._histograms.values())
+
+
+def clipped_range(threshold: float, low: float, high: float) -> tuple[float, float]:
+    """(-t, t) for a signed tensor (low < 0), (0, t) otherwise, each end clipped to the observed [low, high].
+
+    When every value is below -t (an all-negative tensor whose threshold fell short of its max), the window and
+    the data do not overlap and the range collapses to (-t, -t) rather than turning inside out.
+    """
+    if low >= 0.0:
+        return 0.0, float(min(threshold, high))
+    clipped_low = max(-threshold, low)
+    return float(clipped_low), float(max(min(threshold, high), clipped_low))
+
+
+@CALIBRATORS.register("percentile")
+class PercentileCalibrator(_HistogramCalibrator):
+    """The `percentile`-th percentile of |x|, read from the streaming histogram."""
+
+    name = "percentile"
+    Options = PercentileOptions
+
+    def _threshold(self, counts: np.ndarray, top: float, *, signed: bool) -> float:
+        return percentile_threshold(counts, top, self.options.percentile)
+
+
+@CALIBRATORS.register("entropy")
+class EntropyCalibrator(_HistogramCalibrator):
+    """KL-divergence threshold on the |x| histogram, as in TensorRT (and onnxruntime's entropy method)."""
+
+    name = "entropy"
+    Options = EntropyOptions
+
+    def _threshold(self, counts: np.ndarray, top: float, *, signed: bool) -> float:
+        return entropy_threshold(counts, top, self.options.num_quantized_bins)
+
+
+@CALIBRATORS.register("mse")
+class MseCalibrator(_HistogramCalibrator):
+    """Threshold minimising the expected squared error of a uniform `num_bits` quantiser, from the histogram."""
+
+    name = "mse"
+    Options = MseOptions
+
+    def _threshold(self, counts: np.ndarray, top: float, *, signed: bool) -> float:
+        return mse_threshold(counts, top, signed=signed, num_bits=self.options.num_bits)
+
+
+# --------------------------------------------------------------------- threshold selection on a |x| histogram
+# Each takes counts (num_bins,) of |x| over [0, top] (bin width top / num_bins) and returns a threshold on |x|.
+
+
+def percentile_threshold(counts: np.ndarray, top: float, percentile: float) -> float:
+    """Smallest t with `percentile`% of the counts in [0, t], interpolating linearly inside the bin that crosses it."""
+    total = int(counts.sum())
+    if total == 0 or top == 0.0:
+        return 0.0
+    width = top / counts.size
+    target = percentile / 100.0 * total
+    cumulative = np.cumsum(counts)  # (num_bins,)
+    index = min(int(np.searchsorted(cumulative, target, side="left")), counts.size - 1)
+    below = int(cumulative[index - 1]) if index else 0
+    fraction = (target - below) / counts[index] if counts[index] else 1.0
+    return float((index + min(fraction, 1.0)) * width)
+
+
+def entropy_threshold(counts: np.ndarray, top: float, num_quantized_bins: int) -> float:
+    """TensorRT's calibration (Migacz, GTC 2017): for each candidate i, fold the counts above bin i into bin i-1
+    (reference p), quantise bins [0, i) into `num_quantized_bins` levels and expand back (candidate q), and keep
+    the i with the smallest KL(p || q); the threshold is the upper edge i * width.
+
+    Bins are assigned to levels evenly (bin j of i -> level j * levels // i, as NVIDIA's pytorch-quantization does)
+    rather than giving the last level the whole remainder (TensorRT / onnxruntime): the remainder rule makes the
+    KL curve a saw-tooth that favours multiples of `num_quantized_bins` bins, so the threshold jumped with the bin
+    width (streaming vs one-shot histograms disagreed by tens of bins on Gaussian data; evenly, mostly by < 2).
+    Candidates stop at the bin holding the largest |x|: every threshold past it clips to the max anyway, and
+    stopping there makes the answer independent of how far the streaming range overshoots the max.
+    We smooth empty bins with eps counts and renormalise (MXNet also takes eps from the non-empty bins, which can
+    turn fractional q counts negative).
+    """
+    if top == 0.0 or not counts.any():
+        return 0.0
+    weights = counts.astype(np.float64)  # (num_bins,)
+    above = np.concatenate([np.cumsum(weights[::-1])[::-1], [0.0]])  # (num_bins + 1,): above[i] = counts[i:].sum()
+    last = int(np.flatnonzero(counts)[-1]) + 1
+    best_index, best_divergence = num_quantized_bins, np.inf
+    for index in range(num_quantized_bins, max(last, num_quantized_bins) + 1):
+        divergence = _clipping_divergence(weights[:index], above[index], num_quantized_bins)
+        if divergence < best_divergence:  # strict: ties keep the smallest threshold, like np.argmin
+            best_index, best_divergence = index, divergence
+    return float(best_index * top / counts.size)
+
+
+def _clipping_divergence(kept: np.ndarray, clipped: float, num_quantized_bins: int) -> float:
+    """KL(p || q) for the candidate that keeps `kept` (i,) bins and clips `clipped` counts into the last one."""
+    size = kept.size
+    reference = kept.copy()
+    reference[-1] += clipped
+    nonzero = reference != 0  # (i,)
+    # Merge runs of i // num_quantized_bins bins; the last level also takes the remainder.
+    level = np.arange(size) * num_quantized_bins // size  # (i,)
+    level_counts = np.bincount(level, weights=kept, minlength=num_quantized_bins)
+    level_nonzero = np.bincount(level, weights=nonzero, minlength=num_quantized_bins)
+    # Spread each level's count evenly over its non-empty bins (a quantiser cannot create mass in empty ones).
+    candidate = np.where(nonzero, level_counts[level] / np.maximum(level_nonzero[level], 1.0), 0.0)
+    p, q = _smoothed(reference), _smoothed(candidate)
+    if p is None or q is None:
+        return np.inf
+    return float(np.sum(p * np.log(p / q)))
+
+
+def _smoothed(counts: np.ndarray) -> np.ndarray | None:
+    total = counts.sum()
+    if total <= 0.0:
+        return None
+    smoothed = np.where(counts == 0, _KL_EPS, counts)
+    return smoothed / smoothed.sum()
+
+
+def mse_threshold(counts: np.ndarray, top: float, *, signed: bool, num_bits: int = 8) -> float:
+    """The bin edge t minimising the expected squared error of a uniform quantiser on [-t, t] (signed) or [0, t].
+
+    Values inside the range contribute the rounding noise step^2 / 12 (step = range / (2^bits - 1)); values
+    above t are clipped and contribute (centre - t)^2, taking each bin's values at its centre.
+    """
+    if top == 0.0 or not counts.any():
+        return 0.0
+    num_bins = counts.size
+    width = top / num_bins
+    weights = counts.astype(np.float64)  # (num_bins,)
+    centres = (np.arange(num_bins) + 0.5) * width
+    thresholds = np.arange(1, num_bins + 1) * width  # candidate i keeps bins [0, i)
+
+    def above(values: np.ndarray) -> np.ndarray:  # (num_bins,): sum over bins j >= i for candidate i = 1..num_bins
+        return np.concatenate([np.cumsum(values[::-1])[::-1], [0.0]])[1:]
+
+    step = (2.0 if signed else 1.0) * thresholds / (2**num_bits - 1)
+    rounding = np.cumsum(weights) * step**2 / 12.0
+    clipping = above(weights * centres**2) - 2.0 * thresholds * above(weights * centres) + thresholds**2 * above(weights)
+    error = rounding + np.maximum(clipping, 0.0)  # max: cancellation can leave -1e-12 where nothing is clipped
+    return float(thresholds[int(np.argmin(error))])
+
+
+# ----------------------------------------------------------------------------------------- running the model
+
+
+def collect_tensor_ranges(model_path: Path, feeds: Iterable[Feed], *, tensors: Sequence[str],
+                          calibrator: RangeCalibrator, providers: Sequence[str] = ("CPUExecutionProvider",),
+                          total: int | None = None) -> dict[str, tuple[float, float]]:
+    """Run `feeds` one at a time through ONNX Runtime and fold the `tensors` activations into `calibrator`.
+
+    The model is copied into a temporary folder (tempfile) with the requested tensors added as graph outputs
+    (name-only ValueInfo: ONNX Runtime infers their types); weights go to one external data file when they exceed
+    protobuf's 2 GiB. Each feed's outputs are handed to `calibrator.update` and dropped before the next feed, so
+    memory does not grow with the number of feeds. Returns `calibrator.ranges()`.
+    """
+    model_path = Path(model_path)
+    model = onnx.load(str(model_path))  # also loads external data, so the copy is self-contained
+    names = list(dict.fromkeys(tensors))  # (K,) unique, order kept
+    _check_tensor_names(model, names, model_path)
+    initializers = {tensor.name for tensor in model.graph.initializer}
+    input_names = [value.name for value in model.graph.input if value.name not in initializers]
+    with tempfile.TemporaryDirectory(prefix="edgepack-calibration-") as folder:
+        session = ort.InferenceSession(str(_save_augmented(model, names, Path(folder))), providers=list(providers))
+        feed_iter = get_reporter().track(feeds, total=total, title=f"calibrating ({calibrator.name})")
+        for sample, feed in enumerate(feed_iter):
+            _check_feed(feed, input_names, sample)
+            outputs = session.run(names, feed)  # K arrays, each (batch, ...) for this one feed
+            for name, values in zip(names, outputs, strict=True):
+                calibrator.update(name, values, sample=sample)
+            del outputs
+        del session
+    return calibrator.ranges()
+
+
+def _activation_names(model: onnx.ModelProto) -> list[str]:
+    """Graph inputs (not initializers) and top-level node outputs: the tensors ONNX Runtime can return."""
+    initializers = {tensor.name for tensor in model.graph.initializer}
+    inputs = [value.name for value in model.graph.input if value.name not in initializers]
+    outputs = [output for node in model.graph.node for output in node.output if output]
+    return inputs + outputs
+
+
+def _check_tensor_names(model: onnx.ModelProto, names: Sequence[str], model_path: Path) -> None:
+    known = _activation_names(model)
+    known_set = set(known)
+    for name in names:
+        if name not in known_set:
+            raise BadInputError(
+                f"tensor '{name}' is not an activation of {model_path}{did_you_mean(name, known)}; "
+                "pass graph input or node output names"
+            )
+
+
+def _save_augmented(model: onnx.ModelProto, names: Sequence[str], folder: Path) -> Path:
+    """Save `model` with `names` added as graph outputs into `folder`; the caller's model file is not touched."""
+    existing = {value.name for value in model.graph.output}
+    model.graph.output.extend(onnx.ValueInfoProto(name=name) for name in names if name not in existing)
+    path = folder / "augmented.onnx"
+    weight_bytes = sum(tensor.ByteSize() for tensor in model.graph.initializer)
+    if weight_bytes > _PROTOBUF_LIMIT_BYTES:
+        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location="augmented.onnx.data")
+    else:
+        onnx.save_model(model, str(path))
+    return path
+
+
+def _check_feed(feed: Feed, input_names: Sequence[str], sample: int) -> None:
+    missing = [name for name in input_names if name not in feed]
+    unknown = [name for name in feed if name not in input_names]
+    if missing or unknown:
+        raise BadInputError(
+            f"calibration sample {sample} does not match the model inputs (missing: {missing or 'none'}, "
+            f"unknown: {unknown or 'none'}); feed keys must be the ONNX input names {list(input_names)}"
+        )

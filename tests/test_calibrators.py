@@ -1,0 +1,306 @@
+"""Streaming range calibrators: streaming equals offline, O(1) memory, edge cases, and the ONNX Runtime driver."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from edgepack.errors import BadInputError
+from edgepack.quantization import calibrators
+from edgepack.quantization.calibrators import (
+    CALIBRATORS,
+    clipped_range,
+    collect_tensor_ranges,
+    entropy_threshold,
+    make_calibrator,
+    mse_threshold,
+)
+
+ALL = ["entropy", "minmax", "moving-average-minmax", "mse", "percentile"]
+HISTOGRAM = ["entropy", "mse", "percentile"]
+NUM_BINS = 2048
+
+
+def growing_batches(seed: int = 0, count: int = 20, size: int = 5000) -> list[np.ndarray]:
+    """Uniform bulk whose scale grows from 0.25 to 1 across batches, plus one outlier of |x| in [5, 6] per batch.
+
+    The first batch's max is the smallest, so the histogram must grow; the outliers sit far from the bulk, so the
+    entropy and mse optima are well defined (the bulk edge, or a clear compromise) rather than flat plateaus.
+    """
+    rng = np.random.default_rng(seed)
+    batches = []
+    for index in range(count):
+        batch = rng.uniform(-1.0, 1.0, size=size) * (0.25 + 0.75 * index / (count - 1))
+        batch[0] = rng.uniform(5.0, 6.0) * rng.choice([-1.0, 1.0])
+        batches.append(batch.astype(np.float32))
+    batches[0][0] = 0.1  # keep the first batch small: later batches must grow the range
+    return batches
+
+
+def stream(name: str, batches: list[np.ndarray], tensor: str = "t", **options: object) -> calibrators.RangeCalibrator:
+    calibrator = make_calibrator(name, **options)
+    for sample, batch in enumerate(batches):
+        calibrator.update(tensor, batch, sample=sample)
+    return calibrator
+
+
+def test_registry_holds_the_five_methods() -> None:
+    assert CALIBRATORS.names() == ALL
+    for name in ALL:
+        assert make_calibrator(name).name == name
+
+
+def test_minmax_streaming_equals_offline_exactly() -> None:
+    batches = growing_batches()
+    data = np.concatenate(batches)
+    assert stream("minmax", batches).ranges() == {"t": (float(data.min()), float(data.max()))}
+
+
+def test_moving_average_equals_offline_ema_of_batch_extremes() -> None:
+    batches = growing_batches()
+    momentum = 0.8
+    low, high = float(batches[0].min()), float(batches[0].max())
+    for batch in batches[1:]:
+        low = momentum * low + (1 - momentum) * float(batch.min())
+        high = momentum * high + (1 - momentum) * float(batch.max())
+    result = stream("moving-average-minmax", batches, momentum=momentum).ranges()["t"]
+    assert result == (low, high)
+    minmax = stream("minmax", batches).ranges()["t"]
+    assert minmax[0] < result[0] < result[1] < minmax[1]  # the average damps the outliers
+
+
+def offline_range(name: str, data: np.ndarray) -> tuple[float, float]:
+    """One pass over all data at once: exact percentile, or a one-shot NUM_BINS histogram over [0, max|x|]."""
+    magnitudes = np.abs(data.astype(np.float64))
+    top = float(magnitudes.max())
+    counts, _ = np.histogram(magnitudes, bins=NUM_BINS, range=(0.0, top))
+    if name == "percentile":
+        threshold = float(np.percentile(magnitudes, 99.999))
+    elif name == "entropy":
+        threshold = entropy_threshold(counts, top, 128)
+    else:
+        threshold = mse_threshold(counts, top, signed=bool(data.min() < 0), num_bits=8)
+    return clipped_range(threshold, float(data.min()), float(data.max()))
+
+
+@pytest.mark.parametrize("name", HISTOGRAM)
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_histogram_streaming_matches_offline_within_bin_width(name: str, seed: int) -> None:
+    """Tolerance: the exact percentile is within one streaming bin width (top / num_bins, the coarser grid) of ours.
+    Entropy and mse answers are bin edges of their own histograms, so each may sit up to one bin of its own grid
+    from the common optimum: tolerance = streaming width + offline width (< 2 streaming widths)."""
+    batches = growing_batches(seed)
+    data = np.concatenate(batches)
+    calibrator = stream(name, batches)
+    _, top = calibrator.histogram("t")
+    assert top > np.abs(batches[0]).max()  # the range grew during streaming
+    stream_width = top / NUM_BINS
+    offline_width = float(np.abs(data).max()) / NUM_BINS
+    tolerance = stream_width if name == "percentile" else stream_width + offline_width
+    low, high = calibrator.ranges()["t"]
+    expected_low, expected_high = offline_range(name, data)
+    assert abs(low - expected_low) <= tolerance
+    assert abs(high - expected_high) <= tolerance
+
+
+def fake_quantize_mse(data: np.ndarray, low: float, high: float, bits: int = 8) -> float:
+    """Mean squared error of a uniform `bits` quantiser on [low, high] (round to nearest, clip outside)."""
+    step = (high - low) / (2**bits - 1)
+    quantized = low + np.clip(np.round((data - low) / step), 0, 2**bits - 1) * step
+    return float(np.mean((data - quantized) ** 2))
+
+
+@pytest.mark.parametrize("signed", [True, False])
+def test_mse_threshold_minimises_actual_quantisation_error(signed: bool) -> None:
+    """Independent of the histogram model: fake-quantise the data itself on a grid of thresholds."""
+    rng = np.random.default_rng(5)
+    data = rng.laplace(size=50_000) if signed else rng.exponential(size=50_000)
+    low, high = stream("mse", np.array_split(data, 10)).ranges()["t"]
+    candidates = np.linspace(0.05, 1.0, 96) * np.abs(data).max()
+    best = min(fake_quantize_mse(data, -t if signed else 0.0, t) for t in candidates)
+    assert fake_quantize_mse(data, low, high) <= 1.05 * best
+    assert high < np.abs(data).max()  # it clips the sparse tail
+
+
+def test_entropy_clips_at_the_edge_of_the_bulk() -> None:
+    """Uniform bulk up to |x| = 1 plus rare outliers at 5..6: the KL optimum is the bulk edge (TensorRT's rationale)."""
+    batches = growing_batches(seed=4)
+    calibrator = stream("entropy", batches)
+    _, top = calibrator.histogram("t")
+    bulk_edge = max(float(np.abs(batch[1:]).max()) for batch in batches)  # about 1.0
+    low, high = calibrator.ranges()["t"]
+    assert abs(high - bulk_edge) <= 2 * top / NUM_BINS and low == -high
+
+
+@pytest.mark.parametrize("name", HISTOGRAM)
+def test_merged_histogram_equals_one_shot_histogram_on_the_final_range(name: str) -> None:
+    """The doubling merge loses nothing: the streamed counts are the histogram of all data on the final range."""
+    batches = growing_batches(seed=3)
+    calibrator = stream(name, batches)
+    counts, top = calibrator.histogram("t")
+    magnitudes = np.abs(np.concatenate(batches).astype(np.float64))
+    expected, _ = np.histogram(magnitudes, bins=NUM_BINS, range=(0.0, top))
+    np.testing.assert_array_equal(counts, expected)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_state_bytes_do_not_grow_with_batches(name: str) -> None:
+    rng = np.random.default_rng(0)
+    batches = [rng.normal(size=64) * (1 + index / 10) for index in range(1000)]
+    few = stream(name, batches[:10], tensor="a")
+    few.update("b", batches[0], sample=0)
+    many = stream(name, batches, tensor="a")
+    many.update("b", batches[0], sample=0)
+    assert few.state_bytes() == many.state_bytes() > 0
+    if name in HISTOGRAM:
+        assert many.state_bytes() == 2 * (NUM_BINS * 8 + 32)  # two tensors: int64 counts + top, min, max, at_top
+
+
+EDGE_CASES = {
+    "constant": ([np.full((2, 3), 3.0, dtype=np.float32)] * 3, (3.0, 3.0)),
+    "constant-negative": ([np.full(7, -2.0)] * 2, (-2.0, -2.0)),
+    "all-zero": ([np.zeros((4, 4), dtype=np.float32)] * 3, (0.0, 0.0)),
+    "single-element": ([np.array([-2.5], dtype=np.float32)], (-2.5, -2.5)),
+    "integer": ([np.array([[0, 5, -3]], dtype=np.int64), np.array([1, 2], dtype=np.int32)], (-3.0, 5.0)),
+    "zeros-then-values": ([np.zeros(10), np.array([0.0, 4.0, 2.0])], (0.0, 4.0)),
+}
+
+
+@pytest.mark.parametrize("case", sorted(EDGE_CASES))
+@pytest.mark.parametrize("name", ALL)
+def test_degenerate_tensors_give_finite_ordered_ranges(name: str, case: str) -> None:
+    batches, (data_low, data_high) = EDGE_CASES[case]
+    low, high = stream(name, batches).ranges()["t"]
+    assert np.isfinite(low) and np.isfinite(high) and low <= high
+    if name == "minmax":
+        assert (low, high) == (data_low, data_high)
+    if name == "moving-average-minmax":  # an average of batch extremes: inside the data range, exact if one batch
+        assert data_low <= low <= high <= data_high
+        assert len(batches) > 1 or (low, high) == (data_low, data_high)
+        return
+    # Every method stays inside the data range extended to 0, and reaches at least 99% of its far end
+    # (mse may stop a few bins short of a lone spike: rounding noise there costs more than clipping it).
+    assert min(data_low, 0.0) <= low and high <= max(data_high, 0.0)
+    far_end = max(abs(data_low), abs(data_high))
+    assert max(abs(low), abs(high)) >= 0.99 * far_end
+
+
+def test_zeros_before_the_first_nonzero_stay_in_bin_zero() -> None:
+    calibrator = stream("percentile", [np.zeros(10), np.array([0.0, 4.0, 2.0])])
+    counts, top = calibrator.histogram("t")
+    assert top == 4.0 and counts[0] == 11 and counts[NUM_BINS // 2] == 1 and counts[-1] == 1
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+@pytest.mark.parametrize("name", ALL)
+def test_non_finite_values_name_tensor_and_sample(name: str, bad: float) -> None:
+    calibrator = make_calibrator(name)
+    calibrator.update("encoder.out", np.ones(4), sample=0)
+    values = np.ones((2, 3), dtype=np.float32)
+    values[1, 2] = bad
+    with pytest.raises(BadInputError, match=r"tensor 'encoder\.out'.*sample 7.*input data.*FP32"):
+        calibrator.update("encoder.out", values, sample=7)
+
+
+def test_options_are_checked() -> None:
+    with pytest.raises(BadInputError, match=r"unknown option 'percentil'.*did you mean 'percentile'"):
+        make_calibrator("percentile", percentil=99.9)
+    with pytest.raises(BadInputError, match="num_bins must be even"):
+        make_calibrator("entropy", num_bins=2047)
+    with pytest.raises(BadInputError, match="num_quantized_bins"):
+        make_calibrator("entropy", num_bins=64, num_quantized_bins=128)
+    with pytest.raises(BadInputError, match="percentile must be a number"):
+        make_calibrator("percentile", percentile=120)
+    with pytest.raises(BadInputError, match="momentum"):
+        make_calibrator("moving-average-minmax", momentum=1.0)
+    with pytest.raises(BadInputError, match=r"unknown calibrator 'entropi'.*did you mean 'entropy'"):
+        make_calibrator("entropi")
+    assert make_calibrator("mse", num_bits=4).options.num_bits == 4
+
+
+def test_heavy_tailed_data_is_clipped_strictly_inside_minmax() -> None:
+    rng = np.random.default_rng(7)
+    batches = [rng.standard_t(2, size=5000).astype(np.float32) for _ in range(20)]  # 100k values
+    data_low, data_high = stream("minmax", batches).ranges()["t"]
+    options = {"percentile": {"percentile": 99.99}, "entropy": {}, "mse": {}}  # 99.99% of 100k: 10 values clipped
+    for name, extra in options.items():
+        low, high = stream(name, batches, **extra).ranges()["t"]
+        assert data_low < low < 0.0 < high < data_high, name
+    low, high = stream("entropy", batches).ranges()["t"]
+    assert high < 0.2 * data_high  # KL clips hard: the tail holds almost no mass
+
+
+# ------------------------------------------------------------------------------------ collect_tensor_ranges
+
+
+def tiny_mlp(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """x (B, 4) -> MatMul W1 (4, 8) -> h -> Relu -> r -> MatMul W2 (8, 3) -> y; returns (W1, W2)."""
+    rng = np.random.default_rng(0)
+    w1 = rng.normal(size=(4, 8)).astype(np.float32)
+    w2 = rng.normal(size=(8, 3)).astype(np.float32)
+    graph = helper.make_graph(
+        [
+            helper.make_node("MatMul", ["x", "w1"], ["h"]),
+            helper.make_node("Relu", ["h"], ["r"]),
+            helper.make_node("MatMul", ["r", "w2"], ["y"]),
+        ],
+        "tiny_mlp",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 3])],
+        initializer=[numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+    return w1, w2
+
+
+def mlp_feeds() -> list[dict[str, np.ndarray]]:
+    rng = np.random.default_rng(1)
+    return [{"x": (rng.normal(size=(3, 4)) * (index + 1)).astype(np.float32)} for index in range(6)]
+
+
+def test_collect_tensor_ranges_matches_numpy(tmp_path: Path) -> None:
+    model_path = tmp_path / "mlp.onnx"
+    w1, w2 = tiny_mlp(model_path)
+    before = model_path.read_bytes()
+    feeds = mlp_feeds()
+    ranges = collect_tensor_ranges(model_path, iter(feeds), tensors=["x", "h", "r", "y"],
+                                   calibrator=make_calibrator("minmax"))
+    x = np.concatenate([feed["x"] for feed in feeds])  # (18, 4)
+    h = x @ w1
+    r = np.maximum(h, 0)
+    expected = {"x": x, "h": h, "r": r, "y": r @ w2}
+    assert list(ranges) == list(expected)
+    for name, values in expected.items():
+        np.testing.assert_allclose(ranges[name], (values.min(), values.max()), rtol=1e-5, err_msg=name)
+    assert ranges["x"] == (float(x.min()), float(x.max()))  # inputs pass through untouched: exact
+    assert ranges["r"][0] == 0.0
+    assert model_path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["mlp.onnx"]
+
+
+def test_collect_tensor_ranges_external_data_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Above the protobuf limit the augmented copy keeps weights in external data; the ranges are the same."""
+    model_path = tmp_path / "mlp.onnx"
+    tiny_mlp(model_path)
+    inline = collect_tensor_ranges(model_path, mlp_feeds(), tensors=["h", "y"], calibrator=make_calibrator("mse"),
+                                   total=6)
+    monkeypatch.setattr(calibrators, "_PROTOBUF_LIMIT_BYTES", 0)
+    external = collect_tensor_ranges(model_path, mlp_feeds(), tensors=["h", "y"], calibrator=make_calibrator("mse"))
+    assert inline == external and set(inline) == {"h", "y"}
+
+
+def test_collect_tensor_ranges_rejects_unknown_tensor_and_bad_feed(tmp_path: Path) -> None:
+    model_path = tmp_path / "mlp.onnx"
+    tiny_mlp(model_path)
+    with pytest.raises(BadInputError, match=r"tensor 'hh' is not an activation of .*mlp\.onnx.*did you mean 'h'"):
+        collect_tensor_ranges(model_path, mlp_feeds(), tensors=["h", "hh"], calibrator=make_calibrator("minmax"))
+    with pytest.raises(BadInputError, match=r"tensor 'w1' is not an activation"):  # weights are not calibrated
+        collect_tensor_ranges(model_path, mlp_feeds(), tensors=["w1"], calibrator=make_calibrator("minmax"))
+    with pytest.raises(BadInputError, match=r"calibration sample 0 .*missing: \['x'\].*unknown: \['input'\]"):
+        collect_tensor_ranges(model_path, [{"input": np.zeros((1, 4), np.float32)}], tensors=["h"],
+                              calibrator=make_calibrator("minmax"))
