@@ -39,6 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
             edgepack export ./my-bert --out exported/
             edgepack quantize exported/model.onnx --calibration sentences.txt --tokenizer ./my-bert --out model.int8.onnx
             edgepack validate model.int8.onnx --reference exported/model.onnx --data sentences.txt --tokenizer ./my-bert
+            edgepack bundle model.int8.onnx --out bundle/ --data sentences.txt --tokenizer ./my-bert
+            edgepack verify bundle/
         """))
     parser.add_argument("--version", action="version", version=f"edgepack {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -102,6 +104,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--runs", type=int, default=50, help="timed runs (default 50)")
     p.add_argument("--out", type=Path, help="keep the measurement folder here")
     _add_common(p)
+
+    from edgepack.exporters import bundle
+
+    p = add("bundle", bundle.run_bundle_command, "build an app/firmware bundle: .ort model, reduced-operator config, "
+            "aligned C array, golden test vectors",
+            "edgepack bundle model.int8.onnx --out bundle/ --data sentences.txt --tokenizer ./my-bert\n"
+            "edgepack bundle model.int8.onnx --out bundle/ --data inputs.npz --fixed-shape batch=1,sequence=128")
+    bundle.add_bundle_arguments(p)
+    _add_common(p, json_flag=False)
+    p = add("verify", bundle.run_verify_command, "check a bundle: file hashes, then every golden vector within tolerance "
+            "(exit 3 on mismatch)", "edgepack verify bundle/\nedgepack verify bundle/ --ep qnn-htp")
+    bundle.add_verify_arguments(p)
+    _add_common(p, json_flag=False)
     return parser
 
 

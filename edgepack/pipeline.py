@@ -6,6 +6,7 @@ inputs, so a rerun with the same recipe and data reuses finished folders (resume
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -118,6 +119,26 @@ def stage_quantize(ctx: RunContext, fp32: Path) -> Path:
     return folder / "model.onnx"
 
 
+def stage_bundle(ctx: RunContext, final: Path, *, validated: dict[str, Any]) -> Path:
+    """The final variant as app/firmware deliverables; the bundle writes its own manifest (kind edgepack-bundle)."""
+    from edgepack.exporters.bundle import BundleOptions, make_bundle, read_bundle_manifest
+
+    cfg = ctx.recipe.bundle
+    inputs = {"model": sha256_file(final), "data": ctx.data_hash}
+    folder = ctx.out / f"bundle-{content_hash({'stage': 'bundle', 'cfg': cfg.model_dump(), 'in': inputs, 'validated': validated, 'v': __version__})}"
+    if (folder / "manifest.json").is_file():
+        with contextlib.suppress(BadInputError):
+            read_bundle_manifest(folder)
+            get_reporter().info(f"[dim]reusing {folder.name} (same config and inputs)[/dim]")
+            return folder
+    feeds = ctx.adapter.evaluation_feeds(ctx.split.evaluation[: cfg.samples], max_length=ctx.recipe.data.max_length)
+    options = BundleOptions(optimization_style=cfg.optimization_style, alignment=cfg.alignment,
+                            fixed_shapes=cfg.fixed_shapes, target_platform=cfg.target_platform, force=True)
+    with get_reporter().step("bundle: .ort, operator config, C array, golden vectors"):
+        make_bundle(final, folder, feeds=feeds[: cfg.samples], options=options, validated=validated)
+    return folder
+
+
 def run_recipe(recipe: Recipe, out: Path) -> dict[str, Any]:
     """Run every stage; write report.json/report.md into `out`; return the report (gates evaluated, not raised)."""
     providers = parse_providers(",".join(recipe.validate_.providers))  # fail on a bad EP name before any work
@@ -145,7 +166,12 @@ def run_recipe(recipe: Recipe, out: Path) -> dict[str, Any]:
         "primary_output": adapter.primary_output,
         **results,
     }
-    report["gates"] = evaluate_gates(report, recipe.gates, final="int8" if "int8" in variants else "fp32")
+    final = "int8" if "int8" in variants else "fp32"
+    if recipe.bundle.enabled:
+        validated = {ep: {"status": e["status"], "how": e["how"]}
+                     for ep, e in results["variants"][final]["providers"].items()}
+        report["bundle"] = {"path": stage_bundle(ctx, variants[final], validated=validated).name, "variant": final}
+    report["gates"] = evaluate_gates(report, recipe.gates, final=final)
     report["passed"] = all(g["passed"] for g in report["gates"])
     write_reports(report, out)
     return report

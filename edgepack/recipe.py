@@ -71,6 +71,17 @@ class ValidateSection(_Section):
     runs: int = Field(50, ge=1)
 
 
+class BundleSection(_Section):
+    """App/firmware deliverables from the final variant (see docs/integration.md)."""
+
+    enabled: bool = True
+    samples: int = Field(4, ge=1, le=64)  # golden test vectors from the evaluation split
+    optimization_style: Literal["Fixed", "Runtime"] = "Fixed"
+    target_platform: Literal["arm", "amd64"] = "arm"
+    alignment: int = Field(64, ge=1)
+    fixed_shapes: dict[str, int] | None = None  # e.g. {batch: 1, sequence: 128} adds an NPU fixed-shape variant
+
+
 class GatesSection(_Section):
     min_cosine: float | None = Field(0.99, ge=-1, le=1)
     min_cosine_sample: float | None = Field(None, ge=-1, le=1)
@@ -86,6 +97,7 @@ class Recipe(_Section):
     export: ExportSection = Field(default_factory=ExportSection)
     quantize: QuantizeSection = Field(default_factory=QuantizeSection)
     validate_: ValidateSection = Field(default_factory=ValidateSection, alias="validate")
+    bundle: BundleSection = Field(default_factory=BundleSection)
     gates: GatesSection = Field(default_factory=GatesSection)
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)

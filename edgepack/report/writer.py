@@ -68,6 +68,10 @@ def render_markdown(report: dict[str, Any]) -> str:
     lines += ["## Artifacts", ""]
     lines += [f"- {name}: `{variant['path']}` (sha256 `{variant['sha256'][:16]}…`)"
               for name, variant in report["variants"].items()]
+    if report.get("bundle"):
+        lines.append(f"- bundle ({report['bundle']['variant']}): `{report['bundle']['path']}/` — model.ort, "
+                     "model_data.c/.h, required_operators_and_types.config, golden vectors; check it with "
+                     f"`edgepack verify {report['bundle']['path']}`")
     lines += ["", "Memory: " + _memory_method(report), ""]
     return "\n".join(lines)
 

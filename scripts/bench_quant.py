@@ -1,0 +1,308 @@
+"""Static INT8 on all-MiniLM-L6-v2: edgepack against ORT, Optimum and PyTorch anchors, side by side in one run.
+
+Anchors (same FP32 ONNX graph, same 200 calibration sentences, same 100 held-out evaluation sentences):
+  ort-static-default   onnxruntime.quantization.quantize_static(QDQ, per_channel=True, MinMax)
+  optimum-static       optimum-onnx ORTQuantizer, AutoQuantizationConfig.avx512_vnni(is_static=True), MinMax
+  optimum-dynamic      optimum-onnx ORTQuantizer, AutoQuantizationConfig.avx512_vnni(is_static=False)
+  torch-dynamic        torch.ao.quantization.quantize_dynamic(nn.Linear, qint8), run in PyTorch
+Every ONNX variant is measured by edgepack's harness: fresh process per variant, batch 1, sequence 128,
+2 intra-op threads, 10 warm-up + 100 timed runs. Then calibration memory and time at 64/256/1024 samples per
+method, edgepack's streaming calibrators vs ORT's, each in a fresh process.
+
+    python scripts/bench_quant.py                 # everything (about 30 minutes on 2 cores)
+    python scripts/bench_quant.py --skip-calibration
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _bench_common import machine_line, markdown_table, peak_rss_mb, run_child, write_section  # noqa: E402
+
+CAL_METHODS = {  # edgepack calibrator -> ORT CalibrationMethod name (None: ORT has no such method)
+    "minmax": "MinMax", "percentile": "Percentile", "entropy": "Entropy", "mse": None,
+    "moving-average-minmax": "MinMax+moving-average",
+}
+CAL_SIZES = (64, 256, 1024)
+
+
+def context(out: Path) -> Any:
+    from edgepack.pipeline import RunContext, _split_hash, build_adapter, load_split
+    from edgepack.recipe import DEMO_RECIPE
+
+    adapter = build_adapter(DEMO_RECIPE)
+    split = load_split(DEMO_RECIPE)
+    return RunContext(DEMO_RECIPE, out, adapter, split, _split_hash(split))
+
+
+def build_anchors(ctx: Any, fp32: Path) -> dict[str, Path]:
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, quantize_static
+
+    cal = list(ctx.adapter.feeds(ctx.split.calibration, max_length=128))
+    anchors = ctx.out / "anchors"
+    anchors.mkdir(exist_ok=True)
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.it = iter(cal)
+
+        def get_next(self) -> dict | None:
+            return next(self.it, None)
+
+    paths = {"ort-static-default": anchors / "ort_static.onnx"}
+    if not paths["ort-static-default"].exists():
+        quantize_static(str(fp32), str(paths["ort-static-default"]), Reader(), quant_format=QuantFormat.QDQ,
+                        per_channel=True)
+    paths.update(_optimum(fp32, anchors, cal))
+    return paths
+
+
+def _optimum(fp32: Path, anchors: Path, cal: list[dict]) -> dict[str, Path]:
+    try:
+        from optimum.onnxruntime import ORTQuantizer
+        from optimum.onnxruntime.configuration import AutoQuantizationConfig, CalibrationConfig
+    except ImportError:
+        print("optimum-onnx not installed (pip install -e '.[bench]'); skipping Optimum anchors")
+        return {}
+    from onnxruntime.quantization import CalibrationMethod
+
+    out = {}
+    for name, static in (("optimum-static", True), ("optimum-dynamic", False)):
+        folder = anchors / name
+        target = folder / "model_quantized.onnx"
+        if not target.exists():
+            quantizer = ORTQuantizer(fp32)
+            config = AutoQuantizationConfig.avx512_vnni(is_static=static)
+            ranges = None
+            if static:
+                calib = CalibrationConfig(dataset_name="edgepack-sentences", dataset_config_name=None,
+                                          dataset_split="calibration", dataset_num_samples=len(cal),
+                                          method=CalibrationMethod.MinMax)
+                rows = [{k: v[0] for k, v in feed.items()} for feed in cal]  # optimum batches rows itself
+                ranges = quantizer.fit(rows, calib, onnx_augmented_model_name=str(anchors / "aug.onnx"))
+            quantizer.quantize(config, folder, calibration_tensors_range=ranges)
+        out[name] = target
+    return out
+
+
+def torch_dynamic_child(model_dir: str, feeds_path: str, out_path: str) -> None:
+    """Child process: PyTorch dynamic INT8 (nn.Linear) — outputs, latency at seq 128, peak RSS."""
+    import numpy as np
+    import torch
+
+    from edgepack.models import get_adapter
+
+    torch.set_num_threads(2)
+    module = get_adapter("hf-encoder", model_dir).load_torch()
+    qmodel = torch.ao.quantization.quantize_dynamic(module, {torch.nn.Linear}, dtype=torch.qint8).eval()
+    data = np.load(feeds_path)
+    n = int(data["n"])
+    names = ["input_ids", "attention_mask", "token_type_ids"]
+    with torch.no_grad():
+        outs = [qmodel(*(torch.from_numpy(data[f"f{i}__{k}"]) for k in names))[1].numpy() for i in range(n)]
+        lat_args = tuple(torch.from_numpy(data[f"lat__{k}"]) for k in names)
+        for _ in range(10):
+            qmodel(*lat_args)
+        times = []
+        for _ in range(100):
+            start = time.perf_counter()
+            qmodel(*lat_args)
+            times.append((time.perf_counter() - start) * 1e3)
+    buffer = __import__("io").BytesIO()
+    torch.save(qmodel.state_dict(), buffer)
+    np.save(out_path, np.concatenate(outs))
+    print(json.dumps({"p50": float(np.percentile(times, 50)), "peak": peak_rss_mb(), "size_bytes": buffer.tell()}))
+
+
+def torch_dynamic(ctx: Any, settings_feeds: tuple[list[dict], dict], ref: list[dict]) -> dict[str, Any]:
+    import numpy as np
+
+    from edgepack.runtime.metrics import fidelity
+
+    feeds, lat = settings_feeds
+    path = ctx.out / "torch_feeds.npz"
+    arrays = {f"f{i}__{k}": v for i, f in enumerate(feeds) for k, v in f.items()}
+    arrays.update({f"lat__{k}": v for k, v in lat.items()}, n=np.array(len(feeds)))
+    np.savez(path, **arrays)
+    out = ctx.out / "torch_outputs.npy"
+    result = run_child([__file__, "--torch-child", str(ctx.adapter.source), str(path), str(out)])
+    if result.get("status") == "crashed":
+        return result
+    emb = np.load(out)
+    outputs = [{"sentence_embedding": emb[i: i + 1]} for i in range(len(feeds))]
+    result["metrics"] = fidelity(ref, outputs, output="sentence_embedding")
+    result["metrics"].update(ctx.adapter.task_metric(outputs, ctx.split.evaluation))
+    return result
+
+
+def quality_table(ctx: Any) -> str:
+    from edgepack.pipeline import stage_export, stage_quantize
+    from edgepack.runtime.harness import ValidationSettings, validate_variants
+    from edgepack.runtime.probe import ProbeOptions, measure
+    from edgepack.runtime.providers import parse_providers
+
+    fp32 = stage_export(ctx)
+    variants = {"fp32": fp32, "edgepack-int8": stage_quantize(ctx, fp32), **build_anchors(ctx, fp32)}
+    settings = ValidationSettings(runs=100)
+    results = validate_variants(variants, adapter=ctx.adapter, samples=ctx.split.evaluation,
+                                providers=parse_providers("cpu"), out=ctx.out, settings=settings)["variants"]
+    eval_feeds = ctx.adapter.evaluation_feeds(ctx.split.evaluation, max_length=128)
+    lat_feed = ctx.adapter.latency_feed(ctx.split.evaluation, sequence_length=128)
+    ref = measure(fp32, latency_feed=lat_feed, evaluation_feeds=eval_feeds, workdir=ctx.out / "ref",
+                  options=ProbeOptions(runs=5)).outputs
+    torch_result = torch_dynamic(ctx, (eval_feeds, lat_feed), ref)
+    base = results["fp32"]
+    base_cpu = base["providers"]["cpu"]
+    rows = []
+    for name, v in results.items():
+        cpu = v["providers"]["cpu"]
+        if cpu["status"] != "ok":
+            rows.append([name, "failed: " + str(cpu.get("error"))[:60]] + [""] * 7)
+            continue
+        rows.append(_row(name, v["size_bytes"], cpu["latency_ms"]["p50"], cpu["memory_mb"]["peak"], cpu["metrics"],
+                         base["size_bytes"], base_cpu["latency_ms"]["p50"], base_cpu["memory_mb"]["peak"], "ORT CPU EP"))
+    if torch_result.get("status") != "crashed":
+        rows.append(_row("torch-dynamic", torch_result["size_bytes"], torch_result["p50"], torch_result["peak"],
+                         torch_result["metrics"], base["size_bytes"], base_cpu["latency_ms"]["p50"],
+                         base_cpu["memory_mb"]["peak"], "PyTorch"))
+    header = ["variant", "runtime", "size MB (× FP32)", "p50 ms (× FP32)", "peak RSS MB (× FP32)", "cosine mean",
+              "cosine min", "paraphrase R@1", "MRR"]
+    return markdown_table(header, rows)
+
+
+def _row(name: str, size: int, p50: float, peak: float, metrics: dict, size0: int, p500: float, peak0: float,
+         runtime: str) -> list[str]:
+    return [name, runtime, f"{size / 1e6:.1f} ({size / size0:.2f})", f"{p50:.2f} ({p50 / p500:.2f})",
+            f"{peak:.0f} ({peak / peak0:.2f})", f"{metrics['cosine_mean']:.4f}", f"{metrics['cosine_min']:.4f}",
+            f"{metrics.get('paraphrase_recall_at_1', float('nan')):.3f}", f"{metrics.get('paraphrase_mrr', float('nan')):.3f}"]
+
+
+# ---------------------------------------------------------------- calibration scaling
+def calibration_texts(n: int) -> list[str]:
+    """n distinct texts: the bundled sentences, then pairs of them joined (deterministic) when n exceeds them."""
+    from edgepack.calibration_data import read_samples, sample_path
+
+    base = [s.text for s in read_samples(sample_path())]
+    texts = list(base)
+    i = 0
+    while len(texts) < n:
+        texts.append(base[i % len(base)] + " " + base[(7 * i + 3) % len(base)])
+        i += 1
+    return texts[:n]
+
+
+def calibration_child(tool: str, method: str, n: int, fp32: str) -> None:
+    """Child process: calibrate `n` samples with one method; print wall time, peak RSS and tensor count."""
+    import onnx
+    from edgepack.quantization.recipes import plan_quantization
+
+    from edgepack.calibration_data import TextSample
+    from edgepack.models import default_model_path, get_adapter
+    from edgepack.quantization.calibrators import collect_tensor_ranges, make_calibrator
+    from edgepack.quantization.quantize import tensors_to_calibrate
+    from edgepack.reporter import Reporter, set_reporter
+
+    set_reporter(Reporter(quiet=True))
+    adapter = get_adapter("hf-encoder", default_model_path())
+    samples = [TextSample(t) for t in calibration_texts(n)]
+    start = time.perf_counter()
+    if tool == "edgepack":
+        plan = plan_quantization(onnx.load(fp32, load_external_data=False))
+        tensors = tensors_to_calibrate(onnx.load(fp32), plan)
+        ranges = collect_tensor_ranges(Path(fp32), adapter.feeds(samples, max_length=128), tensors=tensors,
+                                       calibrator=make_calibrator(method), total=n)
+    else:
+        ranges = _ort_calibrate(method, fp32, adapter.feeds(samples, max_length=128))
+    print(json.dumps({"status": "ok", "seconds": time.perf_counter() - start, "peak": peak_rss_mb(),
+                      "tensors": len(ranges)}))
+
+
+def _ort_calibrate(method: str, fp32: str, feeds: Any) -> dict:
+    import tempfile
+
+    from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, create_calibrator
+
+    ort_method = {"MinMax": CalibrationMethod.MinMax, "Percentile": CalibrationMethod.Percentile,
+                  "Entropy": CalibrationMethod.Entropy}[method.split("+")[0]]
+    extra = {"moving_average": True} if method.endswith("moving-average") else {}
+
+    class Reader(CalibrationDataReader):
+        def get_next(self) -> dict | None:
+            return next(feeds, None)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        calibrator = create_calibrator(fp32, ["MatMul", "Gather"], augmented_model_path=f"{tmp}/aug.onnx",
+                                       calibrate_method=ort_method, extra_options=extra)
+        calibrator.collect_data(Reader())
+        return dict(calibrator.compute_data().data)
+
+
+def calibration_table(fp32: Path) -> str:
+    rows = []
+    for method, ort_name in CAL_METHODS.items():
+        for tool, name in (("edgepack", method), ("ort", ort_name)):
+            if name is None:
+                rows.append([method, "ort", "no such method", "", "", "", ""])
+                continue
+            cells = []
+            for n in CAL_SIZES:
+                print(f"calibration: {tool} {name} n={n}", flush=True)
+                cells.append(run_child([__file__, "--calibration-child", tool, name, str(n), str(fp32)]))
+            rows.append(_cal_row(method, tool, name, cells))
+    header = ["method", "tool", "s @64", "s @256", "s @1024", "peak RSS MB @64 / @256 / @1024", "RSS ×(1024/64)"]
+    return markdown_table(header, rows)
+
+
+def _cal_row(method: str, tool: str, name: str, cells: list[dict]) -> list[str]:
+    label = f"{method}" if tool == "edgepack" else f"{method} (ORT {name})"
+    if any(c.get("status") != "ok" for c in cells):
+        errors = "; ".join(f"n={n}: {c.get('error', '')[:70]}" for n, c in zip(CAL_SIZES, cells, strict=True) if c.get("status") != "ok")
+        ok = [f"{c['seconds']:.0f}" if c.get("status") == "ok" else "crash" for c in cells]
+        return [label, tool, *ok, errors, ""]
+    secs = [f"{c['seconds']:.0f}" for c in cells]
+    peaks = " / ".join(f"{c['peak']:.0f}" for c in cells)
+    return [label, tool, *secs, peaks, f"{cells[2]['peak'] / cells[0]['peak']:.2f}"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=Path("runs/bench_quant"))
+    parser.add_argument("--skip-calibration", action="store_true")
+    parser.add_argument("--torch-child", nargs=3)
+    parser.add_argument("--calibration-child", nargs=4)
+    args = parser.parse_args()
+    if args.torch_child:
+        return torch_dynamic_child(*args.torch_child)
+    if args.calibration_child:
+        tool, method, n, fp32 = args.calibration_child
+        return calibration_child(tool, method, int(n), fp32)
+    args.out.mkdir(parents=True, exist_ok=True)
+    ctx = context(args.out.resolve())
+    command = "python scripts/bench_quant.py" + (" --skip-calibration" if args.skip_calibration else "")
+    table = quality_table(ctx)
+    write_section("quant-quality", f"## Static INT8 on all-MiniLM-L6-v2 (CPU EP)\n\n`{command}` (or `make bench`) — "
+                  f"{machine_line()}\n\n{len(ctx.split.calibration)} calibration / {len(ctx.split.evaluation)} "
+                  "held-out evaluation sentences (bundled set, disjoint); batch 1, sequence 128, 2 threads, 10 warm-up "
+                  "+ 100 timed runs, fresh process per row; cosine of the sentence embedding vs FP32 ONNX; paraphrase "
+                  f"R@1 = recall@1 of each sentence's paraphrase among all {len(ctx.split.evaluation)}.\n\n{table}\n")
+    print(table)
+    if not args.skip_calibration:
+        from edgepack.pipeline import stage_export
+
+        cal = calibration_table(stage_export(ctx))
+        write_section("quant-calibration", "## Calibration memory and time vs sample count (MiniLM)\n\n"
+                      f"`python scripts/bench_quant.py` — {machine_line()}\n\nFresh process per cell; peak RSS of the "
+                      "whole process (model, tokenizer, ONNX Runtime). edgepack's calibrators stream (fixed state per "
+                      "tensor); ORT's keep activations in memory. Samples beyond the 676 bundled sentences are pairs of "
+                      f"them joined.\n\n{cal}\n")
+        print(cal)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,124 @@
+"""The whole pipeline on a tiny BERT: report keys, manifests, caching by content hash, gates and exit code 3."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from edgepack.artifacts import sha256_file
+from edgepack.cli import main
+from edgepack.pipeline import run_recipe
+from edgepack.recipe import parse_recipe
+
+
+def tiny_recipe(model: Path, data: Path, **sections: dict) -> dict:
+    recipe = {"name": "tiny", "model": {"path": str(model)},
+              "data": {"path": str(data), "n_calibration": 16, "n_evaluation": 8},
+              "validate": {"warmup": 2, "runs": 5, "sequence_length": 32}, "gates": {"min_cosine": 0.9}}
+    for key, value in sections.items():
+        recipe[key] = {**recipe.get(key, {}), **value}
+    return recipe
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tiny_bert_dir, small_sentences, tmp_path_factory) -> tuple[Path, dict]:
+    out = tmp_path_factory.mktemp("run")
+    report = run_recipe(parse_recipe(tiny_recipe(tiny_bert_dir, small_sentences)), out)
+    return out, report
+
+
+def test_report_has_the_design_keys(tiny_run):
+    out, report = tiny_run
+    on_disk = json.loads((out / "report.json").read_text())
+    assert on_disk["passed"] == report["passed"]
+    assert {"edgepack_version", "recipe", "reference", "passed", "variants", "gates"} <= on_disk.keys()
+    assert on_disk["reference"] == "fp32" and set(on_disk["variants"]) == {"fp32", "int8"}
+    for name, variant in on_disk["variants"].items():
+        path = out / variant["path"]
+        assert path.is_file() and variant["path"].startswith("export-" if name == "fp32" else "quantize-")
+        assert variant["sha256"] == sha256_file(path) and variant["size_bytes"] == path.stat().st_size
+        cpu = variant["providers"]["cpu"]
+        assert cpu["status"] == "ok" and cpu["how"] == "device"
+        lat, mem = cpu["latency_ms"], cpu["memory_mb"]
+        assert 0 < lat["p50"] <= lat["p90"] <= lat["p99"] and lat["runs"] == 5
+        assert 0 < mem["baseline"] <= mem["after_session"] <= mem["peak"]
+        assert {"cosine_mean", "cosine_min", "paraphrase_recall_at_1", "paraphrase_mrr"} <= cpu["metrics"].keys()
+    fp32 = on_disk["variants"]["fp32"]["providers"]["cpu"]["metrics"]
+    assert fp32["cosine_mean"] == pytest.approx(1.0) and fp32["cosine_min"] == pytest.approx(1.0)
+    int8 = on_disk["variants"]["int8"]["providers"]["cpu"]["metrics"]
+    assert 0.9 < int8["cosine_mean"] < 1.0
+    assert on_disk["variants"]["int8"]["size_bytes"] < 0.5 * on_disk["variants"]["fp32"]["size_bytes"]
+    gate = on_disk["gates"][0]
+    assert gate["name"] == "min_cosine" and gate["value"] == pytest.approx(int8["cosine_mean"], abs=1e-6)
+
+
+def test_report_md_shows_both_variants(tiny_run):
+    out, _ = tiny_run
+    text = (out / "report.md").read_text()
+    assert "| fp32 | cpu | device |" in text and "| int8 | cpu | device |" in text
+    assert "**PASSED**" in text and "min_cosine" in text
+
+
+def test_manifests_record_config_inputs_and_checks(tiny_run):
+    out, _ = tiny_run
+    export = json.loads(next(out.glob("export-*/manifest.json")).read_text())
+    assert export["stage"] == "export"
+    assert export["metrics"]["check"]["sentence_embedding"]["max_abs_diff"] < 1e-4
+    assert export["outputs"]["model.onnx"]["sha256"] == sha256_file(next(out.glob("export-*/model.onnx")))
+    assert {"onnxruntime", "torch", "edgepack"} <= export["tool_versions"].keys() and export["peak_rss_mb"] > 0
+    quant = json.loads(next(out.glob("quantize-*/manifest.json")).read_text())
+    assert quant["inputs"]["model"] == export["outputs"]["model.onnx"]["sha256"]
+    assert quant["metrics"]["calibrated_tensors"] > 0
+    assert not list(out.glob(".tmp-*"))
+
+
+def test_rerun_reuses_stages_and_a_config_change_does_not(tiny_run, tiny_bert_dir, small_sentences):
+    out, report = tiny_run
+    export_model = out / report["variants"]["fp32"]["path"]
+    quant_model = out / report["variants"]["int8"]["path"]
+    stamps = export_model.stat().st_mtime_ns, quant_model.stat().st_mtime_ns
+    again = run_recipe(parse_recipe(tiny_recipe(tiny_bert_dir, small_sentences)), out)
+    assert again["variants"]["int8"]["path"] == report["variants"]["int8"]["path"]
+    assert (export_model.stat().st_mtime_ns, quant_model.stat().st_mtime_ns) == stamps
+    changed = run_recipe(parse_recipe(tiny_recipe(tiny_bert_dir, small_sentences,
+                                                  quantize={"per_channel": False})), out)
+    assert changed["variants"]["fp32"]["path"] == report["variants"]["fp32"]["path"]
+    assert changed["variants"]["int8"]["path"] != report["variants"]["int8"]["path"]
+
+
+def test_failed_gate_exits_3_and_still_writes_the_report(tiny_bert_dir, small_sentences, tmp_path, capsys):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump(tiny_recipe(tiny_bert_dir, small_sentences, gates={"max_size_ratio": 0.01})))
+    code = main(["run", str(recipe), "--out", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert code == 3
+    assert "gate(s) failed: max_size_ratio" in err
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert report["passed"] is False
+    failed = [g for g in report["gates"] if not g["passed"]]
+    assert [g["name"] for g in failed] == ["max_size_ratio"] and failed[0]["value"] > 0.01
+
+
+def test_too_few_samples_for_the_split(tiny_bert_dir, small_sentences, tmp_path):
+    from edgepack.errors import BadInputError
+
+    recipe = parse_recipe(tiny_recipe(tiny_bert_dir, small_sentences, data={"n_calibration": 500}))
+    with pytest.raises(BadInputError, match=r"500 calibration \+ 8 evaluation"):
+        run_recipe(recipe, tmp_path / "run")
+    assert not list((tmp_path / "run").glob("export-*"))
+
+
+def test_bundle_of_the_final_variant_verifies(tiny_run):
+    from edgepack.exporters.bundle import read_bundle_manifest, verify_bundle
+
+    out, report = tiny_run
+    folder = out / report["bundle"]["path"]
+    assert report["bundle"]["variant"] == "int8"
+    result = verify_bundle(folder)
+    assert result.passed and result.vectors == 4 and result.mismatches == []
+    manifest = read_bundle_manifest(folder)
+    assert (folder / "model.ort").is_file() and (folder / "model_data.c").is_file()
+    assert "cpu" in str(manifest)
