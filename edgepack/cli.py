@@ -96,12 +96,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reference", type=Path, help="reference .onnx (fidelity is measured against it)")
     p.add_argument("--data", required=True, help="evaluation data: .txt, .jsonl, .csv or .npz")
     p.add_argument("--tokenizer", help="HF folder whose tokenizer turns text data into model inputs")
-    p.add_argument("--ep", default="cpu", help="comma-separated execution providers (default cpu)")
+    p.add_argument("--ep", default="cpu", help="comma-separated execution providers (default cpu): cpu, "
+                   "mobile-cpu[/t<N>[-lean][-ort]], qnn-htp[/soc<N>], nnapi, coreml, xnnpack, cuda[/fp16], "
+                   "tensorrt[/fp16]")
     p.add_argument("--samples", type=int, default=100, help="evaluation samples (default 100)")
     p.add_argument("--field", default="text", help="JSONL/CSV field holding the text (default text)")
     p.add_argument("--pair-field", default=None, help="JSONL/CSV field with a paraphrase (task metric)")
     p.add_argument("--sequence-length", type=int, default=128, help="latency input length (default 128)")
     p.add_argument("--runs", type=int, default=50, help="timed runs (default 50)")
+    p.add_argument("--emulated-samples", type=int, default=4,
+                   help="evaluation samples on emulated EPs such as qnn-htp on x86 (default 4; the simulator is slow)")
     p.add_argument("--out", type=Path, help="keep the measurement folder here")
     _add_common(p)
 
@@ -136,7 +140,7 @@ def _print_summary(report: dict[str, Any], out: Path | None) -> None:
         mark = "[green]pass[/green]" if gate["passed"] else "[red]FAIL[/red]"
         console.print(f"gate {gate['name']}: {gate['value']} vs {gate['threshold']} {mark}")
     if out is not None:
-        console.print(f"report: {out / 'report.json'}\n        {out / 'report.md'}")
+        console.print(f"report: {out / 'report.json'}\n        {out / 'report.md'}\n        {out / 'report.html'}")
 
 
 def _finish(report: dict[str, Any], args: argparse.Namespace, out: Path | None) -> int:
@@ -255,7 +259,9 @@ def cmd_validate(args: argparse.Namespace) -> int:
         get_adapter("onnx-file", str(args.reference))  # a bad reference file fails before any measuring
     samples = read_samples(resolve_data_path(args.data), field=args.field, pair_field=args.pair_field)[: args.samples]
     variants = {"reference": args.reference, "model": args.model} if args.reference else {"model": args.model}
-    settings = ValidationSettings(sequence_length=args.sequence_length, runs=args.runs)
+    # NPU models are fixed to sequence_length and evaluation samples are padded up to it, so they must not be longer.
+    settings = ValidationSettings(sequence_length=args.sequence_length, max_length=args.sequence_length,
+                                  runs=args.runs, emulated_samples=args.emulated_samples)
     with tempfile.TemporaryDirectory(prefix="edgepack-validate-") as scratch:
         out = args.out or Path(scratch)
         out.mkdir(parents=True, exist_ok=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import subprocess
@@ -50,7 +51,7 @@ def _feed(batch: int, seed: int) -> dict[str, np.ndarray]:
 
 
 def test_every_provider_is_usable_or_says_why_in_one_line():
-    assert PROVIDERS.names() == ["coreml", "cpu", "cuda", "nnapi", "qnn-htp", "tensorrt", "xnnpack"]
+    assert PROVIDERS.names() == ["coreml", "cpu", "cuda", "mobile-cpu", "nnapi", "qnn-htp", "tensorrt", "xnnpack"]
     for name in PROVIDERS:
         provider = get_provider(name)
         info = provider.info()
@@ -58,7 +59,7 @@ def test_every_provider_is_usable_or_says_why_in_one_line():
         reason = provider.availability()
         assert reason is None or (reason.strip() and "\n" not in reason)
     assert get_provider("cpu").availability() is None
-    assert get_provider("cpu").session_providers() == ["CPUExecutionProvider"]
+    assert get_provider("cpu").session_plan(cache_dir=Path("c")).providers == ("CPUExecutionProvider",)
 
 
 def test_xnnpack_is_unavailable_with_a_reason_and_starts_no_process(tmp_path):
@@ -73,11 +74,11 @@ def test_xnnpack_is_unavailable_with_a_reason_and_starts_no_process(tmp_path):
 
 
 def test_qnn_htp_reports_how_to_install_when_missing():
-    if "QNNExecutionProvider" in ort.get_available_providers():
-        pytest.skip("this onnxruntime build has QNN")
+    if "QNNExecutionProvider" in ort.get_available_providers() or importlib.util.find_spec("onnxruntime_qnn"):
+        pytest.skip("QNN is installed here")
     provider = get_provider("qnn-htp")
     assert provider.how == "emulated"
-    assert "onnxruntime_qnn" in provider.availability()
+    assert provider.availability() == "onnxruntime_qnn is not installed; pip install 'edgepack[qnn]'"
 
 
 def test_unknown_provider_lists_the_known_ones():
@@ -177,7 +178,8 @@ def test_missing_model_and_bad_options_are_input_errors(tmp_path):
 
 def test_probe_child_does_not_import_torch(tmp_path):
     model = _matmul_add(tmp_path / "m.onnx")
-    request = _write_request(model, ["CPUExecutionProvider"], latency_feed=_feed(1, 0),
+    plan = get_provider("cpu").session_plan(cache_dir=tmp_path)
+    request = _write_request(model, plan, latency_feed=_feed(1, 0),
                              evaluation_feeds=[_feed(2, 1)], probe_dir=tmp_path, options=FAST)
     result = tmp_path / "result.json"
     # Run the child module as __main__ (what `python -m` does), then look at what it imported.
@@ -185,7 +187,7 @@ def test_probe_child_does_not_import_torch(tmp_path):
               f"sys.argv = ['probe', {str(request)!r}, {str(result)!r}]\n"
               "try:\n    runpy.run_module('edgepack.runtime.probe', run_name='__main__')\n"
               "except SystemExit:\n    pass\n"
-              "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))\n")
+              "print(sorted(m for m in ('torch', 'transformers', 'onnx') if m in sys.modules))\n")
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=_child_env(),
                           timeout=60, check=True)
     assert json.loads(result.read_text())["status"] == "ok"
@@ -239,3 +241,62 @@ def test_fidelity_mismatches_name_the_output():
         fidelity(ref, ref, output="z")
     with pytest.raises(EdgepackError, match="output 'y', feed 0: shape"):
         fidelity(ref, [{"y": np.ones((1, 3))}], output="y")
+
+
+# -------------------------------------------------------------------------------------------------- harness
+
+
+def _array_samples(count: int) -> list[dict[str, np.ndarray]]:
+    """Array samples without the batch dim, as an .npz reader yields them: x (4,) float32."""
+    rng = np.random.default_rng(7)
+    return [{"x": rng.standard_normal(4).astype(np.float32)} for _ in range(count)]
+
+
+def _harness(tmp_path: Path, variants: dict[str, Path], providers: str, **settings: int) -> dict:
+    from edgepack.models import get_adapter
+    from edgepack.runtime.harness import ValidationSettings, validate_variants
+
+    adapter = get_adapter("onnx-file", str(variants["fp32"]))
+    options = ValidationSettings(warmup=1, runs=3, **settings)
+    return validate_variants(variants, adapter=adapter, samples=_array_samples(5), providers=parse_providers(providers),
+                             out=tmp_path, settings=options, reference="fp32")
+
+
+def test_harness_rows_and_an_ep_failure_does_not_stop_the_others(tmp_path):
+    good = _matmul_add(tmp_path / "good.onnx")
+    broken = _matmul_add(tmp_path / "broken.onnx")
+    model = onnx.load(broken)  # W (4, 3) -> (5, 3): valid protobuf, but ORT's shape inference rejects the MatMul
+    model.graph.initializer[0].CopyFrom(numpy_helper.from_array(np.ones((5, 3), np.float32), "W"))
+    onnx.save(model, broken)
+    report = _harness(tmp_path, {"fp32": good, "broken": broken}, "cpu,mobile-cpu/t1-lean,nnapi")["variants"]
+
+    cpu, lean, nnapi = (report["fp32"]["providers"][key] for key in ("cpu", "mobile-cpu/t1-lean", "nnapi"))
+    assert cpu["metrics"]["cosine_min"] == 1.0 and cpu["evaluation_samples"] == 5  # the reference vs itself
+    assert lean["metrics"]["cosine_min"] == pytest.approx(1.0) and lean["latency_ms"]["threads"] == 1
+    assert cpu["coverage"]["nodes_on_ep"] == cpu["coverage"]["nodes_total"] > 0
+    assert (nnapi["status"], nnapi["how"], set(nnapi)) == ("ok", "static-analysis", {"status", "how", "coverage"})
+    for key in ("cpu", "mobile-cpu/t1-lean", "nnapi"):
+        row = report["broken"]["providers"][key]
+        assert row["status"] == "failed" and "\n" not in row["error"]
+        assert "matmul" in row["error"].lower() or "shape" in row["error"].lower()
+    json.dumps(report)
+
+
+def test_harness_rejects_data_that_does_not_fit_a_variant(tmp_path):
+    good = _matmul_add(tmp_path / "good.onnx")
+    other = _matmul_add(tmp_path / "other.onnx", input_name="input_ids")
+    with pytest.raises(BadInputError, match=r"variant 'int8' \(other.onnx\): input 'input_ids' \(float32 "
+                                            r"\['batch', 4\]\) has no array in the data \(it has: x float32 \[1, 4\]\)"):
+        _harness(tmp_path, {"fp32": good, "int8": other}, "cpu")
+
+
+@pytest.mark.qnn
+@pytest.mark.skipif(importlib.util.find_spec("onnxruntime_qnn") is None, reason="onnxruntime_qnn is not installed")
+def test_harness_emulated_rows_use_a_sample_subset_against_the_same_reference(tmp_path):
+    report = _harness(tmp_path, {"fp32": _matmul_add(tmp_path / "m.onnx")}, "cpu,qnn-htp",
+                      emulated_samples=2)["variants"]["fp32"]["providers"]
+    cpu, qnn = report["cpu"], report["qnn-htp"]
+    assert (cpu["evaluation_samples"], qnn["evaluation_samples"]) == (5, 2)
+    assert qnn["how"] == "emulated" and qnn["latency_ms"]["runs"] == 1 and qnn["latency_ms"]["warmup"] == 0
+    assert qnn["metrics"]["cosine_min"] > 0.99  # FP32 runs as FP16 on the HTP: close to the CPU, not equal
+    assert qnn["coverage"]["fallback_ops"] == {} and qnn["coverage"]["partitions"] == 1

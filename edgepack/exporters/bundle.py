@@ -653,7 +653,7 @@ def verify_bundle(bundle_dir: Path, *, provider: str = "cpu") -> VerifyResult:
     vectors = 0
     for variant in manifest["variants"].values():
         try:
-            session = ort_session(bundle_dir / variant["model"], providers=ep.session_providers(),
+            session = ort_session(bundle_dir / variant["model"], provider=ep,
                                   replay_runtime_optimizations=REPLAY_OPTION in variant.get("session_options", {}),
                                   disable_cpu_fallback=provider != "cpu")
         except Exception as err:  # ORT's pybind errors share no useful base class

@@ -21,14 +21,19 @@ import io
 import logging
 import re
 import shutil
+import tempfile
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import onnx
 import onnxruntime as ort
 
 from edgepack.errors import BadInputError, did_you_mean
+
+if TYPE_CHECKING:
+    from edgepack.runtime.providers import ExecutionProvider
 
 OPTIMIZATION_STYLES = ("Fixed", "Runtime")
 #: "arm": phones and most MCUs/NPUs hosts (int8 QDQ fusions allowed, no x86-only NCHWc layout);
@@ -151,8 +156,12 @@ def read_operator_config(path: Path) -> dict[str, set[str]]:
 
 
 def ort_session(model: Path | bytes, *, providers: list | None = None, replay_runtime_optimizations: bool = False,
-                disable_cpu_fallback: bool = False) -> ort.InferenceSession:
-    """An InferenceSession on an .ort file (or its bytes), quiet unless ORT reports an error."""
+                disable_cpu_fallback: bool = False, provider: ExecutionProvider | None = None) -> ort.InferenceSession:
+    """An InferenceSession on an .ort file (or its bytes), quiet unless ORT reports an error.
+
+    `provider` sets its EP up itself: a plugin EP such as qnn-htp must be registered and added to the session
+    options, and cannot be named in `providers` (ORT would silently run on the CPU).
+    """
     options = ort.SessionOptions()
     options.log_severity_level = 3
     if replay_runtime_optimizations:
@@ -160,6 +169,9 @@ def ort_session(model: Path | bytes, *, providers: list | None = None, replay_ru
     if disable_cpu_fallback:
         options.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
     source = model if isinstance(model, bytes) else str(model)
+    if provider is not None:
+        chosen = provider.configure_session(options, cache_dir=Path(tempfile.gettempdir()) / "edgepack-ep-cache")
+        return ort.InferenceSession(source, options, providers=chosen)
     return ort.InferenceSession(source, options, providers=providers or ["CPUExecutionProvider"])
 
 

@@ -10,7 +10,7 @@ per-channel weight scales). We supply what it gets wrong on transformers out of 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -46,8 +46,8 @@ class PerTensorCalibrator(RangeCalibrator):
         self._default = default
         self._methods = methods
 
-    def update(self, tensor: str, values: np.ndarray, *, sample: int) -> None:
-        self._by_method[self._methods.get(tensor, self._default)].update(tensor, values, sample=sample)
+    def _update(self, tensor: str, data: np.ndarray) -> None:  # data already checked finite by `update`
+        self._by_method[self._methods.get(tensor, self._default)]._update(tensor, data)
 
     def ranges(self) -> dict[str, tuple[float, float]]:
         out: dict[str, tuple[float, float]] = {}

@@ -91,7 +91,7 @@ def tradeoff_figure(report: dict[str, Any]) -> ReportFigure | None:
     colors = {ep: f"C{index % 10}" for index, ep in enumerate(eps)}
     for row in rows:
         cosine = row.entry["metrics"]["cosine_mean"]
-        style = {"color": colors[row.ep], "marker": HOW_MARKER[row.how], "s": 30 + 4 * row.size_mb, "alpha": 0.8}
+        style = {"color": colors[row.ep], "marker": HOW_MARKER[row.how], "s": 20 + 1.5 * row.size_mb, "alpha": 0.75}
         if row.how == "device":
             by_latency.scatter(row.entry["latency_ms"]["p50"], cosine, **style)
             by_latency.annotate(row.variant, (row.entry["latency_ms"]["p50"], cosine), fontsize=7,

@@ -18,8 +18,9 @@ from edgepack.artifacts import atomic_write_text
 from edgepack.report.figures import HOW_TEXT, ReportFigure, report_figures
 
 _STYLE = """
-body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1100px; color: #222; }
-table { border-collapse: collapse; font-size: 13px; margin: 1em 0; }
+body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1400px; color: #222; }
+table { border-collapse: collapse; font-size: 12px; margin: 1em 0; }
+td:nth-child(-n+3) { white-space: nowrap; }
 th, td { border: 1px solid #ccc; padding: 3px 7px; text-align: right; }
 th { background: #f3f3f3; } td.text { text-align: left; }
 tr.emulated td { background: #fff7e6; } tr.static-analysis td { background: #eef6ff; }
@@ -47,12 +48,16 @@ def _coverage_cells(coverage: dict[str, Any]) -> list[str]:
 
 def _row(variant: str, ep: str, size_mb: float, entry: dict[str, Any]) -> list[str]:
     status = entry.get("status", "")
-    head = [variant, ep, entry.get("how", ""), status if status == "ok" else f"{status}: {entry.get('error', '')}",
-            _fmt(size_mb, ".1f")]
+    error = str(entry.get("error", ""))
+    error = error if len(error) <= 90 else error[:89] + "…"  # the full message is in report.json
+    head = [variant, ep, entry.get("how", ""), status if status == "ok" else f"{status}: {error}", _fmt(size_mb, ".1f")]
     if status != "ok":
         return head + [""] * (len(COLUMNS) - len(head))
     latency, memory, metrics = entry.get("latency_ms", {}), entry.get("memory_mb", {}), entry.get("metrics", {})
-    return head + [_fmt(latency.get("p50"), ".2f"), _fmt(latency.get("p90"), ".2f"), _fmt(memory.get("peak"), ".0f"),
+    # A simulator's timing next to device timings must not read as one: it carries its label in the cell.
+    mark = " (emulated)" if entry.get("how") == "emulated" else ""
+    return head + [_fmt(latency.get("p50"), ".2f") + mark * ("p50" in latency),
+                   _fmt(latency.get("p90"), ".2f") + mark * ("p90" in latency), _fmt(memory.get("peak"), ".0f"),
                    _fmt(metrics.get("cosine_mean"), ".4f"), _fmt(metrics.get("cosine_min"), ".4f"),
                    *_coverage_cells(entry.get("coverage", {})), _fmt(entry.get("evaluation_samples"), "d")]
 

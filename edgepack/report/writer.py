@@ -1,4 +1,4 @@
-"""report.json and report.md."""
+"""report.json, report.md and report.html (html.py)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import Any
 from edgepack.artifacts import atomic_write_text, write_json
 
 COLUMNS = ("variant", "EP", "how", "size MB", "size ×", "p50 ms", "p90 ms", "peak RSS MB", "cosine mean",
-           "cosine min", "task metric")
+           "cosine min", "task metric", "nodes on EP", "partitions")
 
 
 def _fmt(value: Any, spec: str) -> str:
@@ -22,6 +22,13 @@ def _task(metrics: dict[str, Any]) -> str:
     return ", ".join(f"{k} {v:.4f}" for k, v in task) or "–"
 
 
+def _coverage(entry: dict[str, Any]) -> list[str]:
+    cov = entry.get("coverage") or {}
+    if not cov.get("nodes_total"):
+        return ["–", "–"]
+    return [f"{cov['nodes_on_ep']}/{cov['nodes_total']}", _fmt(cov.get("partitions"), "d")]
+
+
 def results_rows(report: dict[str, Any]) -> list[list[str]]:
     """One row per variant x EP, the columns of COLUMNS, as display strings."""
     ref_size = report["variants"][report["reference"]]["size_bytes"]
@@ -29,14 +36,18 @@ def results_rows(report: dict[str, Any]) -> list[list[str]]:
     for name, variant in report["variants"].items():
         size = variant["size_bytes"]
         for ep, entry in variant["providers"].items():
+            head = [name, ep, entry.get("how", ""), _fmt(size / 1e6, ".1f"), _fmt(size / ref_size, ".2f")]
             if entry["status"] != "ok":
-                rows.append([name, ep, entry.get("how", ""), _fmt(size / 1e6, ".1f"), _fmt(size / ref_size, ".2f"),
-                             entry["status"], "", "", "", "", (entry.get("error") or "")[:80]])
+                rows.append([*head, entry["status"], "", "", "", "", (entry.get("error") or "")[:80], "", ""])
+                continue
+            if entry.get("how") == "static-analysis":  # coverage only: nothing ran
+                rows.append([*head, "–", "–", "–", "–", "–", "static analysis", *_coverage(entry)])
                 continue
             lat, mem, met = entry["latency_ms"], entry["memory_mb"], entry["metrics"]
-            rows.append([name, ep, entry["how"], _fmt(size / 1e6, ".1f"), _fmt(size / ref_size, ".2f"),
-                         _fmt(lat["p50"], ".2f"), _fmt(lat["p90"], ".2f"), _fmt(mem["peak"], ".0f"),
-                         _fmt(met.get("cosine_mean"), ".4f"), _fmt(met.get("cosine_min"), ".4f"), _task(met)])
+            mark = "*" if entry.get("how") == "emulated" else ""  # not a device timing; see the note under the table
+            rows.append([*head, _fmt(lat["p50"], ".2f") + mark, _fmt(lat["p90"], ".2f") + mark,
+                         _fmt(mem["peak"], ".0f"), _fmt(met.get("cosine_mean"), ".4f"),
+                         _fmt(met.get("cosine_min"), ".4f"), _task(met), *_coverage(entry)])
     return rows
 
 
@@ -59,6 +70,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         "|" + "---|" * len(COLUMNS),
         *("| " + " | ".join(row) + " |" for row in results_rows(report)),
         "",
+        *_how_notes(report),
     ]
     if report["gates"]:
         lines += ["## Gates", "", "| gate | variant | threshold | value | passed |", "|---|---|---|---|---|"]
@@ -76,6 +88,21 @@ def render_markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+HOW_NOTES = {
+    "emulated": "emulated rows (*): the QNN HTP backend is a simulator on this x86 host; numerics and node "
+                "assignment are real, timings are NOT device timings, and fidelity covers the first "
+                "`evaluation_samples` samples only",
+    "static-analysis": "static-analysis rows: partitions from ONNX Runtime's usability checker (op support lists); "
+                       "nothing was run, so there is no latency, memory or fidelity",
+}
+
+
+def _how_notes(report: dict[str, Any]) -> list[str]:
+    hows = {entry.get("how") for variant in report["variants"].values() for entry in variant["providers"].values()}
+    notes = [f"- {text}" for how, text in HOW_NOTES.items() if how in hows]
+    return [*notes, ""] if notes else []
+
+
 def _memory_method(report: dict[str, Any]) -> str:
     for variant in report["variants"].values():
         for entry in variant["providers"].values():
@@ -85,5 +112,8 @@ def _memory_method(report: dict[str, Any]) -> str:
 
 
 def write_reports(report: dict[str, Any], out: Path) -> None:
+    from edgepack.report.html import write_html  # matplotlib is imported only when a report is written
+
     write_json(out / "report.json", report)
     atomic_write_text(out / "report.md", render_markdown(report))
+    write_html(report, out)
