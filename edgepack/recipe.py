@@ -61,6 +61,11 @@ class QuantizeSection(_Section):
     activation_type: Literal["uint8", "int8"] = "uint8"
     weight_type: Literal["int8"] = "int8"
     exclude_nodes: list[str] = Field(default_factory=list)
+    #: accuracy budget: 1 - mean embedding cosine vs FP32 on `budget_samples` calibration samples; the most
+    #: sensitive layers fall back to float until it holds (null: no budget)
+    max_cosine_drop: float | None = Field(0.005, ge=0, le=2)
+    max_fallback_layers: int = Field(12, ge=0)
+    budget_samples: int = Field(32, ge=1)
 
 
 class ValidateSection(_Section):

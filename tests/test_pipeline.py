@@ -14,9 +14,9 @@ from edgepack.pipeline import run_recipe
 from edgepack.recipe import parse_recipe
 
 
-def tiny_recipe(model: Path, data: Path, **sections: dict) -> dict:
+def tiny_recipe(model: Path, data_path: Path, **sections: dict) -> dict:
     recipe = {"name": "tiny", "model": {"path": str(model)},
-              "data": {"path": str(data), "n_calibration": 16, "n_evaluation": 8},
+              "data": {"path": str(data_path), "n_calibration": 16, "n_evaluation": 8},
               "validate": {"warmup": 2, "runs": 5, "sequence_length": 32}, "gates": {"min_cosine": 0.9}}
     for key, value in sections.items():
         recipe[key] = {**recipe.get(key, {}), **value}

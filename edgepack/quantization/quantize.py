@@ -4,11 +4,15 @@ onnxruntime.quantization does the quantizing (its `QDQQuantizer` inserts Quantiz
 per-channel weight scales). We supply what it gets wrong on transformers out of the box:
 - the tensor ranges, from our streaming calibrators (`calibrators.py`: O(1) memory in the sample count,
   where ORT's histogram calibrators keep every activation and crash on MiniLM), per tensor by method;
-- the node choice, from the per-architecture recipe (`recipes.py`).
+- the node choice and the graph rewrite that tames activation outliers (SmoothQuant Muls, float residual
+  branches), from the per-architecture recipe (`recipes.py`, `smoothquant.py`);
+- a per-layer accuracy budget with float fallback of the most sensitive layers (`sensitivity.py`).
 """
 
 from __future__ import annotations
 
+import os
+import tempfile
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +25,8 @@ from edgepack.calibration_data import Feed
 from edgepack.errors import BadInputError
 from edgepack.quantization.calibrators import CALIBRATORS, RangeCalibrator, collect_tensor_ranges, make_calibrator
 from edgepack.quantization.recipes import QuantPlan, plan_quantization
+from edgepack.quantization.sensitivity import QuantBudget, fit_budget, raise_unmet
+from edgepack.quantization.smoothquant import apply_smoothquant, collect_channel_absmax
 
 
 @dataclass(frozen=True)
@@ -84,37 +90,121 @@ def _quant_type(name: str) -> Any:
     return {"uint8": QuantType.QUInt8, "int8": QuantType.QInt8}[name]
 
 
-def quantize_static(model_path: Path, out_path: Path, *, calibration_feeds: Callable[[], Iterable[Feed]],
-                    n_calibration: int, options: QuantizeOptions = QuantizeOptions()) -> dict[str, Any]:
-    """Quantize `model_path` to QDQ INT8 at `out_path`; return metrics and the plan for the manifest."""
-    from onnxruntime.quantization import CalibrationMethod, TensorData, TensorsData
-    from onnxruntime.quantization.qdq_quantizer import QDQQuantizer
+def prepare_for_calibration(model_path: Path, model: onnx.ModelProto, plan: QuantPlan, *,
+                            calibration_feeds: Callable[[], Iterable[Feed]], n_calibration: int,
+                            workdir: Path) -> tuple[Path, onnx.ModelProto]:
+    """Apply the plan's graph rewrite (SmoothQuant Muls / float-branch Identities) before calibrating."""
+    if not plan.branch_points:
+        return model_path, model
+    smoothed = [p.tensor for p in plan.branch_points if p.alpha is not None]
+    absmax = collect_channel_absmax(model_path, calibration_feeds(), tensors=smoothed, total=n_calibration)
+    rewritten = apply_smoothquant(model, absmax, points=plan.branch_points)
+    path = workdir / "prepared.onnx"
+    onnx.save_model(rewritten, str(path), save_as_external_data=rewritten.ByteSize() >= 2**31)
+    return path, rewritten
 
+
+@dataclass(frozen=True)
+class _QDQWriter:
+    """Writes QDQ models from one set of calibrated ranges, with any extra nodes left in float (for the budget)."""
+
+    model_path: Path
+    plan: QuantPlan
+    ranges: dict[str, tuple[float, float]]
+    options: QuantizeOptions
+    workdir: Path
+
+    def __call__(self, excluded: frozenset[str]) -> Path:
+        from onnxruntime.quantization import CalibrationMethod, TensorData, TensorsData
+        from onnxruntime.quantization.qdq_quantizer import QDQQuantizer
+
+        tensors_range = TensorsData(CalibrationMethod.MinMax, {
+            name: TensorData(lowest=np.array(lo, dtype=np.float32), highest=np.array(hi, dtype=np.float32))
+            for name, (lo, hi) in self.ranges.items()})
+        extra = {**self.plan.extra_options}
+        if self.plan.tensor_overrides:
+            extra["TensorQuantOverrides"] = self.plan.tensor_overrides
+        nodes = None if self.plan.nodes_to_quantize is None else [
+            n for n in self.plan.nodes_to_quantize if n not in excluded]
+        model = onnx.load(str(self.model_path))  # the quantizer edits the model it is given
+        quantizer = QDQQuantizer(model, self.options.per_channel, False, _quant_type(self.options.weight_type),
+                                 _quant_type(self.options.activation_type), tensors_range, nodes or [],
+                                 [*self.plan.nodes_to_exclude, *sorted(excluded)],
+                                 list(self.plan.op_types_to_quantize), extra)
+        quantizer.quantize_model()
+        path = self.workdir / f"qdq-{len(excluded)}-{abs(hash(excluded)) % 10**8}.onnx"
+        # ORT's saver sorts the graph topologically (the quantizer appends weight DequantizeLinear nodes last)
+        quantizer.model.save_model_to_file(str(path), use_external_data_format=model.ByteSize() >= 2**31)
+        return path
+
+
+def _fidelity_scorer(fp32_path: Path, feeds: Sequence[Feed], output: str) -> Callable[[Path], dict[str, float]]:
+    """Embedding cosine of a candidate vs the FP32 model on `feeds` (held out from nothing: calibration samples)."""
+    import onnxruntime as ort
+
+    from edgepack.runtime.metrics import fidelity
+
+    def run(path: Path) -> list[dict[str, np.ndarray]]:
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        return [{output: session.run([output], feed)[0]} for feed in feeds]
+
+    reference = run(fp32_path)
+    return lambda path: fidelity(reference, run(path), output=output)
+
+
+def quantize_static(model_path: Path, out_path: Path, *, calibration_feeds: Callable[[], Iterable[Feed]],
+                    n_calibration: int, options: QuantizeOptions = QuantizeOptions(),
+                    budget: QuantBudget | None = None, check: tuple[Sequence[Feed], str] | None = None) -> dict[str, Any]:
+    """Quantize `model_path` to QDQ INT8 at `out_path`; return metrics and the plan for the manifest.
+
+    With a `budget` and `check` = (feeds, output name), fidelity vs FP32 is measured on those feeds and the most
+    sensitive layers fall back to float until the budget holds (`sensitivity.fit_budget`); an unmeetable budget
+    raises GateFailedError (exit 3) naming the best reached and the layers tried.
+    """
     model = onnx.load(str(model_path))
-    plan = plan_quantization(model, family=options.family, exclude=options.exclude_nodes)
     _check_excluded_exist(model, options.exclude_nodes)
-    tensors = tensors_to_calibrate(model, plan)
-    calibrator = PerTensorCalibrator(options.calibrator, {t: m for t, m in plan.range_methods.items() if t in tensors})
-    ranges = collect_tensor_ranges(model_path, calibration_feeds(), tensors=tensors, calibrator=calibrator,
-                                   total=n_calibration)
-    tensors_range = TensorsData(CalibrationMethod.MinMax, {
-        name: TensorData(lowest=np.array(lo, dtype=np.float32), highest=np.array(hi, dtype=np.float32))
-        for name, (lo, hi) in ranges.items()})
-    extra = {**plan.extra_options}
-    if plan.tensor_overrides:
-        extra["TensorQuantOverrides"] = plan.tensor_overrides
-    quantizer = QDQQuantizer(model, options.per_channel, False, _quant_type(options.weight_type),
-                             _quant_type(options.activation_type), tensors_range,
-                             list(plan.nodes_to_quantize) if plan.nodes_to_quantize is not None else [],
-                             list(plan.nodes_to_exclude), list(plan.op_types_to_quantize), extra)
-    quantized = quantizer.quantize_model()
-    onnx.save_model(quantized, str(out_path), save_as_external_data=quantized.ByteSize() >= 2**31)
-    return {
+    plan = plan_quantization(model, family=options.family, exclude=options.exclude_nodes)
+    with tempfile.TemporaryDirectory(prefix="edgepack-quantize-", dir=out_path.parent) as tmp:
+        workdir = Path(tmp)
+        prepared, prepared_model = prepare_for_calibration(model_path, model, plan, calibration_feeds=calibration_feeds,
+                                                           n_calibration=n_calibration, workdir=workdir)
+        tensors = tensors_to_calibrate(prepared_model, plan)
+        calibrator = PerTensorCalibrator(options.calibrator,
+                                         {t: m for t, m in plan.range_methods.items() if t in tensors})
+        ranges = collect_tensor_ranges(prepared, calibration_feeds(), tensors=tensors, calibrator=calibrator,
+                                       total=n_calibration)
+        build = _QDQWriter(prepared, plan, ranges, options, workdir)
+        metrics: dict[str, Any] = {}
+        if budget is not None and check is not None:
+            score = _fidelity_scorer(model_path, check[0], check[1])
+            candidates = list(plan.nodes_to_quantize or [])
+            result = fit_budget(candidates, build=build, score=score, budget=budget)
+            metrics["budget"] = {"max_cosine_drop": budget.max_cosine_drop, "met": result.met,
+                                 "check_samples": len(check[0]), "fallback_nodes": list(result.excluded),
+                                 "check_fidelity": result.scores, "history": result.history,
+                                 "sensitivity_top": [vars(s) for s in result.sensitivity[:10]]}
+            if not result.met:
+                raise_unmet(result, budget)
+            final = result.artifact
+        else:
+            final = build(frozenset())
+        _move_model(final, out_path)
+    metrics.update({
         "calibrated_tensors": len(ranges),
         "calibrator_state_bytes": calibrator.state_bytes(),
         "plan": _plan_summary(plan, model),
         "tensor_ranges": {k: [float(lo), float(hi)] for k, (lo, hi) in ranges.items()},
-    }
+    })
+    return metrics
+
+
+def _move_model(src: Path, dst: Path) -> None:
+    """Move a saved model (and its external data file, if any) into place."""
+    if not src.with_name(src.name + ".data").exists():
+        os.replace(src, dst)
+        return
+    model = onnx.load(str(src))  # > 2 GB: rewrite so the .onnx names its own external data file
+    onnx.save_model(model, str(dst), save_as_external_data=True, location=dst.name + ".data")
 
 
 def _check_excluded_exist(model: onnx.ModelProto, exclude: Sequence[str]) -> None:
