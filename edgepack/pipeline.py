@@ -15,7 +15,7 @@ from typing import Any
 
 from edgepack import __version__
 from edgepack.artifacts import StageRecord, content_hash, read_manifest, sha256_file, stage_folder
-from edgepack.calibration_data import DataSplit, Feed, read_samples, resolve_data_path, split_samples
+from edgepack.calibration_data import DataSplit, Feed, TextSample, read_samples, resolve_data_path, split_samples
 from edgepack.errors import BadInputError
 from edgepack.exporters.onnx import ExportOptions, export_onnx
 from edgepack.models import ModelAdapter, default_model_path, get_adapter
@@ -79,20 +79,58 @@ def _cached(folder: Path) -> dict[str, Any] | None:
     return manifest
 
 
-def stage_export(ctx: RunContext) -> Path:
+def stage_export(ctx: RunContext, adapter: ModelAdapter) -> Path:
     cfg = ctx.recipe.export
-    record_cfg = {"model": ctx.adapter.describe(), **cfg.model_dump()}
-    inputs = {"model": _model_fingerprint(ctx.adapter), "data": ctx.data_hash}
+    record_cfg = {"model": adapter.describe(), **cfg.model_dump()}
+    inputs = {"model": _model_fingerprint(adapter), "data": ctx.data_hash}
     folder = ctx.out / f"export-{content_hash({'stage': 'export', 'cfg': record_cfg, 'in': inputs, 'v': __version__})}"
     if _cached(folder):
         return folder / "model.onnx"
     record = StageRecord("export", record_cfg, inputs)
     check_samples = (ctx.split.evaluation or ctx.split.calibration)[: cfg.check_samples]
-    feeds = list(ctx.adapter.feeds(check_samples, batch_size=1, max_length=ctx.recipe.data.max_length))
+    feeds = list(adapter.feeds(check_samples, batch_size=1, max_length=ctx.recipe.data.max_length))
     with get_reporter().step("export to ONNX and check against PyTorch"), stage_folder(folder, record) as tmp:
-        record.metrics = export_onnx(ctx.adapter, tmp / "model.onnx", check_feeds=feeds,
+        record.metrics = export_onnx(adapter, tmp / "model.onnx", check_feeds=feeds,
                                      options=ExportOptions(opset=cfg.opset, atol=cfg.atol))
     return folder / "model.onnx"
+
+
+def _texts(samples: Any) -> list[str]:
+    return [s.text for s in samples if isinstance(s, TextSample)]
+
+
+def stage_compress(ctx: RunContext) -> ModelAdapter | None:
+    """Distill and/or prune the teacher (HF folder in, HF folder out); None when both are off."""
+    recipe = ctx.recipe
+    if not (recipe.distill.enabled or recipe.prune.enabled):
+        return None
+    if recipe.model.adapter != "hf-encoder":
+        raise BadInputError("distill / prune need model.adapter hf-encoder (a Hugging Face folder); turn them off "
+                            "for torch-module models")
+    from edgepack.compress.stages import distill_model, prune_model
+
+    # Training and importance data: the calibration split. Distillation's early stopping watches the last fifth
+    # of it (held out from training), never the evaluation split, so the report's figures stay unbiased.
+    texts = _texts(ctx.split.calibration)
+    held = max(1, len(ctx.split.calibration) // 5)
+    eval_pairs = [(s.text, s.pair) for s in ctx.split.calibration[-held:] if isinstance(s, TextSample) and s.pair]
+    source = Path(ctx.adapter.source)
+    steps: list[tuple[str, Any]] = []
+    if recipe.distill.enabled:
+        steps.append(("distill", lambda src, dst: distill_model(src, dst, texts=texts[:-held] if eval_pairs else texts,
+                                                                eval_pairs=eval_pairs, options=recipe.distill)))
+    if recipe.prune.enabled:
+        steps.append(("prune", lambda src, dst: prune_model(src, dst, texts=texts, options=recipe.prune)))
+    for name, run in steps:
+        section = getattr(recipe, name)
+        inputs = {"model": _model_fingerprint(get_adapter("hf-encoder", str(source))), "data": ctx.data_hash}
+        folder = ctx.out / f"{name}-{content_hash({'stage': name, 'cfg': section.model_dump(), 'in': inputs, 'v': __version__})}"
+        if not _cached(folder):
+            record = StageRecord(name, section.model_dump(), inputs)
+            with stage_folder(folder, record) as tmp:
+                record.metrics = run(source, tmp / "model")
+        source = folder / "model"
+    return get_adapter("hf-encoder", str(source), pooling=recipe.model.pooling)
 
 
 def stage_quantize(ctx: RunContext, fp32: Path) -> Path:
@@ -152,9 +190,12 @@ def run_recipe(recipe: Recipe, out: Path) -> dict[str, Any]:
     adapter = build_adapter(recipe)
     split = load_split(recipe)
     ctx = RunContext(recipe, out, adapter, split, _split_hash(split))
-    variants = {"fp32": stage_export(ctx)}
+    variants = {"fp32": stage_export(ctx, adapter)}
+    student = stage_compress(ctx)
+    if student is not None:
+        variants["compressed-fp32"] = stage_export(ctx, student)
     if recipe.quantize.enabled:
-        variants["int8"] = stage_quantize(ctx, variants["fp32"])
+        variants["int8"] = stage_quantize(ctx, variants["compressed-fp32" if student else "fp32"])
     v = recipe.validate_
     settings = ValidationSettings(sequence_length=v.sequence_length, max_length=recipe.data.max_length,
                                   threads=v.threads, warmup=v.warmup, runs=v.runs)
@@ -170,7 +211,7 @@ def run_recipe(recipe: Recipe, out: Path) -> dict[str, Any]:
         "primary_output": adapter.primary_output,
         **results,
     }
-    final = "int8" if "int8" in variants else "fp32"
+    final = list(variants)[-1]
     if recipe.bundle.enabled:
         validated = {ep: {"status": e["status"], "how": e["how"]}
                      for ep, e in results["variants"][final]["providers"].items()}

@@ -12,6 +12,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from edgepack.compress.config import DistillSection, PruneSection
 from edgepack.errors import BadInputError, did_you_mean
 
 
@@ -99,6 +100,8 @@ class Recipe(_Section):
     name: str = "recipe"
     model: ModelSection = Field(default_factory=ModelSection)
     data: DataSection = Field(default_factory=DataSection)
+    distill: DistillSection = Field(default_factory=DistillSection)
+    prune: PruneSection = Field(default_factory=PruneSection)
     export: ExportSection = Field(default_factory=ExportSection)
     quantize: QuantizeSection = Field(default_factory=QuantizeSection)
     validate_: ValidateSection = Field(default_factory=ValidateSection, alias="validate")

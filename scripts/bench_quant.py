@@ -147,7 +147,7 @@ def quality_table(ctx: Any) -> str:
     from edgepack.runtime.probe import ProbeOptions, measure
     from edgepack.runtime.providers import parse_providers
 
-    fp32 = stage_export(ctx)
+    fp32 = stage_export(ctx, ctx.adapter)
     variants = {"fp32": fp32, "edgepack-int8": stage_quantize(ctx, fp32), **build_anchors(ctx, fp32)}
     settings = ValidationSettings(runs=100)
     results = validate_variants(variants, adapter=ctx.adapter, samples=ctx.split.evaluation,
@@ -200,12 +200,12 @@ def calibration_texts(n: int) -> list[str]:
 def calibration_child(tool: str, method: str, n: int, fp32: str) -> None:
     """Child process: calibrate `n` samples with one method; print wall time, peak RSS and tensor count."""
     import onnx
-    from edgepack.quantization.recipes import plan_quantization
 
     from edgepack.calibration_data import TextSample
     from edgepack.models import default_model_path, get_adapter
     from edgepack.quantization.calibrators import collect_tensor_ranges, make_calibrator
     from edgepack.quantization.quantize import tensors_to_calibrate
+    from edgepack.quantization.recipes import plan_quantization
     from edgepack.reporter import Reporter, set_reporter
 
     set_reporter(Reporter(quiet=True))
@@ -295,7 +295,7 @@ def main() -> None:
     if not args.skip_calibration:
         from edgepack.pipeline import stage_export
 
-        cal = calibration_table(stage_export(ctx))
+        cal = calibration_table(stage_export(ctx, ctx.adapter))
         write_section("quant-calibration", "## Calibration memory and time vs sample count (MiniLM)\n\n"
                       f"`python scripts/bench_quant.py` — {machine_line()}\n\nFresh process per cell; peak RSS of the "
                       "whole process (model, tokenizer, ONNX Runtime). edgepack's calibrators stream (fixed state per "

@@ -122,3 +122,25 @@ def test_bundle_of_the_final_variant_verifies(tiny_run):
     manifest = read_bundle_manifest(folder)
     assert (folder / "model.ort").is_file() and (folder / "model_data.c").is_file()
     assert "cpu" in str(manifest)
+
+
+def test_distill_and_prune_stages_feed_the_export(tiny_bert_dir, small_sentences, tmp_path):
+    recipe = parse_recipe(tiny_recipe(
+        tiny_bert_dir, small_sentences, data={"n_calibration": 24},
+        distill={"enabled": True, "keep_layers": [1], "ffn_ratio": 0.5, "epochs": 1, "batch_size": 8},
+        prune={"enabled": True, "heads_ratio": 0.5, "calibration_samples": 8, "calibration_batch_size": 8},
+        bundle={"enabled": False}, gates={"min_cosine": None}))
+    report = run_recipe(recipe, tmp_path)
+    assert list(report["variants"]) == ["fp32", "compressed-fp32", "int8"]
+    distill = json.loads(next(tmp_path.glob("distill-*/manifest.json")).read_text())["metrics"]
+    prune = json.loads(next(tmp_path.glob("prune-*/manifest.json")).read_text())["metrics"]
+    assert distill["params_after"] < distill["params_before"]
+    assert prune["params_after"] < prune["params_before"] == distill["params_after"]
+    config = json.loads(next(tmp_path.glob("prune-*/model/config.json")).read_text())
+    assert config["num_hidden_layers"] == 1 and config["intermediate_size"] == 32
+    sizes = {k: v["size_bytes"] for k, v in report["variants"].items()}
+    assert sizes["int8"] < sizes["compressed-fp32"] < sizes["fp32"]
+    quant = json.loads(next(tmp_path.glob("quantize-*/manifest.json")).read_text())
+    export_sha = {json.loads(m.read_text())["outputs"]["model.onnx"]["sha256"] for m in tmp_path.glob("export-*/manifest.json")}
+    assert quant["inputs"]["model"] in export_sha
+    assert report["variants"]["compressed-fp32"]["providers"]["cpu"]["status"] == "ok"

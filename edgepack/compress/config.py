@@ -1,0 +1,113 @@
+"""Recipe sections for the `distill` and `prune` stages (pydantic, frozen, unknown keys rejected).
+
+Defaults work for BERT-like sentence encoders: distillation keeps every other layer and halves the FFN; both stages
+are off unless `enabled: true`. Ratios are always the fraction *removed* (0.5 halves a width). Out-of-range ratios
+raise `BadInputError` naming the field (pydantic lets our error through unchanged). This module imports no torch,
+so loading a recipe stays fast; loss and importance names are checked when the stage starts.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from edgepack.errors import BadInputError
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _check_ratio(section: str, name: str, value: float) -> float:
+    if not 0.0 <= value < 1.0:
+        raise BadInputError(f"{section}.{name} is {value}; a ratio is the fraction removed, in [0, 1) "
+                            "(0 keeps everything, 0.5 removes half)")
+    return value
+
+
+class DistillSection(_Section):
+    enabled: bool = False
+    task: Literal["sentence-embedding", "sequence-classification", "causal-lm"] = "sentence-embedding"
+    #: an existing student folder (same tokenizer); empty: build the student from the teacher as below
+    student: str | None = None
+    #: teacher layers the student keeps (weights copied); empty: `num_layers` evenly spaced (default: half)
+    keep_layers: list[int] = Field(default_factory=list)
+    num_layers: int | None = Field(None, ge=1)
+    #: fraction of FFN neurons / hidden channels removed from the student, the least important first
+    ffn_ratio: float = 0.5
+    hidden_ratio: float = 0.0
+    importance: str = "activation"
+    #: a smaller config trained from scratch instead (e.g. {hidden_size: 256, num_hidden_layers: 3})
+    student_config: dict[str, int] = Field(default_factory=dict)
+    #: loss name -> weight (registry `edgepack.compress.distill.LOSSES`: cosine, mse, hidden, attention-relation,
+    #: kl, ce)
+    losses: dict[str, float] = Field(default_factory=lambda: {"cosine": 1.0, "hidden": 1.0})
+    temperature: float = Field(2.0, gt=0)
+    epochs: int = Field(10, ge=1)
+    max_steps: int | None = Field(None, ge=1)
+    #: wall-clock budget: training stops after the step that crosses it (not reproducible step for step)
+    max_train_minutes: float | None = Field(None, gt=0)
+    #: samples per optimizer step across processes and accumulation (the global batch)
+    batch_size: int = Field(32, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    lr: float = Field(2e-4, gt=0)
+    weight_decay: float = Field(0.01, ge=0)
+    warmup_ratio: float = Field(0.06, ge=0, lt=1)
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    max_length: int = Field(128, ge=8)
+    gradient_checkpointing: bool = False
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    optimizer: Literal["adamw", "adafactor", "adamw-8bit"] = "adamw"
+    #: keep the word-embedding table fixed: small data updates only the tokens it contains
+    freeze_embeddings: bool = True
+    #: dropout probability for the student (None keeps the model's); 0 makes runs with different process counts
+    #: comparable step for step, since each process draws its own dropout masks
+    student_dropout: float | None = None
+    #: per-epoch metric that early stopping watches (higher is better); similarity_agreement is continuous and works
+    #: for any student width, where retrieval metrics on a few pairs saturate at 1.0
+    monitor: Literal["similarity_agreement", "cosine_to_teacher", "paraphrase_mrr",
+                     "paraphrase_recall_at_1"] = "similarity_agreement"
+    early_stop_patience: int | None = Field(3, ge=1)
+    checkpoint_every: int = Field(0, ge=0)
+    shard_teacher: bool = False
+    seed: int = 0
+
+    @field_validator("ffn_ratio", "hidden_ratio")
+    @classmethod
+    def _ratio(cls, value: float, info: object) -> float:
+        return _check_ratio("distill", getattr(info, "field_name", "ratio"), value)
+
+
+class PruneSection(_Section):
+    enabled: bool = False
+    task: Literal["sentence-embedding", "sequence-classification", "causal-lm"] = "sentence-embedding"
+    #: fractions removed per layer; heads snap to KV groups (GQA), FFN / hidden widths to multiples of 8
+    heads_ratio: float = 0.0
+    ffn_ratio: float = 0.0
+    hidden_ratio: float = 0.0
+    #: layer indices removed entirely
+    layers: list[int] = Field(default_factory=list)
+    #: registry `edgepack.compress.prune.IMPORTANCES`: magnitude, taylor, activation
+    importance: str = "activation"
+    calibration_samples: int = Field(64, ge=1)
+    calibration_batch_size: int = Field(16, ge=1)
+    max_length: int = Field(128, ge=8)
+    #: W' = W * M on every Linear; dense ONNX Runtime kernels gain nothing from it (measured when enabled)
+    unstructured_sparsity: float = 0.0
+    unstructured_scope: Literal["global", "layer"] = "global"
+    measure_dense_effect: bool = True
+    #: optimizer steps of distillation from the unpruned model after pruning (0: none)
+    recovery_steps: int = Field(0, ge=0)
+    recovery_lr: float = Field(1e-4, gt=0)
+    recovery_batch_size: int = Field(16, ge=1)
+    recovery_losses: dict[str, float] = Field(default_factory=lambda: {"cosine": 1.0, "hidden": 1.0})
+    seed: int = 0
+
+    @field_validator("heads_ratio", "ffn_ratio", "hidden_ratio", "unstructured_sparsity")
+    @classmethod
+    def _ratio(cls, value: float, info: object) -> float:
+        return _check_ratio("prune", getattr(info, "field_name", "ratio"), value)
+
+
+__all__ = ["DistillSection", "PruneSection"]
