@@ -296,6 +296,7 @@ def test_harness_emulated_rows_use_a_sample_subset_against_the_same_reference(tm
     report = _harness(tmp_path, {"fp32": _matmul_add(tmp_path / "m.onnx")}, "cpu,qnn-htp",
                       emulated_samples=2)["variants"]["fp32"]["providers"]
     cpu, qnn = report["cpu"], report["qnn-htp"]
+    assert (cpu["status"], qnn["status"]) == ("ok", "ok"), (cpu.get("error"), qnn.get("error"))
     assert (cpu["evaluation_samples"], qnn["evaluation_samples"]) == (5, 2)
     assert qnn["how"] == "emulated" and qnn["latency_ms"]["runs"] == 1 and qnn["latency_ms"]["warmup"] == 0
     assert qnn["metrics"]["cosine_min"] > 0.99  # FP32 runs as FP16 on the HTP: close to the CPU, not equal

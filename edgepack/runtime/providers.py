@@ -366,7 +366,9 @@ class QNNHTPProvider(ExecutionProvider):
         return options
 
     def session_plan(self, *, cache_dir: Path) -> SessionPlan:
-        if self.ort_name in ort.get_available_providers():  # QNN built into this onnxruntime
+        # QNN built into this onnxruntime (not merely registered as a plugin earlier in this process: a probe
+        # child starts without that registration, so it must get the plugin plan)
+        if self.ort_name in ort.get_available_providers() and self.ort_name not in _REGISTERED_PLUGINS:
             options = self._backend_options("libQnnHtp.so")
             return SessionPlan(expect_ep=self.ort_name, providers=((self.ort_name, options),))
         library, htp = _qnn_paths()
