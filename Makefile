@@ -36,6 +36,8 @@ $(VENV)/.bench: $(VENV)/.installed
 
 bench: $(VENV)/.bench
 	$(PY) scripts/bench_quant.py
+	$(PY) scripts/bench_providers.py
+	$(PY) scripts/bench_compress.py
 
 clean:
 	rm -rf runs .pytest_cache

@@ -6,7 +6,7 @@ Anchors (same FP32 ONNX graph, same 200 calibration sentences, same 100 held-out
   optimum-dynamic      optimum-onnx ORTQuantizer, AutoQuantizationConfig.avx512_vnni(is_static=False)
   torch-dynamic        torch.ao.quantization.quantize_dynamic(nn.Linear, qint8), run in PyTorch
 Every ONNX variant is measured by edgepack's harness: fresh process per variant, batch 1, sequence 128,
-2 intra-op threads, 10 warm-up + 100 timed runs. Then calibration memory and time at 64/256/1024 samples per
+2 intra-op threads, 10 warm-up + 100 timed runs, best p50 of 3 interleaved passes (torch-dynamic: one pass). Then calibration memory and time at 64/256/1024 samples per
 method, edgepack's streaming calibrators vs ORT's, each in a fresh process.
 
     python scripts/bench_quant.py                 # everything (about 30 minutes on 2 cores)
@@ -144,17 +144,38 @@ def torch_dynamic(ctx: Any, settings_feeds: tuple[list[dict], dict], ref: list[d
     return result
 
 
+ROUNDS = 3
+
+
+def best_of_rounds(variants: dict[str, Path], ctx: Any, settings: Any, *, rounds: int) -> dict[str, Any]:
+    """`rounds` interleaved passes over all variants (fresh process each); per variant the pass with the lowest p50.
+
+    On a shared 2-core machine one pass can catch a noisy moment; interleaving puts every variant through the
+    same moments, and the best pass is the least disturbed one. Fidelity is identical across passes.
+    """
+    from edgepack.runtime.harness import validate_variants
+    from edgepack.runtime.providers import parse_providers
+
+    best: dict[str, Any] = {}
+    for _ in range(rounds):
+        passed = validate_variants(variants, adapter=ctx.adapter, samples=ctx.split.evaluation,
+                                   providers=parse_providers("cpu"), out=ctx.out, settings=settings)["variants"]
+        for name, entry in passed.items():
+            cpu, kept = entry["providers"]["cpu"], best.get(name, {}).get("providers", {}).get("cpu")
+            if kept is None or (cpu["status"] == "ok" and cpu["latency_ms"]["p50"] < kept["latency_ms"]["p50"]):
+                best[name] = entry
+    return best
+
+
 def quality_table(ctx: Any) -> str:
     from edgepack.pipeline import stage_export, stage_quantize
-    from edgepack.runtime.harness import ValidationSettings, validate_variants
+    from edgepack.runtime.harness import ValidationSettings
     from edgepack.runtime.probe import ProbeOptions, measure
-    from edgepack.runtime.providers import parse_providers
 
     fp32 = stage_export(ctx, ctx.adapter)
     variants = {"fp32": fp32, "edgepack-int8": stage_quantize(ctx, fp32), **build_anchors(ctx, fp32)}
     settings = ValidationSettings(runs=100)
-    results = validate_variants(variants, adapter=ctx.adapter, samples=ctx.split.evaluation,
-                                providers=parse_providers("cpu"), out=ctx.out, settings=settings)["variants"]
+    results = best_of_rounds(variants, ctx, settings, rounds=ROUNDS)
     eval_feeds = ctx.adapter.evaluation_feeds(ctx.split.evaluation, max_length=128)
     lat_feed = ctx.adapter.latency_feed(ctx.split.evaluation, sequence_length=128)
     ref = measure(fp32, latency_feed=lat_feed, evaluation_feeds=eval_feeds, workdir=ctx.out / "ref",
@@ -311,7 +332,7 @@ def _quality_section(ctx: Any, command: str) -> None:
     write_section("quant-quality", f"## Static INT8 on all-MiniLM-L6-v2 (CPU EP)\n\n`{command}` (or `make bench`) — "
                   f"{machine_line()}\n\n{len(ctx.split.calibration)} calibration / {len(ctx.split.evaluation)} "
                   "held-out evaluation sentences (bundled set, disjoint); batch 1, sequence 128, 2 threads, 10 warm-up "
-                  "+ 100 timed runs, fresh process per row; cosine of the sentence embedding vs FP32 ONNX; paraphrase "
+                  f"+ 100 timed runs, fresh process per row, best p50 of {ROUNDS} interleaved passes; cosine of the sentence embedding vs FP32 ONNX; paraphrase "
                   f"R@1 = recall@1 of each sentence's paraphrase among all {len(ctx.split.evaluation)}; margin = mean of "
                   "cos(sentence, its paraphrase) - max cos(sentence, another paraphrase) (R@1 saturates on this "
                   f"set; the margin moves).\n\n{table}\n")

@@ -17,7 +17,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from edgepack.calibration_data import read_samples, sample_path
 from edgepack.compress.config import DistillSection
@@ -28,12 +27,7 @@ REPO = Path(__file__).resolve().parents[1]
 TOLERANCE = 1e-4  # relative to the mean loss, per step
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _torchrun(request: Path, *, processes: int) -> subprocess.Popen:

@@ -22,13 +22,7 @@ from edgepack.compress.students import StudentSpec, build_student, load_pretrain
 from edgepack.compress.trainer import Trainer, TrainOptions, optimizer_availability, train_peak_memory
 from edgepack.errors import BadInputError
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def make_encoder(folder: Path, tokenizer_dir: Path, *, layers: int = 4, hidden: int = 32, heads: int = 4,

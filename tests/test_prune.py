@@ -31,12 +31,7 @@ SENTENCES = [TextSample(t) for t in ("The train leaves at noon.", "Whisk the egg
                                      "How do I reset my password?", "Rain is expected tomorrow afternoon.")]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

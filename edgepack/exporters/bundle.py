@@ -65,6 +65,7 @@ from edgepack.exporters.ort_format import (
     ort_session,
     read_operator_config,
 )
+from edgepack.onnx_files import load_onnx_checked
 from edgepack.reporter import get_reporter
 
 MANIFEST = "manifest.json"
@@ -164,26 +165,12 @@ def _load_model(path: Path) -> onnx.ModelProto:
     """Checked model with its external data loaded (the .ort holds every weight; FlatBuffers caps it at 2 GB)."""
     from onnx.external_data_helper import load_external_data_for_model, uses_external_data
 
-    model = _load_checked(path)
+    model = load_onnx_checked(path)
     if any(uses_external_data(init) for init in model.graph.initializer):
         load_external_data_for_model(model, str(path.parent))
     if model.ByteSize() >= TWO_GB:
         raise BadInputError(f"{path}: {model.ByteSize() / 2**30:.1f} GB of weights; the ORT format holds at most "
                             "2 GB — quantize the model first (edgepack quantize) or ship the .onnx instead")
-    return model
-
-
-def _load_checked(path: Path) -> onnx.ModelProto:
-    """Graph-only load + onnx.checker, as `models.onnx_file.load_onnx_checked` does (that module imports torch)."""
-    if not path.is_file():
-        raise BadInputError(f"ONNX model {path} does not exist; pass the path of an .onnx file")
-    try:
-        model = onnx.load(str(path), load_external_data=False)
-        onnx.checker.check_model(model)
-    except Exception as err:  # protobuf's DecodeError and onnx's ValidationError share no useful base
-        reason = str(err).splitlines()[0][:120] if str(err) else type(err).__name__
-        raise BadInputError(f"{path} is not a valid ONNX model ({reason}); the file may be truncated — "
-                            "re-export it with `edgepack export`") from None
     return model
 
 
@@ -789,7 +776,7 @@ def _cli_feeds(args: argparse.Namespace, options: BundleOptions) -> list[Feed]:
     from edgepack.models import get_adapter
 
     adapter = get_adapter("onnx-file", str(args.model), tokenizer=args.tokenizer)
-    model = _load_checked(args.model)
+    model = load_onnx_checked(args.model)
     if args.samples < 1:
         raise BadInputError(f"--samples {args.samples}: write at least one golden vector")
     samples = read_samples(resolve_data_path(args.data or "bundled:sentences.jsonl"), field=args.field)
