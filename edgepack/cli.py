@@ -131,7 +131,7 @@ def _print_summary(report: dict[str, Any], out: Path | None) -> None:
     from edgepack.report import results_rows
     from edgepack.report.writer import COLUMNS
 
-    console = Console()
+    console = Console(width=None if sys.stdout.isatty() else 200)  # logs and pipes get the whole table
     table = Table(*COLUMNS, title=f"edgepack: {report['recipe']['name']}")
     for row in results_rows(report):
         table.add_row(*row)

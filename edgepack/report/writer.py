@@ -18,7 +18,8 @@ def _fmt(value: Any, spec: str) -> str:
 def _task(metrics: dict[str, Any]) -> str:
     from edgepack.report.gates import FIDELITY_KEYS
 
-    task = [(k, v) for k, v in metrics.items() if k not in FIDELITY_KEYS]
+    short = {"paraphrase_recall_at_1": "R@1", "paraphrase_mrr": "MRR", "paraphrase_margin": "margin"}
+    task = [(short.get(k, k), v) for k, v in metrics.items() if k not in FIDELITY_KEYS]
     return ", ".join(f"{k} {v:.4f}" for k, v in task) or "–"
 
 
