@@ -87,6 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calibrator", default="minmax", help="activation range method (default minmax)")
     p.add_argument("--field", default="text", help="JSONL/CSV field holding the text (default text)")
     p.add_argument("--max-length", type=int, default=128, help="token truncation length (default 128)")
+    p.add_argument("--max-cosine-drop", type=float, default=0.005,
+                   help="accuracy budget: 1 - mean output cosine vs FP32 on 32 calibration samples; the most "
+                        "sensitive layers fall back to float until it holds (exit 3 if it cannot); -1 disables")
     _add_common(p, json_flag=False)
 
     p = add("validate", cmd_validate, "measure latency, memory and fidelity of ONNX models on execution providers",
@@ -223,6 +226,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     from edgepack.calibration_data import read_samples, resolve_data_path
     from edgepack.models import get_adapter
     from edgepack.quantization.quantize import QuantizeOptions, quantize_static
+    from edgepack.quantization.sensitivity import QuantBudget
 
     adapter = get_adapter("onnx-file", str(args.model), tokenizer=args.tokenizer)
     options = QuantizeOptions(calibrator=args.calibrator)
@@ -232,17 +236,25 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         raise BadInputError(f"{path}: {len(samples)} samples, but --samples asks for {args.samples}; "
                             "lower --samples or supply more data")
     samples = samples[: args.samples]
+    budget = None if args.max_cosine_drop < 0 else QuantBudget(max_cosine_drop=args.max_cosine_drop)
+    check = (list(adapter.feeds(samples[:32], max_length=args.max_length)), adapter.primary_output)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     tmp = args.out.with_name(f".{args.out.name}.tmp-{os.getpid()}")
     try:
-        metrics = quantize_static(args.model, tmp, n_calibration=len(samples), options=options,
+        metrics = quantize_static(args.model, tmp, n_calibration=len(samples), options=options, budget=budget,
+                                  check=check,
                                   calibration_feeds=lambda: adapter.feeds(samples, max_length=args.max_length))
         os.replace(tmp, args.out)
     finally:
         tmp.unlink(missing_ok=True)
     write_json(args.out.with_suffix(".ranges.json"), metrics["tensor_ranges"])
     print(f"wrote {args.out} ({args.out.stat().st_size / 1e6:.1f} MB, {metrics['calibrated_tensors']} tensors calibrated)")
-    print(f"next: edgepack validate {args.out} --reference {args.model} --data {args.calibration} --ep cpu")
+    fallback = metrics.get("budget", {}).get("fallback_nodes") or []
+    if budget is not None:
+        print(f"accuracy budget met on {len(check[0])} calibration samples "
+              f"(cosine {metrics['budget']['check_fidelity']['cosine_mean']:.4f}; {len(fallback)} layer(s) in float)")
+    tokenizer = f" --tokenizer {args.tokenizer}" if args.tokenizer else ""
+    print(f"next: edgepack validate {args.out} --reference {args.model} --data {args.calibration}{tokenizer} --ep cpu")
     return 0
 
 
