@@ -237,7 +237,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
                             "lower --samples or supply more data")
     samples = samples[: args.samples]
     budget = None if args.max_cosine_drop < 0 else QuantBudget(max_cosine_drop=args.max_cosine_drop)
-    check = (list(adapter.feeds(samples[:32], max_length=args.max_length)), adapter.primary_output)
+    check = None if budget is None else (list(adapter.feeds(samples[:32], max_length=args.max_length)),
+                                         adapter.primary_output)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     tmp = args.out.with_name(f".{args.out.name}.tmp-{os.getpid()}")
     try:
@@ -250,7 +251,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     write_json(args.out.with_suffix(".ranges.json"), metrics["tensor_ranges"])
     print(f"wrote {args.out} ({args.out.stat().st_size / 1e6:.1f} MB, {metrics['calibrated_tensors']} tensors calibrated)")
     fallback = metrics.get("budget", {}).get("fallback_nodes") or []
-    if budget is not None:
+    if check is not None:
         print(f"accuracy budget met on {len(check[0])} calibration samples "
               f"(cosine {metrics['budget']['check_fidelity']['cosine_mean']:.4f}; {len(fallback)} layer(s) in float)")
     tokenizer = f" --tokenizer {args.tokenizer}" if args.tokenizer else ""

@@ -55,11 +55,11 @@ def load_split(recipe: Recipe) -> DataSplit:
                          seed=data.seed, source=str(path))
 
 
-def _model_fingerprint(adapter: ModelAdapter) -> str:
+def _model_fingerprint(source: str | Path) -> str:
     """sha256 over the model folder's files (a local HF folder), or the import path (torch-module)."""
-    path = Path(adapter.source)
+    path = Path(source)
     if not path.is_dir():
-        return content_hash(adapter.source)
+        return content_hash(str(source))
     return content_hash({str(p.relative_to(path)): sha256_file(p) for p in sorted(path.rglob("*")) if p.is_file()})
 
 
@@ -82,7 +82,7 @@ def _cached(folder: Path) -> dict[str, Any] | None:
 def stage_export(ctx: RunContext, adapter: ModelAdapter) -> Path:
     cfg = ctx.recipe.export
     record_cfg = {"model": adapter.describe(), **cfg.model_dump()}
-    inputs = {"model": _model_fingerprint(adapter), "data": ctx.data_hash}
+    inputs = {"model": _model_fingerprint(adapter.source), "data": ctx.data_hash}
     folder = ctx.out / f"export-{content_hash({'stage': 'export', 'cfg': record_cfg, 'in': inputs, 'v': __version__})}"
     if _cached(folder):
         return folder / "model.onnx"
@@ -123,7 +123,7 @@ def stage_compress(ctx: RunContext) -> ModelAdapter | None:
         steps.append(("prune", lambda src, dst: prune_model(src, dst, texts=texts, options=recipe.prune)))
     for name, run in steps:
         section = getattr(recipe, name)
-        inputs = {"model": _model_fingerprint(get_adapter("hf-encoder", str(source))), "data": ctx.data_hash}
+        inputs = {"model": _model_fingerprint(source), "data": ctx.data_hash}
         folder = ctx.out / f"{name}-{content_hash({'stage': name, 'cfg': section.model_dump(), 'in': inputs, 'v': __version__})}"
         if not _cached(folder):
             record = StageRecord(name, section.model_dump(), inputs)
@@ -173,6 +173,7 @@ def stage_bundle(ctx: RunContext, final: Path, *, validated: dict[str, Any]) -> 
             read_bundle_manifest(folder)
             get_reporter().info(f"[dim]reusing {folder.name} (same config and inputs)[/dim]")
             return folder
+    # evaluation_feeds returns each text's feed, then its paraphrase's: the first `samples` are the texts
     feeds = ctx.adapter.evaluation_feeds(ctx.split.evaluation[: cfg.samples], max_length=ctx.recipe.data.max_length)
     options = BundleOptions(optimization_style=cfg.optimization_style, alignment=cfg.alignment,
                             fixed_shapes=cfg.fixed_shapes, target_platform=cfg.target_platform, force=True)
