@@ -85,6 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", help="HF folder whose tokenizer turns text data into model inputs")
     p.add_argument("--samples", type=int, default=200, help="calibration samples to use (default 200)")
     p.add_argument("--calibrator", default="minmax", help="activation range method (default minmax)")
+    p.add_argument("--smoothquant", default="search", choices=["search", "recipe", "off"],
+                   help="SmoothQuant alphas: search per layer on the calibration data (default), the recipe's "
+                        "per-role values, or off")
     p.add_argument("--field", default="text", help="JSONL/CSV field holding the text (default text)")
     p.add_argument("--max-length", type=int, default=128, help="token truncation length (default 128)")
     p.add_argument("--max-cosine-drop", type=float, default=0.005,
@@ -229,7 +232,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     from edgepack.quantization.sensitivity import QuantBudget
 
     adapter = get_adapter("onnx-file", str(args.model), tokenizer=args.tokenizer)
-    options = QuantizeOptions(calibrator=args.calibrator)
+    options = QuantizeOptions(calibrator=args.calibrator, smoothquant=args.smoothquant)
     path = resolve_data_path(args.calibration)
     samples = read_samples(path, field=args.field)
     if len(samples) < args.samples:

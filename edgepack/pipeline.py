@@ -135,9 +135,9 @@ def stage_compress(ctx: RunContext) -> ModelAdapter | None:
 
 def stage_quantize(ctx: RunContext, fp32: Path) -> Path:
     q = ctx.recipe.quantize
-    options = QuantizeOptions(calibrator=q.calibrator, family=q.family, per_channel=q.per_channel,
-                              activation_type=q.activation_type, weight_type=q.weight_type,
-                              exclude_nodes=tuple(q.exclude_nodes))
+    options = QuantizeOptions(calibrator=q.calibrator, smoothquant=q.smoothquant, family=q.family,
+                              per_channel=q.per_channel, activation_type=q.activation_type,
+                              weight_type=q.weight_type, exclude_nodes=tuple(q.exclude_nodes))
     data = ctx.recipe.data
     inputs = {"model": sha256_file(fp32), "data": ctx.data_hash}
     record_cfg = {**q.model_dump(), "max_length": data.max_length, "padding": data.padding}

@@ -57,6 +57,8 @@ class ExportSection(_Section):
 class QuantizeSection(_Section):
     enabled: bool = True
     calibrator: str = "minmax"
+    #: SmoothQuant alphas: search (per layer on calibration data) | recipe (the family's per-role values) | off
+    smoothquant: Literal["search", "recipe", "off"] = "search"
     family: str = "auto"
     per_channel: bool = True
     activation_type: Literal["uint8", "int8"] = "uint8"

@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 import tempfile
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -22,11 +22,23 @@ import numpy as np
 import onnx
 
 from edgepack.calibration_data import Feed
-from edgepack.errors import BadInputError
+from edgepack.errors import BadInputError, did_you_mean
 from edgepack.quantization.calibrators import CALIBRATORS, RangeCalibrator, collect_tensor_ranges, make_calibrator
 from edgepack.quantization.recipes import QuantPlan, plan_quantization
 from edgepack.quantization.sensitivity import QuantBudget, fit_budget, raise_unmet
-from edgepack.quantization.smoothquant import apply_smoothquant, collect_channel_absmax
+from edgepack.quantization.smoothquant import (
+    AlphaChoice,
+    apply_smoothquant,
+    collect_channel_absmax,
+    collect_channel_stats,
+    search_alphas,
+)
+
+SMOOTHQUANT_MODES = ("search", "recipe", "off")
+#: Fewest calibration samples per range method. A moving average of one batch is plain MinMax; a histogram method
+#: chooses a tail threshold, which a handful of sentences / images decides by accident (ORT and NNCF default to
+#: hundreds of samples; 16 is a floor, not a recommendation).
+MIN_SAMPLES = {"minmax": 1, "moving-average-minmax": 2, "percentile": 16, "entropy": 16, "mse": 16}
 
 
 @dataclass(frozen=True)
@@ -37,9 +49,16 @@ class QuantizeOptions:
     activation_type: str = "uint8"
     weight_type: str = "int8"
     exclude_nodes: tuple[str, ...] = ()
+    #: SmoothQuant alphas: "search" (per layer, on calibration data), "recipe" (the family's per-role values)
+    #: or "off" (no smoothing; shared activations still get their own float branch)
+    smoothquant: str = "search"
 
     def __post_init__(self) -> None:
         CALIBRATORS.get(self.calibrator)  # unknown name -> BadInputError listing the known ones
+        if self.smoothquant not in SMOOTHQUANT_MODES:
+            raise BadInputError(f"quantize.smoothquant: unknown mode '{self.smoothquant}'"
+                                f"{did_you_mean(self.smoothquant, SMOOTHQUANT_MODES)}; "
+                                f"use one of {', '.join(SMOOTHQUANT_MODES)}")
 
 
 class PerTensorCalibrator(RangeCalibrator):
@@ -92,16 +111,31 @@ def _quant_type(name: str) -> Any:
 
 def prepare_for_calibration(model_path: Path, model: onnx.ModelProto, plan: QuantPlan, *,
                             calibration_feeds: Callable[[], Iterable[Feed]], n_calibration: int,
-                            workdir: Path) -> tuple[Path, onnx.ModelProto]:
-    """Apply the plan's graph rewrite (SmoothQuant Muls / float-branch Identities) before calibrating."""
+                            workdir: Path, smoothquant: str = "search") -> tuple[Path, onnx.ModelProto, list[AlphaChoice]]:
+    """Apply the plan's graph rewrite (SmoothQuant Muls / float-branch Identities) before calibrating.
+
+    `smoothquant`: "recipe" keeps the plan's per-role alphas, "search" picks one per layer on calibration data
+    (`smoothquant.search_alphas`), "off" smooths nothing. Returns the model to calibrate and the search's choices.
+    """
     if not plan.branch_points:
-        return model_path, model
-    smoothed = [p.tensor for p in plan.branch_points if p.alpha is not None]
-    absmax = collect_channel_absmax(model_path, calibration_feeds(), tensors=smoothed, total=n_calibration)
-    rewritten = apply_smoothquant(model, absmax, points=plan.branch_points)
+        return model_path, model, []
+    points = list(plan.branch_points)
+    if smoothquant == "off":
+        points = [replace(p, alpha=None) for p in points]
+    smoothed = [p.tensor for p in points if p.alpha is not None]
+    choices: list[AlphaChoice] = []
+    if smoothquant == "search" and smoothed:
+        stats = collect_channel_stats(model_path, calibration_feeds(), tensors=smoothed, total=n_calibration)
+        choices = search_alphas(model, stats, points=points)
+        chosen = {c.tensor: c.alpha for c in choices}
+        points = [replace(p, alpha=chosen[p.tensor]) if p.tensor in chosen else p for p in points]
+        absmax = {name: s.absmax for name, s in stats.items()}
+    else:
+        absmax = collect_channel_absmax(model_path, calibration_feeds(), tensors=smoothed, total=n_calibration)
+    rewritten = apply_smoothquant(model, absmax, points=points)
     path = workdir / "prepared.onnx"
     onnx.save_model(rewritten, str(path), save_as_external_data=rewritten.ByteSize() >= 2**31)
-    return path, rewritten
+    return path, rewritten, choices
 
 
 @dataclass(frozen=True)
@@ -164,10 +198,12 @@ def quantize_static(model_path: Path, out_path: Path, *, calibration_feeds: Call
     model = onnx.load(str(model_path))
     _check_excluded_exist(model, options.exclude_nodes)
     plan = plan_quantization(model, family=options.family, exclude=options.exclude_nodes)
+    _check_sample_count(n_calibration, {options.calibrator, *plan.range_methods.values()})
     with tempfile.TemporaryDirectory(prefix="edgepack-quantize-", dir=out_path.parent) as tmp:
         workdir = Path(tmp)
-        prepared, prepared_model = prepare_for_calibration(model_path, model, plan, calibration_feeds=calibration_feeds,
-                                                           n_calibration=n_calibration, workdir=workdir)
+        prepared, prepared_model, alphas = prepare_for_calibration(
+            model_path, model, plan, calibration_feeds=calibration_feeds, n_calibration=n_calibration,
+            workdir=workdir, smoothquant=options.smoothquant)
         tensors = tensors_to_calibrate(prepared_model, plan)
         calibrator = PerTensorCalibrator(options.calibrator,
                                          {t: m for t, m in plan.range_methods.items() if t in tensors})
@@ -193,6 +229,9 @@ def quantize_static(model_path: Path, out_path: Path, *, calibration_feeds: Call
         "calibrated_tensors": len(ranges),
         "calibrator_state_bytes": calibrator.state_bytes(),
         "plan": _plan_summary(plan, model),
+        "smoothquant": {"mode": options.smoothquant, "layers": [
+            {"tensor": c.tensor, "role": c.role, "alpha": c.alpha, "error": c.error,
+             "error_unsmoothed": c.error_unsmoothed} for c in alphas]},
         "tensor_ranges": {k: [float(lo), float(hi)] for k, (lo, hi) in ranges.items()},
     })
     return metrics
@@ -207,12 +246,18 @@ def _move_model(src: Path, dst: Path) -> None:
     onnx.save_model(model, str(dst), save_as_external_data=True, location=dst.name + ".data")
 
 
+def _check_sample_count(n_calibration: int, methods: Iterable[str]) -> None:
+    for method in sorted(methods):
+        needed = MIN_SAMPLES.get(method, 1)
+        if n_calibration < needed:
+            raise BadInputError(f"calibrator '{method}' needs at least {needed} calibration samples, got "
+                                f"{n_calibration} (data.n_calibration / --samples); add samples or use minmax")
+
+
 def _check_excluded_exist(model: onnx.ModelProto, exclude: Sequence[str]) -> None:
     names = {n.name for n in model.graph.node}
     for name in exclude:
         if name not in names:
-            from edgepack.errors import did_you_mean
-
             raise BadInputError(f"quantize.exclude_nodes: node '{name}' is not in the model{did_you_mean(name, names)}")
 
 

@@ -20,6 +20,7 @@ instead, only to give the MatMuls their own copy of a shared tensor (onnxruntime
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -128,11 +129,43 @@ def _insert_after_producers(graph: onnx.GraphProto, inserted: dict[str, onnx.Nod
     graph.node.extend(ordered)
 
 
-def collect_channel_absmax(model_path: Path, feeds: Iterable[Feed], *, tensors: Sequence[str],
-                           total: int | None = None) -> dict[str, np.ndarray]:
-    """max|x| per channel (last axis) of each of `tensors`, over all `feeds`; memory O(channels), not O(samples).
+@dataclass
+class ChannelStats:
+    """Streaming statistics of one activation (B, T, C) over calibration data, O(C + max_rows * C) memory."""
 
-    ONNX Runtime runs a copy of the model with `tensors` added as graph outputs (name-only ValueInfo).
+    absmax: np.ndarray   # (C,) max |x| per channel
+    low: np.ndarray      # (C,) min x per channel
+    high: np.ndarray     # (C,) max x per channel
+    rows: np.ndarray     # (R, C) uniform sample without replacement of the token rows seen, R <= max_rows
+    seen: int = 0        # token rows folded so far
+
+    def fold(self, values: np.ndarray, rng: np.random.Generator, max_rows: int) -> None:
+        """Add one activation batch (..., C); the row sample is reservoir sampling (Vitter's algorithm R)."""
+        flat = values.reshape(-1, values.shape[-1]).astype(np.float32, copy=False)  # (B*T, C)
+        np.maximum(self.absmax, np.abs(flat).max(axis=0), out=self.absmax)
+        np.minimum(self.low, flat.min(axis=0), out=self.low)
+        np.maximum(self.high, flat.max(axis=0), out=self.high)
+        free = max(0, min(max_rows - self.rows.shape[0], flat.shape[0]))
+        if free:
+            self.rows = np.concatenate([self.rows, flat[:free]])
+        index = self.seen + np.arange(free, flat.shape[0]) + 1  # (M,) 1-based position of each remaining row
+        slots = (rng.random(index.size) * index).astype(np.int64)  # row i replaces slot j < R with chance R / i
+        for row, slot in zip(free + np.flatnonzero(slots < max_rows), slots[slots < max_rows], strict=True):
+            self.rows[slot] = flat[row]
+        self.seen += flat.shape[0]
+
+    @classmethod
+    def empty(cls, channels: int) -> ChannelStats:
+        return cls(np.zeros(channels, np.float32), np.full(channels, np.inf, np.float32),
+                   np.full(channels, -np.inf, np.float32), np.zeros((0, channels), np.float32))
+
+
+def collect_channel_stats(model_path: Path, feeds: Iterable[Feed], *, tensors: Sequence[str],
+                          total: int | None = None, max_rows: int = 512, seed: int = 0) -> dict[str, ChannelStats]:
+    """Per-channel max|x|, min, max and a seeded uniform sample of `max_rows` token rows of each of `tensors`.
+
+    ONNX Runtime runs a copy of the model with `tensors` added as graph outputs (name-only ValueInfo); memory is
+    O(channels * max_rows) per tensor, not O(samples). The rows feed the per-layer alpha search (`search_alphas`).
     """
     import tempfile
 
@@ -143,14 +176,126 @@ def collect_channel_absmax(model_path: Path, feeds: Iterable[Feed], *, tensors: 
     model = onnx.load(str(model_path))
     existing = {o.name for o in model.graph.output}
     model.graph.output.extend(onnx.ValueInfoProto(name=t) for t in tensors if t not in existing)
-    absmax: dict[str, np.ndarray] = {}
+    stats: dict[str, ChannelStats] = {}
+    rng = np.random.default_rng(seed)
     with tempfile.TemporaryDirectory(prefix="edgepack-smoothquant-") as folder:
         path = Path(folder) / "augmented.onnx"
         large = sum(t.ByteSize() for t in model.graph.initializer) >= 2**31 - 2**24  # protobuf's 2 GiB limit
         onnx.save_model(model, str(path), save_as_external_data=large)
         session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-        for feed in get_reporter().track(feeds, total=total, title="SmoothQuant channel ranges"):
+        for feed in get_reporter().track(feeds, total=total, title="SmoothQuant channel statistics"):
             for name, values in zip(tensors, session.run(list(tensors), feed), strict=True):
-                channel = np.abs(values.reshape(-1, values.shape[-1])).max(axis=0)  # (C,) over (B*T, C)
-                absmax[name] = np.maximum(absmax[name], channel) if name in absmax else channel
-    return absmax
+                if name not in stats:
+                    stats[name] = ChannelStats.empty(values.shape[-1])
+                stats[name].fold(values, rng, max_rows)
+    return stats
+
+
+def collect_channel_absmax(model_path: Path, feeds: Iterable[Feed], *, tensors: Sequence[str],
+                           total: int | None = None) -> dict[str, np.ndarray]:
+    """max|x| per channel (last axis) of each of `tensors`, over all `feeds`; memory O(channels), not O(samples)."""
+    stats = collect_channel_stats(model_path, feeds, tensors=tensors, total=total, max_rows=0)
+    return {name: s.absmax for name, s in stats.items()}
+
+
+# ------------------------------------------------------------------------------------------ per-layer alpha search
+
+#: Candidates of the per-layer search: no smoothing (None), then alpha 0.0, 0.05, ..., 1.0.
+ALPHA_GRID: tuple[float | None, ...] = (None, *(round(0.05 * i, 2) for i in range(21)))
+
+
+@dataclass(frozen=True)
+class AlphaChoice:
+    tensor: str
+    role: str
+    alpha: float | None            # None: no smoothing won (the branch keeps an Identity, no Mul)
+    error: float                   # relative INT8 output error of the chosen candidate (worst of the kernels)
+    error_unsmoothed: float        # the same without smoothing
+    errors: dict[str, tuple[float, float]]  # candidate ("none" or alpha) -> (exact, AVX2 u8s8) relative error
+
+
+def int8_output_error(rows: np.ndarray, low: np.ndarray, high: np.ndarray, weight: np.ndarray,
+                      scale: np.ndarray | None, *, reference: np.ndarray | None = None) -> tuple[float, float]:
+    """Relative error ||X W - Y_int8||^2 / ||X W||^2 of X W in INT8 on sampled rows X (R, C), for W (C, N), with
+    activations X/s and weights s W: (exact integer dot products, AVX2 u8s8 kernel).
+
+    Activations: uint8 asymmetric, one range per tensor, from the exact per-channel min / max of X over all of
+    the calibration data (X/s ranges over [min_c low_c/s_c, max_c high_c/s_c]); weights: int8 symmetric per
+    output channel (absmax / 127.5): the schemes onnxruntime's quantizer writes with this recipe.
+
+    The second figure models x86 CPUs without VNNI (AVX2, AVX-512F): onnxruntime's MLAS multiplies u8 x s8 with
+    VPMADDUBSW, which adds each pair of neighbouring products along C into a saturating int16 (onnxruntime
+    documents this as the reason for its `reduce_range` option). Smoothing moves outliers into the weights, so
+    heavy smoothing (large alpha) makes pairs such as 255 * 127 + 255 * 127 saturate: on MiniLM's q/k/v inputs
+    the exact error keeps falling up to alpha 0.9 while the AVX2 error is lowest near 0.3, which is what the
+    end-to-end cosine on this kind of CPU shows. Only pairs of same-sign weights whose largest sampled inputs
+    reach 32767 can saturate, so the excess is computed for those pairs alone.
+    """
+    s = np.ones(weight.shape[0], np.float32) if scale is None else scale.astype(np.float32)  # (C,)
+    lo = min(0.0, float((low / s).min()))
+    hi = max(0.0, float((high / s).max()))
+    step = (hi - lo) / 255.0 or 1.0
+    zero = float(np.round(-lo / step))  # Python floats keep the arrays float32 (NumPy 2 promotion rules)
+    xq = np.clip(np.round(rows / s / step) + zero, 0, 255)                   # (R, C) raw uint8 values
+    w = weight * s[:, None]                                                  # (C, N)
+    wstep = np.abs(w).max(axis=0) / 127.5                                    # (N,)
+    wstep[wstep == 0] = 1.0
+    wq = np.clip(np.round(w / wstep), -128, 127)                             # (C, N) int8 values
+    reference = rows @ weight if reference is None else reference            # (R, N) float X W
+    norm = max(float(np.sum(reference**2)), 1e-30)
+    exact = ((xq - zero) @ wq) * step * wstep                                # (R, N)
+    error = float(np.sum((exact - reference) ** 2)) / norm
+    pairs = weight.shape[0] // 2
+    wa, wb = wq[0 : 2 * pairs : 2], wq[1 : 2 * pairs : 2]                    # (C/2, N) each
+    top = xq.max(axis=0)                                                     # (C,) largest uint8 per channel
+    ta, tb = top[0 : 2 * pairs : 2, None], top[1 : 2 * pairs : 2, None]      # (C/2, 1) each
+    can_saturate = ((ta * np.maximum(wa, 0) + tb * np.maximum(wb, 0) > 32767)     # inputs are >= 0, so a pair
+                    | (ta * np.minimum(wa, 0) + tb * np.minimum(wb, 0) < -32768))  # overflows only these ways
+    j, n = np.nonzero(can_saturate)                                          # (P,) candidate pairs
+    if j.size == 0:
+        return error, error
+    products = xq[:, 2 * j] * wa[j, n] + xq[:, 2 * j + 1] * wb[j, n]         # (R, P)
+    excess = products - np.clip(products, -32768, 32767)                     # (R, P), 0 where no saturation
+    lost = np.zeros_like(exact)                                              # (R, N)
+    order = np.argsort(n, kind="stable")                                     # group the pairs by column
+    columns, starts = np.unique(n[order], return_index=True)
+    lost[:, columns] = np.add.reduceat(excess[:, order], starts, axis=1)
+    saturated = exact - lost * step * wstep
+    return error, float(np.sum((saturated - reference) ** 2)) / norm
+
+
+def search_alphas(model: onnx.ModelProto, stats: Mapping[str, ChannelStats], *, points: Sequence[BranchPoint],
+                  grid: Sequence[float | None] = ALPHA_GRID) -> list[AlphaChoice]:
+    """For each point with an alpha, the candidate in `grid` with the smallest INT8 output error of its MatMuls.
+
+    SmoothQuant's paper tunes one alpha per model by hand; the best alpha differs per layer (on MiniLM from 0.3 at
+    the q/k/v inputs to 0.85 after GELU), so, as Intel Neural Compressor's auto-alpha does, we choose it per layer
+    on calibration data: the error of X W in simulated INT8 (`int8_output_error`) over sampled rows of X, with
+    the q/k/v (or other sibling) weights concatenated. The score is the worse of the exact and the AVX2 u8s8 (int16
+    saturating) kernels, so one model suits ARM / VNNI CPUs and NPUs as well as older x86 (the exact error alone
+    picks alpha 0.8-0.95 for q/k/v, which saturates on AVX2: end-to-end cosine 0.9966 vs 0.9972). Points without an
+    alpha are not searched.
+    """
+    initializers = {t.name: t for t in model.graph.initializer}
+    nodes = {n.name: n for n in model.graph.node}
+    choices = []
+    for point in points:
+        if point.alpha is None:
+            continue
+        if point.tensor not in stats:
+            raise BadInputError(f"SmoothQuant: no channel statistics for tensor '{point.tensor}'; "
+                                "collect them with collect_channel_stats over the calibration data first")
+        st = stats[point.tensor]
+        weight = np.concatenate([numpy_helper.to_array(initializers[nodes[m].input[1]]) for m in point.matmuls],
+                                axis=1).astype(np.float32)  # (C, sum N_i)
+        weight_absmax = np.abs(weight).max(axis=1)  # (C,)
+        reference = st.rows @ weight                # (R, N)
+        errors: dict[str, tuple[float, float]] = {}
+        for alpha in grid:
+            scale = None if alpha is None else smoothing_scales(st.absmax, weight_absmax, alpha=alpha)
+            errors["none" if alpha is None else str(alpha)] = int8_output_error(
+                st.rows, st.low, st.high, weight, scale, reference=reference)
+        best = min(errors, key=lambda k: max(errors[k]))
+        choices.append(AlphaChoice(point.tensor, point.role, None if best == "none" else float(best),
+                                   max(errors[best]), max(errors["none"]), errors))
+    return choices
