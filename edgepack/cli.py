@@ -90,6 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "per-role values, or off")
     p.add_argument("--field", default="text", help="JSONL/CSV field holding the text (default text)")
     p.add_argument("--max-length", type=int, default=128, help="token truncation length (default 128)")
+    p.add_argument("--range-cache", type=Path, metavar="DIR",
+                   help="keep calibration results in DIR, keyed by model + data hash: a rerun with another budget "
+                        "skips calibration")
     p.add_argument("--max-cosine-drop", type=float, default=0.005,
                    help="accuracy budget: 1 - mean output cosine vs FP32 on 32 calibration samples; the most "
                         "sensitive layers fall back to float until it holds (exit 3 if it cannot); -1 disables")
@@ -225,10 +228,10 @@ def _refuse_foreign_folder(out: Path) -> None:
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
-    from edgepack.artifacts import write_json
+    from edgepack.artifacts import content_hash, sha256_file, write_json
     from edgepack.calibration_data import read_samples, resolve_data_path
     from edgepack.models import get_adapter
-    from edgepack.quantization.quantize import QuantizeOptions, quantize_static
+    from edgepack.quantization.quantize import QuantizeOptions, RangeCache, quantize_static
     from edgepack.quantization.sensitivity import QuantBudget
 
     adapter = get_adapter("onnx-file", str(args.model), tokenizer=args.tokenizer)
@@ -239,6 +242,9 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         raise BadInputError(f"{path}: {len(samples)} samples, but --samples asks for {args.samples}; "
                             "lower --samples or supply more data")
     samples = samples[: args.samples]
+    cache = None if args.range_cache is None else RangeCache(args.range_cache, content_hash({
+        "data": sha256_file(path), "samples": args.samples, "field": args.field, "max_length": args.max_length,
+        "tokenizer": str(args.tokenizer)}))
     budget = None if args.max_cosine_drop < 0 else QuantBudget(max_cosine_drop=args.max_cosine_drop)
     check = None if budget is None else (list(adapter.feeds(samples[:32], max_length=args.max_length)),
                                          adapter.primary_output)
@@ -246,7 +252,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     tmp = args.out.with_name(f".{args.out.name}.tmp-{os.getpid()}")
     try:
         metrics = quantize_static(args.model, tmp, n_calibration=len(samples), options=options, budget=budget,
-                                  check=check,
+                                  check=check, cache=cache,
                                   calibration_feeds=lambda: adapter.feeds(samples, max_length=args.max_length))
         os.replace(tmp, args.out)
     finally:

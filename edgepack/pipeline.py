@@ -20,7 +20,7 @@ from edgepack.errors import BadInputError
 from edgepack.exporters.onnx import ExportOptions, export_onnx
 from edgepack.models import ModelAdapter, default_model_path, get_adapter
 from edgepack.models.torch_module import InputSpec
-from edgepack.quantization.quantize import QuantizeOptions, quantize_static
+from edgepack.quantization.quantize import QuantizeOptions, RangeCache, quantize_static
 from edgepack.quantization.sensitivity import QuantBudget
 from edgepack.recipe import Recipe
 from edgepack.report import evaluate_gates, write_reports
@@ -153,9 +153,12 @@ def stage_quantize(ctx: RunContext, fp32: Path) -> Path:
         get_reporter().info(f"- static INT8: calibrating on {len(ctx.split.calibration)} samples")
         budget = None if q.max_cosine_drop is None else QuantBudget(q.max_cosine_drop, q.max_fallback_layers)
         check = list(ctx.adapter.feeds(ctx.split.calibration[: q.budget_samples], max_length=data.max_length))
+        cache = RangeCache(ctx.out / "cache", content_hash({"data": ctx.data_hash, "max_length": data.max_length,
+                                                            "padding": data.padding,
+                                                            "tokenizer": str(ctx.adapter.source)}))
         metrics = quantize_static(fp32, tmp / "model.onnx", calibration_feeds=calibration_feeds,
                                   n_calibration=len(ctx.split.calibration), options=options, budget=budget,
-                                  check=(check, ctx.adapter.primary_output))
+                                  check=(check, ctx.adapter.primary_output), cache=cache)
         (tmp / "tensor_ranges.json").write_text(json.dumps(metrics.pop("tensor_ranges"), indent=1))
         record.metrics = metrics
     return folder / "model.onnx"

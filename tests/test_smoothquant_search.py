@@ -143,3 +143,53 @@ def test_every_mode_quantizes_the_block_and_records_its_alphas(tmp_path: Path, m
     else:
         assert layers == []
         assert muls == {"recipe": 3, "off": 0}[mode]
+
+
+def test_range_cache_skips_calibration_on_a_rerun_with_another_budget(tmp_path: Path):
+    """Same model + data: the second run reads alphas, max|x| and ranges back and writes the identical model."""
+    from edgepack.quantization.quantize import RangeCache
+    from edgepack.quantization.sensitivity import QuantBudget
+
+    model = _encoder_block(float_input=True, gelu="op")
+    path = tmp_path / "block.onnx"
+    onnx.save(model, str(path))
+    feeds = [_x(seed) for seed in range(16)]
+    reads = []
+
+    def calibration_feeds():
+        reads.append(1)
+        return iter(feeds)
+
+    cache = RangeCache(tmp_path / "cache", data_key="16-seeded-blocks")
+    first = quantize_static(path, tmp_path / "a.onnx", calibration_feeds=calibration_feeds, n_calibration=16,
+                            cache=cache)
+    assert first["range_cache"]["hit"] is False and len(reads) == 2  # statistics pass + range pass
+    second = quantize_static(path, tmp_path / "b.onnx", calibration_feeds=calibration_feeds, n_calibration=16,
+                             cache=cache, budget=QuantBudget(max_cosine_drop=0.5), check=(feeds[:4], "ln2"))
+    assert second["range_cache"] == {**first["range_cache"], "hit": True} and len(reads) == 2
+    assert second["tensor_ranges"] == first["tensor_ranges"]
+    assert second["smoothquant"] == first["smoothquant"]
+    a, b = (onnx.load(str(tmp_path / n)) for n in ("a.onnx", "b.onnx"))
+    assert [n.op_type for n in a.graph.node] == [n.op_type for n in b.graph.node]
+    assert {t.name: t.raw_data for t in a.graph.initializer} == {t.name: t.raw_data for t in b.graph.initializer}
+    other = RangeCache(tmp_path / "cache", data_key="other-data")
+    third = quantize_static(path, tmp_path / "c.onnx", calibration_feeds=calibration_feeds, n_calibration=16,
+                            cache=other)
+    assert third["range_cache"]["hit"] is False and len(reads) == 4
+
+
+def test_a_damaged_range_cache_names_the_file_and_the_fix(tmp_path: Path):
+    from edgepack.quantization.quantize import RangeCache
+
+    model = _encoder_block(float_input=True)
+    path = tmp_path / "block.onnx"
+    onnx.save(model, str(path))
+    feeds = [_x(seed) for seed in range(4)]
+    cache = RangeCache(tmp_path / "cache", data_key="k")
+    quantize_static(path, tmp_path / "a.onnx", calibration_feeds=lambda: iter(feeds), n_calibration=4, cache=cache)
+    (cached,) = (tmp_path / "cache").glob("ranges-*.json")
+    cached.write_text('{"alphas": {}')
+    with pytest.raises(BadInputError, match=rf"{cached}: not a readable edgepack range cache .*delete the file"):
+        quantize_static(path, tmp_path / "b.onnx", calibration_feeds=lambda: iter(feeds), n_calibration=4,
+                        cache=cache)
+    assert not (tmp_path / "b.onnx").exists()

@@ -11,6 +11,7 @@ per-channel weight scales). We supply what it gets wrong on transformers out of 
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from collections.abc import Callable, Iterable, Sequence
@@ -21,13 +22,13 @@ from typing import Any
 import numpy as np
 import onnx
 
+from edgepack.artifacts import content_hash, sha256_file, write_json
 from edgepack.calibration_data import Feed
 from edgepack.errors import BadInputError, did_you_mean
 from edgepack.quantization.calibrators import CALIBRATORS, RangeCalibrator, collect_tensor_ranges, make_calibrator
-from edgepack.quantization.recipes import QuantPlan, plan_quantization
+from edgepack.quantization.recipes import BranchPoint, QuantPlan, plan_quantization
 from edgepack.quantization.sensitivity import QuantBudget, fit_budget, raise_unmet
 from edgepack.quantization.smoothquant import (
-    AlphaChoice,
     apply_smoothquant,
     collect_channel_absmax,
     collect_channel_stats,
@@ -38,6 +39,7 @@ SMOOTHQUANT_MODES = ("search", "recipe", "off")
 #: Fewest calibration samples per range method. A moving average of one batch is plain MinMax; a histogram method
 #: chooses a tail threshold, which a handful of sentences / images decides by accident (ORT and NNCF default to
 #: hundreds of samples; 16 is a floor, not a recommendation).
+_CACHE_VERSION = 1  # bump when the cached payload or what it means changes
 MIN_SAMPLES = {"minmax": 1, "moving-average-minmax": 2, "percentile": 16, "entropy": 16, "mse": 16}
 
 
@@ -109,33 +111,90 @@ def _quant_type(name: str) -> Any:
     return {"uint8": QuantType.QUInt8, "int8": QuantType.QInt8}[name]
 
 
-def prepare_for_calibration(model_path: Path, model: onnx.ModelProto, plan: QuantPlan, *,
-                            calibration_feeds: Callable[[], Iterable[Feed]], n_calibration: int,
-                            workdir: Path, smoothquant: str = "search") -> tuple[Path, onnx.ModelProto, list[AlphaChoice]]:
-    """Apply the plan's graph rewrite (SmoothQuant Muls / float-branch Identities) before calibrating.
+@dataclass
+class Smoothing:
+    """The plan's branch points with their final alphas, and max|x| per channel of the smoothed tensors."""
 
-    `smoothquant`: "recipe" keeps the plan's per-role alphas, "search" picks one per layer on calibration data
-    (`smoothquant.search_alphas`), "off" smooths nothing. Returns the model to calibrate and the search's choices.
-    """
-    if not plan.branch_points:
-        return model_path, model, []
+    points: list[BranchPoint]
+    absmax: dict[str, np.ndarray]
+    choices: list[dict[str, Any]]  # per searched layer: tensor, role, alpha, error, error_unsmoothed
+
+
+def smoothing_statistics(model_path: Path, model: onnx.ModelProto, plan: QuantPlan, *,
+                         calibration_feeds: Callable[[], Iterable[Feed]], n_calibration: int,
+                         smoothquant: str = "search") -> Smoothing:
+    """One pass over the calibration data for SmoothQuant: "recipe" keeps the plan's per-role alphas, "search"
+    picks one per layer (`smoothquant.search_alphas`), "off" smooths nothing."""
     points = list(plan.branch_points)
     if smoothquant == "off":
         points = [replace(p, alpha=None) for p in points]
     smoothed = [p.tensor for p in points if p.alpha is not None]
-    choices: list[AlphaChoice] = []
-    if smoothquant == "search" and smoothed:
-        stats = collect_channel_stats(model_path, calibration_feeds(), tensors=smoothed, total=n_calibration)
-        choices = search_alphas(model, stats, points=points)
-        chosen = {c.tensor: c.alpha for c in choices}
-        points = [replace(p, alpha=chosen[p.tensor]) if p.tensor in chosen else p for p in points]
-        absmax = {name: s.absmax for name, s in stats.items()}
-    else:
+    if not smoothed:
+        return Smoothing(points, {}, [])
+    if smoothquant != "search":
         absmax = collect_channel_absmax(model_path, calibration_feeds(), tensors=smoothed, total=n_calibration)
-    rewritten = apply_smoothquant(model, absmax, points=points)
+        return Smoothing(points, absmax, [])
+    stats = collect_channel_stats(model_path, calibration_feeds(), tensors=smoothed, total=n_calibration)
+    choices = search_alphas(model, stats, points=points)
+    chosen = {c.tensor: c.alpha for c in choices}
+    points = [replace(p, alpha=chosen[p.tensor]) if p.tensor in chosen else p for p in points]
+    return Smoothing(points, {name: st.absmax for name, st in stats.items()}, [
+        {"tensor": c.tensor, "role": c.role, "alpha": c.alpha, "error": c.error, "error_unsmoothed": c.error_unsmoothed}
+        for c in choices])
+
+
+def write_prepared(model_path: Path, model: onnx.ModelProto, smoothing: Smoothing,
+                   workdir: Path) -> tuple[Path, onnx.ModelProto]:
+    """The model to calibrate and quantize: the plan's graph rewrite (SmoothQuant Muls / float-branch Identities)."""
+    if not smoothing.points:
+        return model_path, model
+    rewritten = apply_smoothquant(model, smoothing.absmax, points=smoothing.points)
     path = workdir / "prepared.onnx"
     onnx.save_model(rewritten, str(path), save_as_external_data=rewritten.ByteSize() >= 2**31)
-    return path, rewritten, choices
+    return path, rewritten
+
+
+@dataclass(frozen=True)
+class RangeCache:
+    """Calibration results as JSON in `folder`, keyed by the model's and the data's hashes.
+
+    Calibration (the SmoothQuant statistics pass and the range pass) is most of a static INT8 run; what it yields
+    depends only on the FP32 model, the calibration data (`data_key`: a hash of the samples and how they are
+    tokenized), the range methods and the graph plan. A rerun with another accuracy budget, fallback limit or
+    weight/activation type reads the ranges back instead of running the data again.
+    """
+
+    folder: Path
+    data_key: str
+
+    def path(self, model_path: Path, options: QuantizeOptions, plan: QuantPlan) -> Path:
+        key = content_hash({"model": sha256_file(model_path), "data": self.data_key, "calibrator": options.calibrator,
+                            "smoothquant": options.smoothquant, "methods": plan.range_methods,
+                            "nodes": plan.nodes_to_quantize, "exclude": plan.nodes_to_exclude,
+                            "points": [[p.tensor, list(p.matmuls), p.alpha] for p in plan.branch_points],
+                            "v": _CACHE_VERSION})
+        return self.folder / f"ranges-{key}.json"
+
+    def load(self, path: Path, plan: QuantPlan) -> tuple[Smoothing, dict[str, tuple[float, float]]] | None:
+        if not path.is_file():
+            return None
+        try:
+            payload = json.loads(path.read_text())
+            alphas = payload["alphas"]
+            points = [replace(p, alpha=alphas[p.tensor]) for p in plan.branch_points]
+            smoothing = Smoothing(points, {k: np.asarray(v, np.float32) for k, v in payload["absmax"].items()},
+                                  payload["choices"])
+            return smoothing, {k: (float(lo), float(hi)) for k, (lo, hi) in payload["ranges"].items()}
+        except (ValueError, KeyError, TypeError) as err:
+            raise BadInputError(f"{path}: not a readable edgepack range cache ({type(err).__name__}: {err}); "
+                                "delete the file and edgepack calibrates again") from err
+
+    def save(self, path: Path, smoothing: Smoothing, ranges: dict[str, tuple[float, float]]) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_json(path, {"alphas": {p.tensor: p.alpha for p in smoothing.points},
+                          "absmax": {k: v.tolist() for k, v in smoothing.absmax.items()},
+                          "choices": smoothing.choices,
+                          "ranges": {k: [float(lo), float(hi)] for k, (lo, hi) in ranges.items()}})
 
 
 @dataclass(frozen=True)
@@ -188,12 +247,14 @@ def _fidelity_scorer(fp32_path: Path, feeds: Sequence[Feed], output: str) -> Cal
 
 def quantize_static(model_path: Path, out_path: Path, *, calibration_feeds: Callable[[], Iterable[Feed]],
                     n_calibration: int, options: QuantizeOptions = QuantizeOptions(),
-                    budget: QuantBudget | None = None, check: tuple[Sequence[Feed], str] | None = None) -> dict[str, Any]:
+                    budget: QuantBudget | None = None, check: tuple[Sequence[Feed], str] | None = None,
+                    cache: RangeCache | None = None) -> dict[str, Any]:
     """Quantize `model_path` to QDQ INT8 at `out_path`; return metrics and the plan for the manifest.
 
     With a `budget` and `check` = (feeds, output name), fidelity vs FP32 is measured on those feeds and the most
     sensitive layers fall back to float until the budget holds (`sensitivity.fit_budget`); an unmeetable budget
-    raises GateFailedError (exit 3) naming the best reached and the layers tried.
+    raises GateFailedError (exit 3) naming the best reached and the layers tried. With a `cache`, calibration
+    results are read from / written to it (`RangeCache`).
     """
     model = onnx.load(str(model_path))
     _check_excluded_exist(model, options.exclude_nodes)
@@ -201,14 +262,24 @@ def quantize_static(model_path: Path, out_path: Path, *, calibration_feeds: Call
     _check_sample_count(n_calibration, {options.calibrator, *plan.range_methods.values()})
     with tempfile.TemporaryDirectory(prefix="edgepack-quantize-", dir=out_path.parent) as tmp:
         workdir = Path(tmp)
-        prepared, prepared_model, alphas = prepare_for_calibration(
-            model_path, model, plan, calibration_feeds=calibration_feeds, n_calibration=n_calibration,
-            workdir=workdir, smoothquant=options.smoothquant)
-        tensors = tensors_to_calibrate(prepared_model, plan)
-        calibrator = PerTensorCalibrator(options.calibrator,
-                                         {t: m for t, m in plan.range_methods.items() if t in tensors})
-        ranges = collect_tensor_ranges(prepared, calibration_feeds(), tensors=tensors, calibrator=calibrator,
-                                       total=n_calibration)
+        cache_path = cache.path(model_path, options, plan) if cache is not None else None
+        cached = cache.load(cache_path, plan) if cache is not None and cache_path is not None else None
+        if cached is not None:
+            smoothing, ranges = cached
+            prepared, _ = write_prepared(model_path, model, smoothing, workdir)
+            state_bytes = 0
+        else:
+            smoothing = smoothing_statistics(model_path, model, plan, calibration_feeds=calibration_feeds,
+                                             n_calibration=n_calibration, smoothquant=options.smoothquant)
+            prepared, prepared_model = write_prepared(model_path, model, smoothing, workdir)
+            tensors = tensors_to_calibrate(prepared_model, plan)
+            calibrator = PerTensorCalibrator(options.calibrator,
+                                             {t: m for t, m in plan.range_methods.items() if t in tensors})
+            ranges = collect_tensor_ranges(prepared, calibration_feeds(), tensors=tensors, calibrator=calibrator,
+                                           total=n_calibration)
+            state_bytes = calibrator.state_bytes()
+            if cache is not None and cache_path is not None:
+                cache.save(cache_path, smoothing, ranges)
         build = _QDQWriter(prepared, plan, ranges, options, workdir)
         metrics: dict[str, Any] = {}
         if budget is not None and check is not None:
@@ -227,11 +298,10 @@ def quantize_static(model_path: Path, out_path: Path, *, calibration_feeds: Call
         _move_model(final, out_path)
     metrics.update({
         "calibrated_tensors": len(ranges),
-        "calibrator_state_bytes": calibrator.state_bytes(),
+        "calibrator_state_bytes": state_bytes,
+        "range_cache": None if cache_path is None else {"path": str(cache_path), "hit": cached is not None},
         "plan": _plan_summary(plan, model),
-        "smoothquant": {"mode": options.smoothquant, "layers": [
-            {"tensor": c.tensor, "role": c.role, "alpha": c.alpha, "error": c.error,
-             "error_unsmoothed": c.error_unsmoothed} for c in alphas]},
+        "smoothquant": {"mode": options.smoothquant, "layers": smoothing.choices},
         "tensor_ranges": {k: [float(lo), float(hi)] for k, (lo, hi) in ranges.items()},
     })
     return metrics
