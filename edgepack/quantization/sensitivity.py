@@ -13,6 +13,11 @@ Sensitivity of a layer = how much the output cosine recovers when that layer alo
 most sensitive first, until the budget holds or `max_fallback_layers` is reached, so the model stays as small
 as the budget allows.
 
+Fallback is to FP32, not weight-only INT8: onnxruntime (1.32) rewrites a weight DequantizeLinear -> MatMul into
+MatMulNBits at session creation, and 8-bit MatMulNBits (block 32, or ORT's MatMulNBitsQuantizer with accuracy
+level 4, i.e. dynamic INT8 activations) ran all-MiniLM-L6-v2 in 33-36 ms against 23 ms for FP32 on an AVX2 CPU
+(cosine 0.9998 / 0.9996): a smaller file for a slower layer. A layer that must leave INT8 goes to float.
+
 >>> scores = {frozenset(): 0.990, frozenset({"a"}): 0.996, frozenset({"b"}): 0.991}
 >>> result = fit_budget(["a", "b"], build=lambda ex: ex, score=lambda p: {"cosine_mean": scores[p]},
 ...                     budget=QuantBudget(max_cosine_drop=0.005))
