@@ -93,6 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--range-cache", type=Path, metavar="DIR",
                    help="keep calibration results in DIR, keyed by model + data hash: a rerun with another budget "
                         "skips calibration")
+    p.add_argument("--sensitivity", type=int, default=0, metavar="N",
+                   help="rank every quantized layer by leave-one-out sensitivity and print the top N")
     p.add_argument("--max-cosine-drop", type=float, default=0.005,
                    help="accuracy budget: 1 - mean output cosine vs FP32 on 32 calibration samples; the most "
                         "sensitive layers fall back to float until it holds (exit 3 if it cannot); -1 disables")
@@ -246,21 +248,28 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         "data": sha256_file(path), "samples": args.samples, "field": args.field, "max_length": args.max_length,
         "tokenizer": str(args.tokenizer)}))
     budget = None if args.max_cosine_drop < 0 else QuantBudget(max_cosine_drop=args.max_cosine_drop)
-    check = None if budget is None else (list(adapter.feeds(samples[:32], max_length=args.max_length)),
-                                         adapter.primary_output)
+    if args.sensitivity < 0:
+        raise BadInputError(f"--sensitivity {args.sensitivity}: give the number of layers to list (0 = none)")
+    check = None if budget is None and not args.sensitivity else (
+        list(adapter.feeds(samples[:32], max_length=args.max_length)), adapter.primary_output)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     tmp = args.out.with_name(f".{args.out.name}.tmp-{os.getpid()}")
     try:
         metrics = quantize_static(args.model, tmp, n_calibration=len(samples), options=options, budget=budget,
-                                  check=check, cache=cache,
+                                  check=check, cache=cache, sensitivity_top=args.sensitivity,
                                   calibration_feeds=lambda: adapter.feeds(samples, max_length=args.max_length))
         os.replace(tmp, args.out)
     finally:
         tmp.unlink(missing_ok=True)
     write_json(args.out.with_suffix(".ranges.json"), metrics["tensor_ranges"])
     print(f"wrote {args.out} ({args.out.stat().st_size / 1e6:.1f} MB, {metrics['calibrated_tensors']} tensors calibrated)")
+    if (metrics.get("range_cache") or {}).get("hit"):
+        print(f"calibration reused from {metrics['range_cache']['path']} (same model and data)")
     fallback = metrics.get("budget", {}).get("fallback_nodes") or []
-    if check is not None:
+    for rank, layer in enumerate(metrics.get("budget", {}).get("sensitivity_top", [])[: args.sensitivity], 1):
+        print(f"sensitivity #{rank}: {layer['node']} (cosine {layer['cosine_mean']:.4f} with it in float, "
+              f"+{layer['gain']:.4f})")
+    if budget is not None:
         print(f"accuracy budget met on {len(check[0])} calibration samples "
               f"(cosine {metrics['budget']['check_fidelity']['cosine_mean']:.4f}; {len(fallback)} layer(s) in float)")
     tokenizer = f" --tokenizer {args.tokenizer}" if args.tokenizer else ""

@@ -158,7 +158,8 @@ def stage_quantize(ctx: RunContext, fp32: Path) -> Path:
                                                             "tokenizer": str(ctx.adapter.source)}))
         metrics = quantize_static(fp32, tmp / "model.onnx", calibration_feeds=calibration_feeds,
                                   n_calibration=len(ctx.split.calibration), options=options, budget=budget,
-                                  check=(check, ctx.adapter.primary_output), cache=cache)
+                                  check=(check, ctx.adapter.primary_output), cache=cache,
+                                  sensitivity_top=q.sensitivity_top)
         (tmp / "tensor_ranges.json").write_text(json.dumps(metrics.pop("tensor_ranges"), indent=1))
         record.metrics = metrics
     return folder / "model.onnx"
@@ -183,6 +184,21 @@ def stage_bundle(ctx: RunContext, final: Path, *, validated: dict[str, Any]) -> 
     with get_reporter().step("bundle: .ort, operator config, C array, golden vectors"):
         make_bundle(final, folder, feeds=feeds[: cfg.samples], options=options, validated=validated)
     return folder
+
+
+def quantization_summary(folder: Path) -> dict[str, Any]:
+    """What the report says about the INT8 stage: plan, SmoothQuant alphas, budget, fallback, sensitive layers."""
+    metrics = (read_manifest(folder) or {}).get("metrics", {})
+    budget = metrics.get("budget") or {}
+    return {
+        "stage": folder.name,
+        "plan_notes": metrics.get("plan", {}).get("notes", []),
+        "smoothquant": metrics.get("smoothquant", {}),
+        "budget": {k: budget.get(k) for k in ("max_cosine_drop", "met", "check_samples", "check_fidelity",
+                                              "fallback_nodes")} if budget else None,
+        "sensitivity_top": budget.get("sensitivity_top", []),
+        "range_cache_hit": (metrics.get("range_cache") or {}).get("hit"),
+    }
 
 
 def run_recipe(recipe: Recipe, out: Path) -> dict[str, Any]:
@@ -215,6 +231,8 @@ def run_recipe(recipe: Recipe, out: Path) -> dict[str, Any]:
         "primary_output": adapter.primary_output,
         **results,
     }
+    if "int8" in variants:
+        report["quantization"] = quantization_summary(variants["int8"].parent)
     final = list(variants)[-1]
     if recipe.bundle.enabled:
         validated = {ep: {"status": e["status"], "how": e["how"]}

@@ -69,6 +69,9 @@ class QuantizeSection(_Section):
     max_cosine_drop: float | None = Field(0.005, ge=0, le=2)
     max_fallback_layers: int = Field(12, ge=0)
     budget_samples: int = Field(32, ge=1)
+    #: rank every quantized layer by leave-one-out sensitivity and report the top N even when no fallback is
+    #: needed (0: only when the budget needs fallback; costs one quantize + score per layer)
+    sensitivity_top: int = Field(0, ge=0)
 
 
 class ValidateSection(_Section):

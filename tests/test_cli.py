@@ -76,6 +76,21 @@ def tiny_onnx(tiny_bert_dir, tmp_path_factory) -> Path:
     return out / "model.onnx"
 
 
+def test_quantize_ranks_sensitive_layers_and_reuses_its_calibration(capsys, tmp_path, tiny_onnx, tiny_bert_dir,
+                                                                     small_sentences):
+    common = ["--calibration", small_sentences, "--tokenizer", tiny_bert_dir, "--samples", "16",
+              "--range-cache", tmp_path / "cache"]
+    code, out, _ = run_cli(capsys, "quantize", tiny_onnx, *common, "--out", tmp_path / "q.onnx", "--sensitivity", "3",
+                           "--max-cosine-drop", "0.5")
+    assert code == 0 and (tmp_path / "q.onnx").is_file() and (tmp_path / "q.ranges.json").is_file()
+    ranked = [line for line in out.splitlines() if line.startswith("sensitivity #")]
+    assert len(ranked) == 3 and "with it in float" in ranked[0]
+    assert "accuracy budget met on 16 calibration samples" in out and "calibration reused" not in out
+    code, out, _ = run_cli(capsys, "quantize", tiny_onnx, *common, "--out", tmp_path / "q2.onnx",
+                           "--max-cosine-drop", "0.2")
+    assert code == 0 and "calibration reused from" in out and str(tmp_path / "cache") in out
+
+
 def test_calibration_file_missing(capsys, tmp_path, tiny_onnx, tiny_bert_dir):
     code, _, err = run_cli(capsys, "quantize", tiny_onnx, "--calibration", tmp_path / "none.txt",
                            "--tokenizer", tiny_bert_dir, "--out", tmp_path / "q.onnx")

@@ -62,6 +62,19 @@ def test_report_md_shows_both_variants(tiny_run):
     assert "**PASSED**" in text and "min_cosine" in text
 
 
+def test_report_says_how_the_int8_model_was_made(tiny_run):
+    out, report = tiny_run
+    q = report["quantization"]
+    assert q["stage"] == Path(report["variants"]["int8"]["path"]).parent.name
+    layers = q["smoothquant"]["layers"]
+    assert q["smoothquant"]["mode"] == "search" and {x["role"] for x in layers} == {"qkv", "ffn_in", "ffn_out"}
+    assert all(x["error"] <= x["error_unsmoothed"] for x in layers)
+    assert q["budget"]["max_cosine_drop"] == 0.005 and q["budget"]["met"] is True
+    text = (out / "report.md").read_text()
+    assert "## INT8 quantization" in text and "| smoothed activation | role | alpha |" in text
+    assert f"- SmoothQuant: search, {len(layers)} layers searched" in text
+
+
 def test_manifests_record_config_inputs_and_checks(tiny_run):
     out, _ = tiny_run
     export = json.loads(next(out.glob("export-*/manifest.json")).read_text())

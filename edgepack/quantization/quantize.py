@@ -248,13 +248,14 @@ def _fidelity_scorer(fp32_path: Path, feeds: Sequence[Feed], output: str) -> Cal
 def quantize_static(model_path: Path, out_path: Path, *, calibration_feeds: Callable[[], Iterable[Feed]],
                     n_calibration: int, options: QuantizeOptions = QuantizeOptions(),
                     budget: QuantBudget | None = None, check: tuple[Sequence[Feed], str] | None = None,
-                    cache: RangeCache | None = None) -> dict[str, Any]:
+                    cache: RangeCache | None = None, sensitivity_top: int = 0) -> dict[str, Any]:
     """Quantize `model_path` to QDQ INT8 at `out_path`; return metrics and the plan for the manifest.
 
     With a `budget` and `check` = (feeds, output name), fidelity vs FP32 is measured on those feeds and the most
     sensitive layers fall back to float until the budget holds (`sensitivity.fit_budget`); an unmeetable budget
-    raises GateFailedError (exit 3) naming the best reached and the layers tried. With a `cache`, calibration
-    results are read from / written to it (`RangeCache`).
+    raises GateFailedError (exit 3) naming the best reached and the layers tried. `sensitivity_top` > 0 ranks every
+    layer by leave-one-out sensitivity on `check` even when no fallback is needed (metrics["budget"]
+    ["sensitivity_top"]). With a `cache`, calibration results are read from / written to it (`RangeCache`).
     """
     model = onnx.load(str(model_path))
     _check_excluded_exist(model, options.exclude_nodes)
@@ -282,14 +283,15 @@ def quantize_static(model_path: Path, out_path: Path, *, calibration_feeds: Call
                 cache.save(cache_path, smoothing, ranges)
         build = _QDQWriter(prepared, plan, ranges, options, workdir)
         metrics: dict[str, Any] = {}
-        if budget is not None and check is not None:
+        if (budget is not None or sensitivity_top) and check is not None:
+            budget = budget if budget is not None else QuantBudget(max_cosine_drop=None)
             score = _fidelity_scorer(model_path, check[0], check[1])
             candidates = list(plan.nodes_to_quantize or [])
-            result = fit_budget(candidates, build=build, score=score, budget=budget)
+            result = fit_budget(candidates, build=build, score=score, budget=budget, rank_always=sensitivity_top > 0)
             metrics["budget"] = {"max_cosine_drop": budget.max_cosine_drop, "met": result.met,
                                  "check_samples": len(check[0]), "fallback_nodes": list(result.excluded),
                                  "check_fidelity": result.scores, "history": result.history,
-                                 "sensitivity_top": [vars(s) for s in result.sensitivity[:10]]}
+                                 "sensitivity_top": [vars(s) for s in result.sensitivity[:max(sensitivity_top, 10)]]}
             if not result.met:
                 raise_unmet(result, budget)
             final = result.artifact

@@ -76,13 +76,20 @@ def measure_sensitivity(candidates: Sequence[str], *, build: Build, score: Score
     return sorted(out, key=lambda s: s.gain, reverse=True)
 
 
-def fit_budget(candidates: Sequence[str], *, build: Build, score: Score, budget: QuantBudget) -> FallbackResult:
-    """Quantize everything; if the budget fails, fall back the most sensitive layers one at a time."""
+def fit_budget(candidates: Sequence[str], *, build: Build, score: Score, budget: QuantBudget,
+               rank_always: bool = False) -> FallbackResult:
+    """Quantize everything; if the budget fails, fall back the most sensitive layers one at a time.
+
+    `rank_always`: measure the per-layer sensitivity even when the fully quantized model meets the budget (for the
+    report; one build and score per candidate).
+    """
     artifact = build(frozenset())
     scores = score(artifact)
     history = [{"excluded": [], **scores}]
     if budget.met(scores) or not candidates:
-        return FallbackResult((), scores, budget.met(scores), history=history, artifact=artifact)
+        ranking = (measure_sensitivity(candidates, build=build, score=score, baseline=scores["cosine_mean"])
+                   if rank_always and candidates else [])
+        return FallbackResult((), scores, budget.met(scores), ranking, history, artifact)
     ranking = measure_sensitivity(candidates, build=build, score=score, baseline=scores["cosine_mean"])
     excluded: list[str] = []
     for layer in ranking[: budget.max_fallback_layers]:

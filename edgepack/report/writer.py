@@ -78,6 +78,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         lines += [f"| {g['name']} | {g['variant']} | {g['threshold']} | {_fmt(g['value'], '.4f')} | "
                   f"{'yes' if g['passed'] else '**no**'} |" for g in report["gates"]]
         lines.append("")
+    lines += _quantization_lines(report.get("quantization"))
     lines += ["## Artifacts", ""]
     lines += [f"- {name}: `{variant['path']}` (sha256 `{variant['sha256'][:16]}…`)"
               for name, variant in report["variants"].items()]
@@ -87,6 +88,41 @@ def render_markdown(report: dict[str, Any]) -> str:
                      f"`edgepack verify {report['bundle']['path']}`")
     lines += ["", "Memory: " + _memory_method(report), ""]
     return "\n".join(lines)
+
+
+def _short(tensor: str) -> str:
+    """'/encoder/encoder/layer.3/output/LayerNorm/LayerNormalization_output_0' -> 'layer.3/output/LayerNorm'."""
+    parts = [p for p in tensor.split("/") if p and p not in ("encoder", "embeddings")]
+    return "/".join(parts[:-1] if len(parts) > 1 else parts) or tensor
+
+
+def _quantization_lines(q: dict[str, Any] | None) -> list[str]:
+    if not q:
+        return []
+    lines = ["## INT8 quantization", ""]
+    budget = q.get("budget")
+    if budget:
+        fallback = budget.get("fallback_nodes") or []
+        drop = budget.get("max_cosine_drop")
+        cosine = (budget.get("check_fidelity") or {}).get("cosine_mean")
+        lines.append(f"- accuracy budget: max cosine drop {drop if drop is not None else 'none'} on "
+                     f"{budget.get('check_samples')} calibration samples: cosine {_fmt(cosine, '.4f')}, "
+                     f"{'met' if budget.get('met') else 'NOT met'}, {len(fallback)} layer(s) in float"
+                     + (f" ({', '.join(fallback)})" if fallback else ""))
+    sq = q.get("smoothquant") or {}
+    layers = sq.get("layers") or []
+    lines.append(f"- SmoothQuant: {sq.get('mode', '–')}" + (f", {len(layers)} layers searched" if layers else ""))
+    if layers:
+        lines += ["", "| smoothed activation | role | alpha | INT8 output error (relative) | unsmoothed |",
+                  "|---|---|---|---|---|"]
+        lines += [f"| {_short(x['tensor'])} | {x['role']} | {'none' if x['alpha'] is None else x['alpha']} | "
+                  f"{x['error']:.2e} | {x['error_unsmoothed']:.2e} |" for x in layers]
+    top = q.get("sensitivity_top") or []
+    if top:
+        lines += ["", "Most sensitive layers (cosine with that layer alone in float; gain over all-INT8):", "",
+                  "| layer | cosine | gain |", "|---|---|---|"]
+        lines += [f"| {s['node']} | {s['cosine_mean']:.4f} | {s['gain']:+.4f} |" for s in top]
+    return [*lines, ""]
 
 
 HOW_NOTES = {
