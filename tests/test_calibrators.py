@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -206,6 +208,37 @@ def test_non_finite_values_name_tensor_and_sample(name: str, bad: float) -> None
         calibrator.update("encoder.out", values, sample=7)
 
 
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_non_finite_values_are_found_anywhere_in_any_float_dtype(bad: float, dtype: type) -> None:
+    """The check reads only min and max (NaN propagates into both, +-Inf is one of them): a lone bad value in the
+    middle of a tensor is still caught, whatever the float width."""
+    values = np.linspace(-1.0, 1.0, 1001).astype(dtype)
+    values[500] = bad
+    with pytest.raises(BadInputError, match=r"tensor 'x' holds NaN or Inf at calibration sample 3"):
+        make_calibrator("percentile").update("x", values, sample=3)
+
+
+def test_float32_activations_bin_exactly_as_their_float64_values() -> None:
+    """float32 activations are no longer copied to float64, but the bin index is still computed in float64: the same
+    values as float32 or float64 give the same histogram (bin edges, values at top and the moves of the doubling
+    included), equal to np.histogram of all of them on the final range, and the same ranges."""
+    edges = np.arange(-2048, 2049, dtype=np.float32) / 512  # every bin edge of [0, 4] in 2048 bins, both signs
+    rng = np.random.default_rng(8)
+    batches = [edges, (rng.normal(size=5000) * 0.5).astype(np.float32), np.array([6.0, -8.0], dtype=np.float32),
+               edges * 2, np.array([9.0], dtype=np.float32)]  # top: 4 (2 values at it), 8 (3 at it), 16
+    for name in HISTOGRAM:
+        single = stream(name, batches)
+        double = stream(name, [batch.astype(np.float64) for batch in batches])
+        counts, top = single.histogram("t")
+        double_counts, double_top = double.histogram("t")
+        assert top == double_top == 16.0
+        np.testing.assert_array_equal(counts, double_counts)
+        magnitudes = np.abs(np.concatenate(batches).astype(np.float64))
+        np.testing.assert_array_equal(counts, np.histogram(magnitudes, bins=NUM_BINS, range=(0.0, top))[0])
+        assert single.ranges() == double.ranges(), name
+
+
 def test_options_are_checked() -> None:
     with pytest.raises(BadInputError, match=r"unknown option 'percentil'.*did you mean 'percentile'"):
         make_calibrator("percentile", percentil=99.9)
@@ -219,6 +252,8 @@ def test_options_are_checked() -> None:
         make_calibrator("moving-average-minmax", momentum=1.0)
     with pytest.raises(BadInputError, match=r"unknown calibrator 'entropi'.*did you mean 'entropy'"):
         make_calibrator("entropi")
+    with pytest.raises(BadInputError, match=r"num_bins must be at most 2\*\*30"):
+        make_calibrator("mse", num_bins=2**31)
     assert make_calibrator("mse", num_bits=4).options.num_bits == 4
 
 
@@ -232,6 +267,93 @@ def test_heavy_tailed_data_is_clipped_strictly_inside_minmax() -> None:
         assert data_low < low < 0.0 < high < data_high, name
     low, high = stream("entropy", batches).ranges()["t"]
     assert high < 0.2 * data_high  # KL clips hard: the tail holds almost no mass
+
+
+# ------------------------------------------------------------------------ entropy: vectorised vs the former loop
+
+
+def reference_divergence(counts: np.ndarray, index: int, num_quantized_bins: int) -> float:
+    """KL(p || q) of candidate `index`, bin by bin: entropy_threshold's per-candidate step before it was vectorised
+    (the reference the prefix-sum version must reproduce: same levels, eps smoothing and renormalisation)."""
+    weights = counts.astype(np.float64)
+    kept = weights[:index]
+    reference = kept.copy()
+    reference[-1] += weights[index:].sum()
+    nonzero = reference != 0  # (i,)
+    level = np.arange(index) * num_quantized_bins // index  # (i,)
+    level_counts = np.bincount(level, weights=kept, minlength=num_quantized_bins)
+    level_nonzero = np.bincount(level, weights=nonzero, minlength=num_quantized_bins)
+    candidate = np.where(nonzero, level_counts[level] / np.maximum(level_nonzero[level], 1.0), 0.0)
+    if candidate.sum() <= 0.0:
+        return np.inf
+    p = np.where(reference == 0, calibrators._KL_EPS, reference)
+    q = np.where(candidate == 0, calibrators._KL_EPS, candidate)
+    p, q = p / p.sum(), q / q.sum()
+    return float(np.sum(p * np.log(p / q)))
+
+
+def reference_entropy_index(counts: np.ndarray, num_quantized_bins: int) -> int:
+    """The former loop over candidates: the first index with the smallest KL (strict <: the smallest index wins
+    ties), 0 for an empty histogram."""
+    if not counts.any():
+        return 0
+    last = int(np.flatnonzero(counts)[-1]) + 1
+    best_index, best_divergence = num_quantized_bins, np.inf
+    for index in range(num_quantized_bins, max(last, num_quantized_bins) + 1):
+        divergence = reference_divergence(counts, index, num_quantized_bins)
+        if divergence < best_divergence:
+            best_index, best_divergence = index, divergence
+    return best_index
+
+
+def one_shot(values: np.ndarray, num_bins: int, overshoot: float = 1.0) -> np.ndarray:
+    """Counts of |values| in `num_bins` bins over [0, overshoot * max|x|] (overshoot > 1: empty bins on top)."""
+    magnitudes = np.abs(values)
+    return np.histogram(magnitudes, bins=num_bins, range=(0.0, overshoot * magnitudes.max()))[0]
+
+
+def spike(num_bins: int, at: int, count: int = 37) -> np.ndarray:
+    counts = np.zeros(num_bins, dtype=np.int64)
+    counts[at] = count
+    return counts
+
+
+ENTROPY_CASES: dict[str, Callable[[np.random.Generator], np.ndarray]] = {  # name -> counts from a seeded rng
+    # 2048 bins (the default) for the realistic shapes; 512 elsewhere keeps the reference loop quick.
+    "gaussian-2048": lambda rng: one_shot(rng.normal(size=200_000), 2048),
+    "student-t2-2048": lambda rng: one_shot(rng.standard_t(2, size=200_000), 2048, overshoot=1.6),
+    "streamed-2048": lambda rng: stream("entropy", growing_batches(seed=5)).histogram("t")[0],
+    "laplace-overshoot": lambda rng: one_shot(rng.laplace(size=50_000), 512, overshoot=1.9),
+    "few-values": lambda rng: one_shot(rng.exponential(size=40), 512),  # mostly empty bins
+    "sparse": lambda rng: (rng.integers(1, 4, size=512) * (rng.random(512) < 0.03)).astype(np.int64),
+    "two-spikes": lambda rng: spike(512, 40, 1000) + spike(512, 400, 1),
+    "spike-below-levels": lambda rng: spike(512, 5),  # the only non-empty bin lies below num_quantized_bins
+    "spike-middle": lambda rng: spike(512, 300),
+    "spike-last": lambda rng: spike(512, 511),
+    "empty": lambda rng: np.zeros(512, dtype=np.int64),
+}
+
+
+@pytest.mark.parametrize("num_quantized_bins", [2, 128, 256])
+@pytest.mark.parametrize("case", sorted(ENTROPY_CASES))
+def test_vectorised_entropy_search_equals_the_per_candidate_loop(case: str, num_quantized_bins: int) -> None:
+    """The threshold is the former loop's. The KL now comes from prefix sums, other float sums in another order
+    (agreeing to ~1e-14): should two candidates tie that closely, the chosen ones may differ (none does here), and
+    then their KLs, bin by bin, must agree to 1e-12 relative. With top = num_bins the threshold is the index itself."""
+    counts = ENTROPY_CASES[case](np.random.default_rng(11))
+    index = entropy_threshold(counts, float(counts.size), num_quantized_bins)
+    expected = reference_entropy_index(counts, num_quantized_bins)
+    if index != expected:
+        chosen = reference_divergence(counts, int(index), num_quantized_bins)
+        best = reference_divergence(counts, expected, num_quantized_bins)
+        assert math.isclose(chosen, best, rel_tol=1e-12), (index, expected, chosen, best)
+
+
+def test_compensated_cumsum_keeps_what_a_running_sum_rounds_away() -> None:
+    values = np.array([1e16, 1.0, -1e16, 1.0, 0.5])
+    exact = [math.fsum(values[: k + 1]) for k in range(values.size)]  # correctly rounded prefixes
+    assert np.cumsum(values)[2:].tolist() == [0.0, 1.0, 1.5]  # the first 1.0 is lost
+    assert calibrators._compensated_cumsum(values).tolist() == exact
 
 
 # ------------------------------------------------------------------------------------ collect_tensor_ranges
