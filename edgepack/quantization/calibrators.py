@@ -73,13 +73,13 @@ class RangeCalibrator(ABC):
 
     def update(self, tensor: str, values: np.ndarray, *, sample: int) -> None:
         """Fold one activation batch of `tensor` (any shape, any real dtype) observed on calibration `sample`."""
-        data = _checked_values(tensor, values, sample)
+        data, low, high = _checked_values(tensor, values, sample)
         if data.size:  # an empty batch says nothing about the range
-            self._update(tensor, data)
+            self._update(tensor, data, low, high)
 
     @abstractmethod
-    def _update(self, tensor: str, data: np.ndarray) -> None:
-        """`data`: (N,) float32 or float64, finite, N >= 1."""
+    def _update(self, tensor: str, data: np.ndarray, low: float, high: float) -> None:
+        """`data`: (N,) float32 or float64, finite, N >= 1; `low`, `high`: its min and max (computed once)."""
 
     @abstractmethod
     def ranges(self) -> dict[str, tuple[float, float]]:
@@ -106,24 +106,28 @@ def make_calibrator(name: str, **options: object) -> RangeCalibrator:
     return cls(cls.Options(**options))
 
 
-def _checked_values(tensor: str, values: np.ndarray, sample: int) -> np.ndarray:
-    """Flatten to (N,) float32 or float64 and refuse NaN / Inf, naming the tensor and the sample.
+def _checked_values(tensor: str, values: np.ndarray, sample: int) -> tuple[np.ndarray, float, float]:
+    """Flatten to (N,) float32 or float64 and refuse NaN / Inf, naming the tensor and the sample; with min and max.
 
     float32 stays float32: copying every activation to float64 was a large share of the per-sample cost, and
     min, max and the bin index (computed in float64 from the float32 values) are the same either way. Other dtypes
     (integers, float16) become float64, which holds them exactly. The finiteness check reads min and max, which
-    NaN propagates into and +-Inf is one of, instead of building an (N,) boolean array.
+    NaN propagates into and +-Inf is one of, instead of building an (N,) boolean array; the calibrators reuse
+    them (one pass each over the data per sample and tensor, not two).
     """
     data = np.asarray(values)
     if data.dtype != np.float32 and data.dtype != np.float64:
         data = data.astype(np.float64)
     data = data.reshape(-1)
-    if data.size and not (math.isfinite(data.min()) and math.isfinite(data.max())):
+    if not data.size:
+        return data, math.inf, -math.inf
+    low, high = float(data.min()), float(data.max())
+    if not (math.isfinite(low) and math.isfinite(high)):
         raise BadInputError(
             f"tensor '{tensor}' holds NaN or Inf at calibration sample {sample}; check the input data, "
             "and calibrate the model in FP32 (FP16 activations can overflow to Inf)"
         )
-    return data
+    return data, low, high
 
 
 # ----------------------------------------------------------------------------------------------- option checks
@@ -218,8 +222,7 @@ class MinMaxCalibrator(RangeCalibrator):
         super().__init__(options)
         self._ranges: dict[str, tuple[float, float]] = {}
 
-    def _update(self, tensor: str, data: np.ndarray) -> None:
-        low, high = float(data.min()), float(data.max())
+    def _update(self, tensor: str, data: np.ndarray, low: float, high: float) -> None:
         if tensor in self._ranges:
             old_low, old_high = self._ranges[tensor]
             low, high = min(low, old_low), max(high, old_high)
@@ -244,8 +247,7 @@ class MovingAverageMinMaxCalibrator(RangeCalibrator):
         super().__init__(options)
         self._ranges: dict[str, tuple[float, float]] = {}
 
-    def _update(self, tensor: str, data: np.ndarray) -> None:
-        low, high = float(data.min()), float(data.max())
+    def _update(self, tensor: str, data: np.ndarray, low: float, high: float) -> None:
         if tensor in self._ranges:
             momentum = self.options.momentum
             old_low, old_high = self._ranges[tensor]
@@ -278,9 +280,8 @@ class AbsHistogram:
         # bin num_bins // 2, not to the merged last bin, and this count lets the merge move them there.
         self.at_top = 0
 
-    def add(self, data: np.ndarray) -> None:
-        """`data`: (N,) float32 or float64, finite, N >= 1."""
-        low, high = float(data.min()), float(data.max())
+    def add(self, data: np.ndarray, low: float, high: float) -> None:
+        """`data`: (N,) float32 or float64, finite, N >= 1, with its min `low` and max `high`."""
         self.low = min(self.low, low)
         self.high = max(self.high, high)
         largest = max(-low, high)  # max |x|, without an (N,) array of magnitudes
@@ -331,10 +332,10 @@ class _HistogramCalibrator(RangeCalibrator):
         super().__init__(options)
         self._histograms: dict[str, AbsHistogram] = {}
 
-    def _update(self, tensor: str, data: np.ndarray) -> None:
+    def _update(self, tensor: str, data: np.ndarray, low: float, high: float) -> None:
         if tensor not in self._histograms:
             self._histograms[tensor] = AbsHistogram(self.options.num_bins)
-        self._histograms[tensor].add(data)
+        self._histograms[tensor].add(data, low, high)
 
     @abstractmethod
     def _threshold(self, counts: np.ndarray, top: float, *, signed: bool) -> float: ...

@@ -73,8 +73,8 @@ class PerTensorCalibrator(RangeCalibrator):
         self._default = default
         self._methods = methods
 
-    def _update(self, tensor: str, data: np.ndarray) -> None:  # data already checked finite by `update`
-        self._by_method[self._methods.get(tensor, self._default)]._update(tensor, data)
+    def _update(self, tensor: str, data: np.ndarray, low: float, high: float) -> None:  # checked by `update`
+        self._by_method[self._methods.get(tensor, self._default)]._update(tensor, data, low, high)
 
     def ranges(self) -> dict[str, tuple[float, float]]:
         out: dict[str, tuple[float, float]] = {}
