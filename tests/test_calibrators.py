@@ -426,3 +426,28 @@ def test_collect_tensor_ranges_rejects_unknown_tensor_and_bad_feed(tmp_path: Pat
     with pytest.raises(BadInputError, match=r"calibration sample 0 .*missing: \['x'\].*unknown: \['input'\]"):
         collect_tensor_ranges(model_path, [{"input": np.zeros((1, 4), np.float32)}], tensors=["h"],
                               calibrator=make_calibrator("minmax"))
+
+
+def _log_model(path: Path) -> Path:
+    """x (1, 4) -> Log -> y: a zero in x gives -Inf in y."""
+    graph = helper.make_graph([helper.make_node("Log", ["x"], ["y"], name="log")], "log",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    return path
+
+
+def test_threaded_folding_equals_serial_updates_and_reports_the_bad_sample(tmp_path):
+    model = _log_model(tmp_path / "log.onnx")
+    rng = np.random.default_rng(5)
+    feeds = [{"x": rng.uniform(0.1, 10.0, size=(1, 4)).astype(np.float32)} for _ in range(9)]
+    got = collect_tensor_ranges(model, iter(feeds), tensors=["x", "y"], calibrator=make_calibrator("entropy"))
+    serial = make_calibrator("entropy")
+    for sample, feed in enumerate(feeds):
+        serial.update("x", feed["x"], sample=sample)
+        serial.update("y", np.log(feed["x"]), sample=sample)
+    assert got["x"] == serial.ranges()["x"]
+    assert got["y"] == pytest.approx(serial.ranges()["y"], rel=1e-6)  # ORT's Log vs NumPy's: last-bit differences
+    feeds[2]["x"][0, 1] = 0.0
+    with pytest.raises(BadInputError, match=r"tensor 'y' holds NaN or Inf at calibration sample 2"):
+        collect_tensor_ranges(model, iter(feeds), tensors=["y"], calibrator=make_calibrator("minmax"))

@@ -33,6 +33,7 @@ import math
 import tempfile
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
@@ -549,6 +550,10 @@ def collect_tensor_ranges(model_path: Path, feeds: Iterable[Feed], *, tensors: S
     (name-only ValueInfo: ONNX Runtime infers their types); weights go to one external data file when they exceed
     protobuf's 2 GiB. Each feed's outputs are handed to `calibrator.update` and dropped before the next feed, so
     memory does not grow with the number of feeds. Returns `calibrator.ranges()`.
+
+    Folding runs on one worker thread, a sample behind ONNX Runtime (which releases the GIL while it computes), so
+    binning overlaps the next inference; at most two samples' activations are alive at once, and they are folded
+    in sample order, so the result equals the serial one.
     """
     model_path = Path(model_path)
     model = onnx.load(str(model_path))  # also loads external data, so the copy is self-contained
@@ -556,15 +561,28 @@ def collect_tensor_ranges(model_path: Path, feeds: Iterable[Feed], *, tensors: S
     _check_tensor_names(model, names, model_path)
     initializers = {tensor.name for tensor in model.graph.initializer}
     input_names = [value.name for value in model.graph.input if value.name not in initializers]
-    with tempfile.TemporaryDirectory(prefix="edgepack-calibration-") as folder:
-        session = ort.InferenceSession(str(_save_augmented(model, names, Path(folder))), providers=list(providers))
+    def fold(sample: int, outputs: list[np.ndarray]) -> None:
+        for name, values in zip(names, outputs, strict=True):
+            calibrator.update(name, values, sample=sample)
+
+    options = ort.SessionOptions()
+    # Idle intra-op threads would spin on the core the folding thread needs (measured ~15% slower with spinning).
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    with tempfile.TemporaryDirectory(prefix="edgepack-calibration-") as folder, \
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix="edgepack-fold") as folder_thread:
+        session = ort.InferenceSession(str(_save_augmented(model, names, Path(folder))), options,
+                                       providers=list(providers))
         feed_iter = get_reporter().track(feeds, total=total, title=f"calibrating ({calibrator.name})")
+        pending: Future[None] | None = None
         for sample, feed in enumerate(feed_iter):
             _check_feed(feed, input_names, sample)
             outputs = session.run(names, feed)  # K arrays, each (batch, ...) for this one feed
-            for name, values in zip(names, outputs, strict=True):
-                calibrator.update(name, values, sample=sample)
+            if pending is not None:
+                pending.result()  # in order, one sample behind; re-raises its NaN / Inf error here
+            pending = folder_thread.submit(fold, sample, outputs)
             del outputs
+        if pending is not None:
+            pending.result()
         del session
     return calibrator.ranges()
 
