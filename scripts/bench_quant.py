@@ -306,11 +306,17 @@ def ceiling_table(ctx: Any, fp32: Path, quality: dict[str, float] | None) -> str
                      f"{quality['int8'] / quality['fp32']:.2f}"])
     table = markdown_table(["graph", "FP32 p50 ms", "INT8 p50 ms", "INT8 / FP32"], rows)
     ops = ", ".join(result["ops"]["int8"])
+    bound = ""
+    if quality:
+        float_work = quality["fp32"] - fp  # FP32 time outside the Linear layers: attention, norms, GELU, residuals
+        bound = (f" Here the FP32 model spends {float_work:.1f} ms outside its Linear layers; were all of that free "
+                 f"of INT8 overhead, the INT8 model would still take ({q:.2f} + {float_work:.1f}) / "
+                 f"{quality['fp32']:.2f} = {(q + float_work) / quality['fp32']:.2f}x of FP32.")
     return (f"{table}\n\nThe INT8 chain is edgepack's generic recipe (QDQ, per-channel int8 weights, uint8 "
             f"activations); after its graph optimizations ORT runs it as {ops}. Whatever the "
             "recipe, a model whose GEMMs run in ORT's INT8 kernels cannot take less than this ratio of its GEMM "
             "time, and the float work between GEMMs (LayerNorm, Softmax, GELU, bias and residual Adds, "
-            "Transposes) does not shrink with INT8 weights.")
+            f"Transposes) does not shrink with INT8 weights.{bound}")
 
 
 # ---------------------------------------------------------------- calibration scaling
