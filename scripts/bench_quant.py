@@ -6,7 +6,7 @@ Anchors (same FP32 ONNX graph, same 200 calibration sentences, same 100 held-out
   optimum-dynamic      optimum-onnx ORTQuantizer, AutoQuantizationConfig.avx512_vnni(is_static=False)
   torch-dynamic        torch.ao.quantization.quantize_dynamic(nn.Linear, qint8), run in PyTorch
 Every ONNX variant is measured by edgepack's harness: fresh process per variant, batch 1, sequence 128,
-2 intra-op threads, 10 warm-up + 100 timed runs, best p50 of 3 interleaved passes (torch-dynamic: one pass). Then calibration memory and time at 64/256/1024 samples per
+2 intra-op threads, 10 warm-up + 100 timed runs, best p50 of 5 interleaved passes (torch-dynamic: one pass). Then calibration memory and time at 64/256/1024 samples per
 method, edgepack's streaming calibrators vs ORT's, each in a fresh process.
 
     python scripts/bench_quant.py                 # everything (about 30 minutes on 2 cores)
@@ -145,7 +145,7 @@ def torch_dynamic(ctx: Any, settings_feeds: tuple[list[dict], dict], ref: list[d
     return result
 
 
-ROUNDS = 3
+ROUNDS = 5
 
 
 def best_of_rounds(variants: dict[str, Path], ctx: Any, settings: Any, *, rounds: int) -> dict[str, Any]:
