@@ -92,7 +92,7 @@ def render_markdown(report: dict[str, Any]) -> str:
 
 def _short(tensor: str) -> str:
     """'/encoder/encoder/layer.3/output/LayerNorm/LayerNormalization_output_0' -> 'layer.3/output/LayerNorm'."""
-    parts = [p for p in tensor.split("/") if p and p not in ("encoder", "embeddings")]
+    parts = [p for p in tensor.split("/") if p and p != "encoder"]
     return "/".join(parts[:-1] if len(parts) > 1 else parts) or tensor
 
 
