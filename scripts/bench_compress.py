@@ -356,9 +356,10 @@ def requantize(out: Path, teacher: Path) -> None:
                                                                                           ("student", student))
                 for kind, file in (("fp32", "fp32"), ("int8", "int8"), ("int8 dynamic", "int8-dynamic"))}
     ctx["results"] = measure_variants(variants, ctx["data"]["test"], out)
-    ctx["int8_method"] = (f"{method}, applied with `--requantize` to this run's FP32 graphs (the first pass ran "
-                          "before quantize_static worked); the `int8 dynamic` rows are onnxruntime quantize_dynamic; "
-                          "all variants measured again in one session")
+    ctx["int8_method"] = (f"{method}, applied with `--requantize` to this run's FP32 graphs (INT8 is redone without "
+                          "retraining when the quantizer changes; last: SmoothQuant alpha searched per layer); the "
+                          "`int8 dynamic` rows are onnxruntime quantize_dynamic; all variants measured again in one "
+                          "session")
     (out / "results.json").write_text(json.dumps(ctx, indent=1, default=str))
     render_only(out)
 
