@@ -561,6 +561,7 @@ def collect_tensor_ranges(model_path: Path, feeds: Iterable[Feed], *, tensors: S
     _check_tensor_names(model, names, model_path)
     initializers = {tensor.name for tensor in model.graph.initializer}
     input_names = [value.name for value in model.graph.input if value.name not in initializers]
+
     def fold(sample: int, outputs: list[np.ndarray]) -> None:
         for name, values in zip(names, outputs, strict=True):
             calibrator.update(name, values, sample=sample)
@@ -570,7 +571,7 @@ def collect_tensor_ranges(model_path: Path, feeds: Iterable[Feed], *, tensors: S
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     with tempfile.TemporaryDirectory(prefix="edgepack-calibration-") as folder, \
             ThreadPoolExecutor(max_workers=1, thread_name_prefix="edgepack-fold") as folder_thread:
-        session = ort.InferenceSession(str(_save_augmented(model, names, Path(folder))), options,
+        session = ort.InferenceSession(str(save_augmented(model, names, Path(folder))), options,
                                        providers=list(providers))
         feed_iter = get_reporter().track(feeds, total=total, title=f"calibrating ({calibrator.name})")
         pending: Future[None] | None = None
@@ -606,7 +607,7 @@ def _check_tensor_names(model: onnx.ModelProto, names: Sequence[str], model_path
             )
 
 
-def _save_augmented(model: onnx.ModelProto, names: Sequence[str], folder: Path) -> Path:
+def save_augmented(model: onnx.ModelProto, names: Sequence[str], folder: Path) -> Path:
     """Save `model` with `names` added as graph outputs into `folder`; the caller's model file is not touched."""
     existing = {value.name for value in model.graph.output}
     model.graph.output.extend(onnx.ValueInfoProto(name=name) for name in names if name not in existing)

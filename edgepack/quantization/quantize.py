@@ -36,10 +36,10 @@ from edgepack.quantization.smoothquant import (
 )
 
 SMOOTHQUANT_MODES = ("search", "recipe", "off")
+_CACHE_VERSION = 1  # bump when the cached payload or what it means changes
 #: Fewest calibration samples per range method. A moving average of one batch is plain MinMax; a histogram method
 #: chooses a tail threshold, which a handful of sentences / images decides by accident (ORT and NNCF default to
 #: hundreds of samples; 16 is a floor, not a recommendation).
-_CACHE_VERSION = 1  # bump when the cached payload or what it means changes
 MIN_SAMPLES = {"minmax": 1, "moving-average-minmax": 2, "percentile": 16, "entropy": 16, "mse": 16}
 
 

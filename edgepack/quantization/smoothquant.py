@@ -140,11 +140,17 @@ class ChannelStats:
     seen: int = 0        # token rows folded so far
 
     def fold(self, values: np.ndarray, rng: np.random.Generator, max_rows: int) -> None:
-        """Add one activation batch (..., C); the row sample is reservoir sampling (Vitter's algorithm R)."""
+        """Add one activation batch (..., C); `max_rows` 0 keeps the statistics only (no row sample, no draws)."""
         flat = values.reshape(-1, values.shape[-1]).astype(np.float32, copy=False)  # (B*T, C)
         np.maximum(self.absmax, np.abs(flat).max(axis=0), out=self.absmax)
         np.minimum(self.low, flat.min(axis=0), out=self.low)
         np.maximum(self.high, flat.max(axis=0), out=self.high)
+        if max_rows:
+            self._sample_rows(flat, rng, max_rows)
+        self.seen += flat.shape[0]
+
+    def _sample_rows(self, flat: np.ndarray, rng: np.random.Generator, max_rows: int) -> None:
+        """Reservoir sampling (Vitter's algorithm R) of the rows of `flat` (M, C) into `rows`."""
         free = max(0, min(max_rows - self.rows.shape[0], flat.shape[0]))
         if free:
             self.rows = np.concatenate([self.rows, flat[:free]])
@@ -152,7 +158,6 @@ class ChannelStats:
         slots = (rng.random(index.size) * index).astype(np.int64)  # row i replaces slot j < R with chance R / i
         for row, slot in zip(free + np.flatnonzero(slots < max_rows), slots[slots < max_rows], strict=True):
             self.rows[slot] = flat[row]
-        self.seen += flat.shape[0]
 
     @classmethod
     def empty(cls, channels: int) -> ChannelStats:
@@ -171,17 +176,14 @@ def collect_channel_stats(model_path: Path, feeds: Iterable[Feed], *, tensors: S
 
     import onnxruntime as ort
 
+    from edgepack.quantization.calibrators import save_augmented
+
     if not tensors:
         return {}
-    model = onnx.load(str(model_path))
-    existing = {o.name for o in model.graph.output}
-    model.graph.output.extend(onnx.ValueInfoProto(name=t) for t in tensors if t not in existing)
     stats: dict[str, ChannelStats] = {}
     rng = np.random.default_rng(seed)
     with tempfile.TemporaryDirectory(prefix="edgepack-smoothquant-") as folder:
-        path = Path(folder) / "augmented.onnx"
-        large = sum(t.ByteSize() for t in model.graph.initializer) >= 2**31 - 2**24  # protobuf's 2 GiB limit
-        onnx.save_model(model, str(path), save_as_external_data=large)
+        path = save_augmented(onnx.load(str(model_path)), tensors, Path(folder))
         session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         for feed in get_reporter().track(feeds, total=total, title="SmoothQuant channel statistics"):
             for name, values in zip(tensors, session.run(list(tensors), feed), strict=True):
