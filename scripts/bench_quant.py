@@ -11,6 +11,7 @@ method, edgepack's streaming calibrators vs ORT's, each in a fresh process.
 
     python scripts/bench_quant.py                 # everything (about 30 minutes on 2 cores)
     python scripts/bench_quant.py --skip-calibration
+    python scripts/bench_quant.py --smoothquant-only   # SmoothQuant modes table only (about a minute)
 """
 
 from __future__ import annotations
@@ -209,6 +210,39 @@ def _row(name: str, size: int, p50: float, peak: float, metrics: dict, size0: in
             f"{peak:.0f} ({peak / peak0:.2f})", f"{metrics['cosine_mean']:.4f}", f"{metrics['cosine_min']:.4f}",
             f"{metrics.get('paraphrase_recall_at_1', float('nan')):.3f}",
             f"{metrics.get('paraphrase_margin', float('nan')):.4f}"]
+
+
+# ---------------------------------------------------------------- SmoothQuant modes
+def smoothquant_table(ctx: Any, fp32: Path) -> str:
+    """Held-out fidelity of edgepack's INT8 with each SmoothQuant mode (search per layer, per-role recipe, off)."""
+    import onnxruntime as ort
+
+    from edgepack.quantization.quantize import QuantizeOptions, quantize_static
+    from edgepack.runtime.metrics import fidelity
+
+    output = ctx.adapter.primary_output
+    evaluation = list(ctx.adapter.feeds(ctx.split.evaluation, max_length=128))
+
+    def outputs(path: Path) -> list[dict]:
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        return [{output: session.run([output], feed)[0]} for feed in evaluation]
+
+    reference = outputs(fp32)
+    folder = ctx.out / "smoothquant"
+    folder.mkdir(exist_ok=True)
+    rows = []
+    for mode in ("search", "recipe", "off"):
+        path = folder / f"int8-{mode}.onnx"
+        metrics = quantize_static(fp32, path, n_calibration=len(ctx.split.calibration),
+                                  calibration_feeds=lambda: ctx.adapter.feeds(ctx.split.calibration, max_length=128),
+                                  options=QuantizeOptions(smoothquant=mode))
+        score = fidelity(reference, outputs(path), output=output)
+        alphas = [layer["alpha"] for layer in metrics["smoothquant"]["layers"]]
+        chosen = f"{len(alphas)} layers, alpha {min(a for a in alphas if a is not None)}-" \
+                 f"{max(a for a in alphas if a is not None)}" if alphas else "–"
+        rows.append([mode, f"{score['cosine_mean']:.4f}", f"{score['cosine_min']:.4f}", f"{score['sqnr_db']:.2f}",
+                     chosen])
+    return markdown_table(["smoothquant", "cosine mean", "cosine min", "SQNR dB", "searched"], rows)
 
 
 # ---------------------------------------------------------------- kernel ceiling
@@ -438,6 +472,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("runs/bench_quant"))
     parser.add_argument("--skip-calibration", action="store_true")
     parser.add_argument("--calibration-only", action="store_true")
+    parser.add_argument("--smoothquant-only", action="store_true", help="only the SmoothQuant modes table")
     parser.add_argument("--torch-child", nargs=3)
     parser.add_argument("--calibration-child", nargs=4)
     parser.add_argument("--ceiling-child", nargs=2)
@@ -452,11 +487,28 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     ctx = context(args.out.resolve())
     command = "python scripts/bench_quant.py" + (" --skip-calibration" if args.skip_calibration else "")
+    if args.smoothquant_only:
+        return _smoothquant_section(ctx, "python scripts/bench_quant.py --smoothquant-only")
     if not args.calibration_only:
+        _smoothquant_section(ctx, command)
         quality = _quality_section(ctx, command)
         _ceiling_section(ctx, command, quality)
     if not args.skip_calibration:
         _calibration_section(ctx)
+
+
+def _smoothquant_section(ctx: Any, command: str) -> None:
+    from edgepack.pipeline import stage_export
+
+    table = smoothquant_table(ctx, stage_export(ctx, ctx.adapter))
+    write_section("quant-smoothquant", "## SmoothQuant: alpha per layer vs per role vs none (MiniLM, CPU EP)\n\n"
+                  f"`{command}` — {machine_line()}\n\nedgepack static INT8 (no accuracy budget) with "
+                  f"`quantize.smoothquant` set to each mode; fidelity of the sentence embedding vs FP32 on the "
+                  f"{len(ctx.split.evaluation)} held-out sentences. `search` picks each layer's alpha by the INT8 "
+                  "error of its MatMuls under exact and AVX2 u8s8 (saturating) arithmetic; `recipe` uses the "
+                  "per-role values (q/k/v 0.3, FFN-in 0.7, FFN-out 0.85).\n\n"
+                  f"{table}\n")
+    print(table)
 
 
 def _quality_section(ctx: Any, command: str) -> dict[str, float]:
