@@ -88,6 +88,10 @@ class StageRecord:
     inputs: Mapping[str, str]  # name -> sha256
     metrics: dict[str, Any] = field(default_factory=dict)
     history: list[dict[str, Any]] = field(default_factory=list)
+    #: the content hash of stage + config + inputs + version (the runner's cache key)
+    key: str = ""
+    #: the model the folder holds, as its family records it (`ModelFamily.artifact_record`), so the folder reopens
+    model: Mapping[str, Any] | None = None
 
 
 def read_manifest(folder: Path) -> dict[str, Any] | None:
@@ -97,18 +101,32 @@ def read_manifest(folder: Path) -> dict[str, Any] | None:
         return None
     try:
         manifest = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return None
-    for name, entry in manifest.get("outputs", {}).items():
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("outputs"), dict):
+        return None
+    for name, entry in manifest["outputs"].items():
         file = folder / name
-        if not file.is_file() or file.stat().st_size != entry["size_bytes"]:
+        if not isinstance(entry, dict) or not file.is_file() or file.stat().st_size != entry.get("size_bytes"):
             return None
     return manifest
 
 
+def is_artifact_folder(folder: Path) -> bool:
+    """A folder edgepack wrote (its manifest names a stage), complete or not."""
+    try:
+        return "stage" in json.loads((folder / MANIFEST).read_text())
+    except (OSError, UnicodeDecodeError, ValueError, TypeError):
+        return False
+
+
 @contextlib.contextmanager
 def stage_folder(final: Path, record: StageRecord) -> Iterator[Path]:
-    """Yield a temporary folder to write into; on success hash outputs, write manifest, rename to `final`."""
+    """Yield a temporary folder to write into; on success hash outputs, write manifest, swap it in as `final`.
+
+    An existing `final` is moved aside first and removed last, so a crash at any point leaves either the old
+    complete folder or the new one under `final`, never a partial one (temporary names start with a dot)."""
+    final = Path(os.path.abspath(final))  # "." or "out/" have no usable name to put a sibling beside
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.with_name(f".tmp-{final.name}-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -117,14 +135,16 @@ def stage_folder(final: Path, record: StageRecord) -> Iterator[Path]:
     try:
         yield tmp
         outputs = {
-            str(p.relative_to(tmp)): {"sha256": sha256_file(p), "size_bytes": p.stat().st_size}
+            p.relative_to(tmp).as_posix(): {"sha256": sha256_file(p), "size_bytes": p.stat().st_size}
             for p in sorted(tmp.rglob("*"))
             if p.is_file()
         }
         manifest = {
             "stage": record.stage,
+            "key": record.key,
             "config": dict(record.config),
             "inputs": dict(record.inputs),
+            **({"model": dict(record.model)} if record.model else {}),
             "outputs": outputs,
             "metrics": record.metrics,
             "history": record.history,
@@ -134,12 +154,29 @@ def stage_folder(final: Path, record: StageRecord) -> Iterator[Path]:
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
         write_json(tmp / MANIFEST, manifest)
-        if final.exists():
-            shutil.rmtree(final)
-        os.rename(tmp, final)
+        swap_in(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def swap_in(tmp: Path, final: Path) -> None:
+    """Rename the finished folder into place; an old folder is moved aside first and removed last."""
+    if not final.exists():
+        os.rename(tmp, final)
+        return
+    old = final.with_name(f".old-{final.name}-{os.getpid()}")
+    shutil.rmtree(old, ignore_errors=True)
+    os.rename(final, old)
+    try:
+        os.rename(tmp, final)
+    except OSError:
+        os.rename(old, final)  # put the previous folder back before reporting
+        raise
+    if old.is_dir():
+        shutil.rmtree(old)
+    else:
+        old.unlink()
 
 
 def peak_rss_mb() -> float:

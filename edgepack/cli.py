@@ -4,17 +4,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import tempfile
 import textwrap
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from edgepack import __version__
 from edgepack.errors import BadInputError, EdgepackError, GateFailedError
-from edgepack.reporter import Reporter, set_reporter
+from edgepack.reporter import Reporter, get_reporter, set_reporter
+
+if TYPE_CHECKING:
+    from edgepack.report.model import Report
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -32,15 +34,16 @@ def _add_common(parser: argparse.ArgumentParser, *, json_flag: bool = True) -> N
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="edgepack", formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="From a PyTorch / Hugging Face model to a small, fast, validated ONNX model for devices.",
+        description="From a PyTorch / Hugging Face / ONNX model to a small, fast, validated ONNX model for devices.",
         epilog=_examples("""
             edgepack demo                                  # all-MiniLM-L6-v2 -> INT8, validated, with a report
             edgepack run recipes/minilm.yaml --out runs/minilm
             edgepack export ./my-bert --out exported/
-            edgepack quantize exported/model.onnx --calibration sentences.txt --tokenizer ./my-bert --out model.int8.onnx
-            edgepack validate model.int8.onnx --reference exported/model.onnx --data sentences.txt --tokenizer ./my-bert
-            edgepack bundle model.int8.onnx --out bundle/ --data sentences.txt --tokenizer ./my-bert
+            edgepack quantize exported/model.onnx --calibration sentences.txt --out int8/
+            edgepack validate int8/model.onnx --reference exported/model.onnx --data sentences.txt
+            edgepack bundle int8/model.onnx --out bundle/ --data sentences.txt
             edgepack verify bundle/
+            edgepack families                              # the model families and what each supports
         """))
     parser.add_argument("--version", action="version", version=f"edgepack {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -62,13 +65,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=Path("runs/demo"), help="run folder (default: runs/demo)")
     _add_common(p)
 
-    p = add("export", cmd_export, "export a local Hugging Face folder or a `pkg.module:factory` module to ONNX, "
-            "checked against PyTorch", "edgepack export ./my-bert --out exported/\n"
-            "edgepack export mypkg.nets:make_cnn --input pixel_values:1x3x32x32 --output logits --out exported/")
+    p = add("families", cmd_families, "list the model families: how each is recognised, its tasks, quantization "
+            "recipe, compression support and options", "edgepack families")
+    _add_common(p, json_flag=False)
+
+    p = add("export", cmd_export, "export a model (local Hugging Face folder or `pkg.module:factory`) to ONNX, "
+            "checked against PyTorch; its tokenizer and config files are copied beside model.onnx",
+            "edgepack export ./my-bert --out exported/\n"
+            "edgepack export ./my-classifier --out exported/ --data reviews.jsonl\n"
+            "edgepack export mypkg.nets:make_cnn --input pixel_values:1x3x32x32 --output logits --data x.npz "
+            "--out exported/")
     p.add_argument("model", help="local HF model folder, `pkg.module:factory`, or 'default' (all-MiniLM-L6-v2)")
-    p.add_argument("--out", type=Path, required=True, help="output folder (gets model.onnx and manifest.json)")
-    p.add_argument("--task", default="feature-extraction", choices=["feature-extraction"],
-                   help="HF task (feature-extraction: sentence embeddings with the model's pooling)")
+    p.add_argument("--out", type=Path, required=True, help="output folder (gets model.onnx, the model's "
+                   "preprocessing files and manifest.json)")
+    p.add_argument("--family", default="auto", help="model family (default: recognised from the model; "
+                   "`edgepack families` lists them)")
+    p.add_argument("--task", help="the family's task (default: its first, e.g. feature-extraction)")
     p.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17)")
     p.add_argument("--data", help="samples for the output check (default: edgepack's bundled sentences)")
     p.add_argument("--input", action="append", default=[], metavar="NAME:SHAPE[:DTYPE]",
@@ -77,22 +89,28 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p, json_flag=False)
 
     p = add("quantize", cmd_quantize, "static INT8 (QDQ) of an ONNX model with calibration data",
-            "edgepack quantize model.onnx --calibration sentences.txt --tokenizer ./my-bert --out model.int8.onnx\n"
-            "edgepack quantize cnn.onnx --calibration images.npz --out cnn.int8.onnx --calibrator percentile")
-    p.add_argument("model", type=Path, help="FP32 .onnx model")
+            "edgepack quantize exported/model.onnx --calibration sentences.txt --out int8/\n"
+            "edgepack quantize other-tool.onnx --calibration sentences.txt --tokenizer ./my-bert --out int8/\n"
+            "edgepack quantize cnn.onnx --calibration images.npz --out int8/ --calibrator percentile")
+    p.add_argument("model", type=Path, help="FP32 .onnx model (an edgepack export folder's model.onnx carries its "
+                   "tokenizer)")
     p.add_argument("--calibration", required=True, help="calibration data: .txt, .jsonl, .csv or .npz")
-    p.add_argument("--out", type=Path, required=True, help="quantized .onnx to write")
-    p.add_argument("--tokenizer", help="HF folder whose tokenizer turns text data into model inputs")
-    p.add_argument("--samples", type=int, default=200, help="calibration samples to use (default 200)")
+    p.add_argument("--out", type=Path, required=True, help="output folder (gets model.onnx, tensor_ranges.json, "
+                   "the preprocessing files and manifest.json)")
+    p.add_argument("--tokenizer", help="HF folder whose tokenizer turns text into inputs (only for an ONNX file "
+                   "that does not carry one)")
+    p.add_argument("--samples", type=int, default=200, help="calibration samples to use (default 200; fewer in "
+                   "the file: all of them)")
     p.add_argument("--calibrator", default="minmax", help="activation range method (default minmax)")
     p.add_argument("--smoothquant", default="search", choices=["search", "recipe", "off"],
                    help="SmoothQuant alphas: search per layer on the calibration data (default), the recipe's "
                         "per-role values, or off")
+    p.add_argument("--recipe", default="auto", help="quantization recipe (default: the model family's)")
     p.add_argument("--field", default="text", help="JSONL/CSV field holding the text (default text)")
     p.add_argument("--max-length", type=int, default=128, help="token truncation length (default 128)")
     p.add_argument("--range-cache", type=Path, metavar="DIR",
                    help="keep calibration results in DIR, keyed by model + data hash: a rerun with another budget "
-                        "skips calibration")
+                        "skips calibration (`edgepack run` keeps its own in <run>/cache: pass that to share it)")
     p.add_argument("--sensitivity", type=int, default=0, metavar="N",
                    help="rank every quantized layer by leave-one-out sensitivity and print the top N")
     p.add_argument("--max-cosine-drop", type=float, default=0.005,
@@ -101,41 +119,67 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p, json_flag=False)
 
     p = add("validate", cmd_validate, "measure latency, memory and fidelity of ONNX models on execution providers",
-            "edgepack validate model.int8.onnx --reference model.onnx --data sentences.jsonl --tokenizer ./my-bert\n"
+            "edgepack validate int8/model.onnx --reference exported/model.onnx --data sentences.jsonl\n"
             "edgepack validate model.onnx --data inputs.npz --ep cpu --json")
     p.add_argument("model", type=Path, help=".onnx model to validate")
     p.add_argument("--reference", type=Path, help="reference .onnx (fidelity is measured against it)")
     p.add_argument("--data", required=True, help="evaluation data: .txt, .jsonl, .csv or .npz")
-    p.add_argument("--tokenizer", help="HF folder whose tokenizer turns text data into model inputs")
+    p.add_argument("--tokenizer", help="HF folder whose tokenizer turns text into inputs (only for an ONNX file "
+                   "that does not carry one)")
     p.add_argument("--ep", default="cpu", help="comma-separated execution providers (default cpu): cpu, "
                    "mobile-cpu[/t<N>[-lean][-ort]], qnn-htp[/soc<N>], nnapi, coreml, xnnpack, cuda[/fp16], "
                    "tensorrt[/fp16]")
     p.add_argument("--samples", type=int, default=100, help="evaluation samples (default 100)")
     p.add_argument("--field", default="text", help="JSONL/CSV field holding the text (default text)")
     p.add_argument("--pair-field", default=None, help="JSONL/CSV field with a paraphrase (task metric)")
+    p.add_argument("--label-field", default=None, help="JSONL/CSV field with a class label (accuracy)")
     p.add_argument("--sequence-length", type=int, default=128, help="latency input length (default 128)")
     p.add_argument("--runs", type=int, default=50, help="timed runs (default 50)")
     p.add_argument("--emulated-samples", type=int, default=4,
                    help="evaluation samples on emulated EPs such as qnn-htp on x86 (default 4; the simulator is slow)")
-    p.add_argument("--out", type=Path, help="keep the measurement folder here")
+    p.add_argument("--out", type=Path, help="write the measurement folder and report.json/md/html here")
     _add_common(p)
 
-    from edgepack.exporters import bundle
-
-    p = add("bundle", bundle.run_bundle_command, "build an app/firmware bundle: .ort model, reduced-operator config, "
+    p = add("bundle", cmd_bundle, "build an app/firmware bundle: .ort model, reduced-operator config, "
             "aligned C array, golden test vectors",
-            "edgepack bundle model.int8.onnx --out bundle/ --data sentences.txt --tokenizer ./my-bert\n"
+            "edgepack bundle int8/model.onnx --out bundle/ --data sentences.txt\n"
             "edgepack bundle model.int8.onnx --out bundle/ --data inputs.npz --fixed-shape batch=1,sequence=128")
-    bundle.add_bundle_arguments(p)
+    _add_bundle_arguments(p)
     _add_common(p, json_flag=False)
-    p = add("verify", bundle.run_verify_command, "check a bundle: file hashes, then every golden vector within tolerance "
+    p = add("verify", cmd_verify, "check a bundle: file hashes, then every golden vector within tolerance "
             "(exit 3 on mismatch)", "edgepack verify bundle/\nedgepack verify bundle/ --ep qnn-htp")
-    bundle.add_verify_arguments(p)
+    p.add_argument("bundle", type=Path, help="bundle folder written by edgepack bundle")
+    p.add_argument("--ep", default="cpu", help="execution provider to run the golden vectors on (default cpu)")
     _add_common(p, json_flag=False)
     return parser
 
 
-def _print_summary(report: dict[str, Any], out: Path | None) -> None:
+def _add_bundle_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", type=Path, help="final .onnx model (FP32 or quantized)")
+    parser.add_argument("--out", type=Path, required=True, help="bundle folder to write (replaced if it is an "
+                        "edgepack folder)")
+    parser.add_argument("--data", help="evaluation data for the golden vectors: .txt, .jsonl, .csv or .npz "
+                        "(default: edgepack's bundled sentences)")
+    parser.add_argument("--tokenizer", help="HF folder whose tokenizer turns text into inputs (only for an ONNX "
+                        "file that does not carry one)")
+    parser.add_argument("--samples", type=int, default=4, help="golden vectors to write (default 4)")
+    parser.add_argument("--field", default="text", help="JSONL/CSV field holding the text (default text)")
+    parser.add_argument("--max-length", type=int, default=128, help="token truncation length (default 128)")
+    parser.add_argument("--fixed-shape", metavar="DIM=N[,DIM=N]",
+                        help="also write a fixed-shape variant for NPUs, e.g. batch=1,sequence=128")
+    parser.add_argument("--optimization-style", default="Fixed", choices=["Fixed", "Runtime"],
+                        help="Fixed (CPU, XNNPACK, QNN; default) or Runtime (NNAPI, CoreML)")
+    parser.add_argument("--target-platform", default="arm", choices=["arm", "amd64"],
+                        help="CPU the .ort is optimized for (default arm)")
+    parser.add_argument("--alignment", type=int, default=64, help="C array alignment in bytes (default 64)")
+    parser.add_argument("--symbol-prefix", default="edgepack_model", help="C symbol prefix (default edgepack_model)")
+    parser.add_argument("--validation-report", type=Path,
+                        help="report.json of an edgepack run/validate; the EPs it validated for this model "
+                             "(matched by sha256) go into the bundle description")
+    parser.add_argument("--force", action="store_true", help="replace an existing folder that edgepack did not write")
+
+
+def _print_summary(report: Report, out: Path | None) -> None:
     from rich.console import Console
     from rich.table import Table
 
@@ -143,24 +187,24 @@ def _print_summary(report: dict[str, Any], out: Path | None) -> None:
     from edgepack.report.writer import COLUMNS
 
     console = Console(width=None if sys.stdout.isatty() else 200)  # logs and pipes get the whole table
-    table = Table(*COLUMNS, title=f"edgepack: {report['recipe']['name']}")
+    table = Table(*COLUMNS, title=f"edgepack: {report.recipe.get('name', '')}")
     for row in results_rows(report):
         table.add_row(*row)
     console.print(table)
-    for gate in report["gates"]:
-        mark = "[green]pass[/green]" if gate["passed"] else "[red]FAIL[/red]"
-        console.print(f"gate {gate['name']}: {gate['value']} vs {gate['threshold']} {mark}")
+    for gate in report.gates:
+        mark = "[green]pass[/green]" if gate.passed else "[red]FAIL[/red]"
+        console.print(f"gate {gate.name}: {gate.value} vs {gate.threshold} {mark}")
     if out is not None:
         console.print(f"report: {out / 'report.json'}\n        {out / 'report.md'}\n        {out / 'report.html'}")
 
 
-def _finish(report: dict[str, Any], args: argparse.Namespace, out: Path | None) -> int:
+def _finish(report: Report, args: argparse.Namespace, out: Path | None) -> int:
     if args.json:
-        print(json.dumps(report, indent=2, default=str))
+        print(report.model_dump_json(indent=2))
     else:
         _print_summary(report, out)
-    if not report["passed"]:
-        failed = ", ".join(g["name"] for g in report["gates"] if not g["passed"])
+    if not report.passed:
+        failed = ", ".join(g.name for g in report.gates if not g.passed)
         raise GateFailedError(f"gate(s) failed: {failed}; the report is written, see report.md")
     return 0
 
@@ -174,8 +218,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     report = run_recipe(recipe, out)
     code = _finish(report, args, out)
     if not args.json:
-        print(f"next: edgepack validate {out / report['variants'][list(report['variants'])[-1]]['path']} --ep cpu "
-              "--data <your data> --tokenizer <model folder>")
+        final = report.variants[list(report.variants)[-1]]
+        print(f"next: edgepack validate {out / final.path} --ep cpu,qnn-htp --data <your data>")
     return code
 
 
@@ -187,127 +231,173 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return _finish(report, args, args.out)
 
 
-def _parse_input_spec(text: str) -> Any:
-    from edgepack.models.torch_module import InputSpec
+def cmd_families(args: argparse.Namespace) -> int:
+    from edgepack.families import FAMILIES
 
+    for name in FAMILIES:
+        family = FAMILIES.get(name)
+        options = ", ".join(family.Options.model_fields) or "none"
+        print(f"{name}: tasks {', '.join(family.tasks)}; quantization recipe {family.quant_recipe}; distill/prune "
+              f"{family.compress_task or 'no'}; options {options}")
+        doc = (sys.modules[family.__module__].__doc__ or "").strip()
+        print(f"    {doc.splitlines()[0] if doc else ''}")
+    return 0
+
+
+def _parse_input_spec(text: str) -> dict[str, Any]:
     parts = text.split(":")
     try:
-        shape = tuple(int(d) for d in parts[1].split("x"))
+        shape = [int(d) for d in parts[1].split("x")]
     except (IndexError, ValueError):
         raise BadInputError(f"--input '{text}': write NAME:SHAPE[:DTYPE], e.g. x:1x3x32x32:float32") from None
-    return InputSpec(parts[0], shape, parts[2] if len(parts) > 2 else "float32")
+    return {"name": parts[0], "shape": shape, "dtype": parts[2] if len(parts) > 2 else "float32"}
+
+
+def _out_folder(out: Path, option: str = "--out") -> Path:
+    if out.suffix.lower() in (".onnx", ".ort"):
+        raise BadInputError(f"{option} {out}: name a folder, not a file (edgepack writes model.onnx, its "
+                            f"manifest and the preprocessing files there), e.g. {option} {out.with_suffix('')}/")
+    return out
+
+
+def _open(path: Path | str, tokenizer: str | None, *, family: str = "auto",
+          options: dict[str, Any] | None = None) -> Any:
+    """The model's family; --tokenizer only for an ONNX file that carries no tokenizer of its own."""
+    from edgepack.families import open_model
+
+    model = open_model(str(path), family=family, options=options)
+    if tokenizer is None:
+        return model
+    if model.name != "onnx":
+        raise BadInputError(f"--tokenizer: {path} carries its preprocessing (family {model.name}); drop --tokenizer")
+    return open_model(str(path), family="onnx", options={"tokenizer": tokenizer})
+
+
+def _samples(data: str | None, *, field: str = "text", pair_field: str | None = None,
+             label_field: str | None = None) -> list[Any]:
+    from edgepack.calibration_data import read_samples, resolve_data_path
+
+    return read_samples(resolve_data_path(data or "bundled:sentences.jsonl"), field=field, pair_field=pair_field,
+                        label_field=label_field)
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from edgepack.artifacts import StageRecord, stage_folder
-    from edgepack.calibration_data import read_samples, resolve_data_path
-    from edgepack.exporters.onnx import ExportOptions, export_onnx
-    from edgepack.models import default_model_path, get_adapter
+    from edgepack import stages
+    from edgepack.recipe import ExportSection
 
-    if ":" in args.model and not Path(args.model).exists():
-        inputs = [_parse_input_spec(s) for s in args.input]
-        adapter = get_adapter("torch-module", args.model, inputs=inputs, outputs=args.output)
-        if args.data is None:
-            raise BadInputError("a torch-module export needs --data (an .npz with one array per input) for the check")
-    else:
-        source = default_model_path() if args.model == "default" else args.model
-        adapter = get_adapter("hf-encoder", source)
-    _refuse_foreign_folder(args.out)
-    samples = read_samples(resolve_data_path(args.data or "bundled:sentences.jsonl"))[:8]
-    feeds = list(adapter.feeds(samples, batch_size=1))
-    record = StageRecord("export", {"model": adapter.describe(), "opset": args.opset, "task": args.task}, {})
-    with stage_folder(args.out, record) as tmp:
-        record.metrics = export_onnx(adapter, tmp / "model.onnx", check_feeds=feeds,
-                                     options=ExportOptions(opset=args.opset))
-    print(f"wrote {args.out / 'model.onnx'}")
-    print(f"next: edgepack quantize {args.out / 'model.onnx'} --calibration <data> --out model.int8.onnx")
+    options: dict[str, Any] = {}
+    if args.input or args.output:
+        options = {"inputs": [_parse_input_spec(s) for s in args.input], "outputs": args.output}
+    family = _open(args.model, None, family=args.family, options=options)
+    if family.name == "torch-module" and args.data is None:
+        raise BadInputError("a torch-module export needs --data (an .npz with one array per input) for the check")
+    if args.task is not None and args.task not in family.tasks:
+        raise BadInputError(f"--task {args.task}: family {family.name} supports {', '.join(family.tasks)}")
+    result = stages.export(family, check_samples=_samples(args.data)[:8], options=ExportSection(opset=args.opset),
+                           max_length=128, folder=_out_folder(args.out))
+    print(f"wrote {result.folder / 'model.onnx'} (family {family.name})")
+    print(f"next: edgepack quantize {result.folder / 'model.onnx'} --calibration <data> --out int8/")
     return 0
-
-
-def _refuse_foreign_folder(out: Path) -> None:
-    if out.exists() and any(out.iterdir()) and not (out / "manifest.json").is_file():
-        raise BadInputError(f"--out {out} exists and is not an edgepack artifact folder; choose a new or empty folder")
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
-    from edgepack.artifacts import content_hash, sha256_file, write_json
-    from edgepack.calibration_data import read_samples, resolve_data_path
-    from edgepack.models import get_adapter
-    from edgepack.quantization.quantize import QuantizeOptions, RangeCache, quantize_static
-    from edgepack.quantization.sensitivity import QuantBudget
+    from edgepack import stages
+    from edgepack.recipe import QuantizeSection
 
-    adapter = get_adapter("onnx-file", str(args.model), tokenizer=args.tokenizer)
-    options = QuantizeOptions(calibrator=args.calibrator, smoothquant=args.smoothquant)
-    path = resolve_data_path(args.calibration)
-    samples = read_samples(path, field=args.field)
-    if len(samples) < args.samples:
-        raise BadInputError(f"{path}: {len(samples)} samples, but --samples asks for {args.samples}; "
-                            "lower --samples or supply more data")
-    samples = samples[: args.samples]
-    cache = None if args.range_cache is None else RangeCache(args.range_cache, content_hash({
-        "data": sha256_file(path), "samples": args.samples, "field": args.field, "max_length": args.max_length,
-        "tokenizer": str(args.tokenizer)}))
-    budget = None if args.max_cosine_drop < 0 else QuantBudget(max_cosine_drop=args.max_cosine_drop)
+    family = _open(args.model, args.tokenizer)
+    out = _out_folder(args.out)
     if args.sensitivity < 0:
         raise BadInputError(f"--sensitivity {args.sensitivity}: give the number of layers to list (0 = none)")
-    check = None if budget is None and not args.sensitivity else (
-        list(adapter.feeds(samples[:32], max_length=args.max_length)), adapter.primary_output)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_name(f".{args.out.name}.tmp-{os.getpid()}")
-    try:
-        metrics = quantize_static(args.model, tmp, n_calibration=len(samples), options=options, budget=budget,
-                                  check=check, cache=cache, sensitivity_top=args.sensitivity,
-                                  calibration_feeds=lambda: adapter.feeds(samples, max_length=args.max_length))
-        os.replace(tmp, args.out)
-    finally:
-        tmp.unlink(missing_ok=True)
-    write_json(args.out.with_suffix(".ranges.json"), metrics["tensor_ranges"])
-    print(f"wrote {args.out} ({args.out.stat().st_size / 1e6:.1f} MB, {metrics['calibrated_tensors']} tensors calibrated)")
-    if (metrics.get("range_cache") or {}).get("hit"):
-        print(f"calibration reused from {metrics['range_cache']['path']} (same model and data)")
-    fallback = metrics.get("budget", {}).get("fallback_nodes") or []
-    for rank, layer in enumerate(metrics.get("budget", {}).get("sensitivity_top", [])[: args.sensitivity], 1):
-        print(f"sensitivity #{rank}: {layer['node']} (cosine {layer['cosine_mean']:.4f} with it in float, "
-              f"+{layer['gain']:.4f})")
-    if budget is not None:
-        print(f"accuracy budget met on {len(check[0])} calibration samples "
-              f"(cosine {metrics['budget']['check_fidelity']['cosine_mean']:.4f}; {len(fallback)} layer(s) in float)")
-    tokenizer = f" --tokenizer {args.tokenizer}" if args.tokenizer else ""
-    print(f"next: edgepack validate {args.out} --reference {args.model} --data {args.calibration}{tokenizer} --ep cpu")
+    if args.samples < 1:
+        raise BadInputError(f"--samples {args.samples}: calibrate on at least 1 sample")
+    samples = _samples(args.calibration, field=args.field)
+    if len(samples) < args.samples:
+        get_reporter().info(f"- {args.calibration}: {len(samples)} samples, fewer than --samples {args.samples}: "
+                            f"calibrating on all {len(samples)}")
+    samples = samples[: args.samples]
+    options = QuantizeSection(calibrator=args.calibrator, smoothquant=args.smoothquant, recipe=args.recipe,
+                              max_cosine_drop=None if args.max_cosine_drop < 0 else args.max_cosine_drop,
+                              sensitivity_top=args.sensitivity)
+    result = stages.quantize(args.model, family, calibration=samples, options=options, max_length=args.max_length,
+                             padding="longest", folder=out, cache_dir=args.range_cache)
+    _print_quantize(result, out, args)
     return 0
 
 
+def _print_quantize(result: Any, out: Path, args: argparse.Namespace) -> None:
+    metrics = result.metrics
+    model = out / "model.onnx"
+    print(f"wrote {model} ({model.stat().st_size / 1e6:.1f} MB, {metrics['calibrated_tensors']} tensors calibrated"
+          f"{'; reused' if result.reused else ''})")
+    if (metrics.get("range_cache") or {}).get("hit"):
+        print(f"calibration reused from {metrics['range_cache']['path']} (same model and data)")
+    budget = metrics.get("budget") or {}
+    for rank, layer in enumerate(budget.get("sensitivity_top", [])[: args.sensitivity], 1):
+        print(f"sensitivity #{rank}: {layer['node']} (cosine {layer['cosine_mean']:.4f} with it in float, "
+              f"+{layer['gain']:.4f})")
+    if budget.get("max_cosine_drop") is not None:
+        print(f"accuracy budget met on {budget['check_samples']} calibration samples "
+              f"(cosine {budget['check_fidelity']['cosine_mean']:.4f}; {len(budget['fallback_nodes'])} layer(s) "
+              "in float)")
+    print(f"next: edgepack validate {model} --reference {args.model} --data {args.calibration} --ep cpu")
+
+
 def cmd_validate(args: argparse.Namespace) -> int:
-    from edgepack.calibration_data import read_samples, resolve_data_path
-    from edgepack.models import get_adapter
-    from edgepack.report import write_reports
-    from edgepack.runtime.harness import ValidationSettings, validate_variants
+    from edgepack.pipeline import validate_files
+    from edgepack.runtime.harness import ValidationSettings
     from edgepack.runtime.providers import parse_providers
 
     providers = parse_providers(args.ep)
-    adapter = get_adapter("onnx-file", str(args.model), tokenizer=args.tokenizer)
+    family = _open(args.model, args.tokenizer)
     if args.reference is not None:
-        get_adapter("onnx-file", str(args.reference))  # a bad reference file fails before any measuring
-    samples = read_samples(resolve_data_path(args.data), field=args.field, pair_field=args.pair_field)[: args.samples]
-    variants = {"reference": args.reference, "model": args.model} if args.reference else {"model": args.model}
+        _open(args.reference, None)  # a bad reference file fails before any measuring
+    samples = _samples(args.data, field=args.field, pair_field=args.pair_field,
+                       label_field=args.label_field)[: args.samples]
     # NPU models are fixed to sequence_length and evaluation samples are padded up to it, so they must not be longer.
     settings = ValidationSettings(sequence_length=args.sequence_length, max_length=args.sequence_length,
                                   runs=args.runs, emulated_samples=args.emulated_samples)
     with tempfile.TemporaryDirectory(prefix="edgepack-validate-") as scratch:
         out = args.out or Path(scratch)
-        out.mkdir(parents=True, exist_ok=True)
-        results = validate_variants({k: Path(v).resolve() for k, v in variants.items()}, adapter=adapter,
-                                    samples=samples, providers=providers, out=out.resolve(), settings=settings,
-                                    reference=next(iter(variants)))
-        report = {"edgepack_version": __version__, "recipe": {"name": "validate", "validate": {
-            "sequence_length": settings.sequence_length, "threads": settings.threads, "warmup": settings.warmup,
-            "runs": settings.runs}}, "model": adapter.describe(),
-            "data": {"path": args.data, "n_calibration": 0, "n_evaluation": len(samples)},
-            "reference": next(iter(variants)), "primary_output": adapter.primary_output, **results,
-            "gates": [], "passed": True}
-        if args.out:
-            write_reports(report, out)
+        report = validate_files(args.model, family, reference=args.reference, samples=samples, providers=providers,
+                                settings=settings, out=out, data_path=args.data, write=args.out is not None)
         return _finish(report, args, args.out)
+
+
+def cmd_bundle(args: argparse.Namespace) -> int:
+    from edgepack import stages
+    from edgepack.exporters.bundle import parse_fixed_shapes, validated_from_report
+    from edgepack.recipe import BundleSection
+
+    family = _open(args.model, args.tokenizer)
+    options = BundleSection(samples=args.samples, optimization_style=args.optimization_style,
+                            target_platform=args.target_platform, alignment=args.alignment,
+                            fixed_shapes=parse_fixed_shapes(args.fixed_shape))
+    validated = validated_from_report(args.validation_report, args.model) if args.validation_report else None
+    result = stages.bundle(args.model, family, samples=_samples(args.data, field=args.field), options=options,
+                           max_length=args.max_length, validated=validated, symbol_prefix=args.symbol_prefix,
+                           folder=_out_folder(args.out), force=args.force)
+    description = json.loads((result.folder / "bundle.json").read_text())
+    for name, entry in description["files"].items():
+        if not name.rsplit("/", 1)[-1].startswith(("input_", "output_")):
+            print(f"  {entry['size_bytes']:>12,}  {name}")
+    vectors = sum(len(v["golden"]["vectors"]) for v in description["variants"].values())
+    print(f"wrote {result.folder} ({', '.join(description['variants'])}; {vectors} golden vectors)")
+    print(f"next: edgepack verify {result.folder}")
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from edgepack.exporters.verify import verify_bundle
+
+    result = verify_bundle(args.bundle, provider=args.ep)
+    if not result.passed:
+        for line in result.mismatches:
+            print(f"  {line}", file=sys.stderr)
+        raise GateFailedError(f"{args.bundle}: {result.mismatches[0]} ({len(result.mismatches)} mismatch(es) "
+                              "in total)")
+    print(f"{args.bundle}: all files match their sha256; {result.vectors} golden vectors within tolerance on "
+          f"{result.provider}")
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,244 +1,251 @@
-"""Run a recipe: export -> quantize -> validate (fresh subprocess per variant x EP) -> report -> gates.
+"""Run a recipe: export -> (distill, prune) -> quantize -> validate -> bundle -> report -> gates.
 
-Each stage is a function from artifact to artifact. Its folder is named by the content hash of its config and
-inputs, so a rerun with the same recipe and data reuses finished folders (resume), and any change makes a new one.
+The model family (`edgepack.families`) answers every model-specific question; the stages (`edgepack.stages`) do
+the work through the one stage runner, which names each folder by the content hash of its config and inputs: a
+rerun with the same recipe and data reuses finished folders (resume), and any change makes a new one.
 """
 
 from __future__ import annotations
 
-import contextlib
-import json
-from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from edgepack import __version__
-from edgepack.artifacts import StageRecord, content_hash, read_manifest, sha256_file, stage_folder
-from edgepack.calibration_data import DataSplit, Feed, TextSample, read_samples, resolve_data_path, split_samples
+import numpy as np
+
+from edgepack import __version__, stages
+from edgepack.artifacts import read_manifest
+from edgepack.calibration_data import DataSplit, TextSample, read_samples, resolve_data_path, split_samples
 from edgepack.errors import BadInputError
-from edgepack.exporters.onnx import ExportOptions, export_onnx
-from edgepack.models import ModelAdapter, default_model_path, get_adapter
-from edgepack.models.torch_module import InputSpec
-from edgepack.quantization.quantize import QuantizeOptions, RangeCache, quantize_static
-from edgepack.quantization.sensitivity import QuantBudget
+from edgepack.families import FAMILIES, ModelFamily, open_model
 from edgepack.recipe import Recipe
 from edgepack.report import evaluate_gates, write_reports
+from edgepack.report.model import BundleInfo, DataInfo, QuantizationSummary, Report, StageSummary, Variant
 from edgepack.reporter import get_reporter
-from edgepack.runtime.harness import ValidationSettings, validate_variants
+from edgepack.runner import StageResult, run_stage
+from edgepack.runtime.harness import ValidationSettings
 from edgepack.runtime.providers import parse_providers
+
+
+def open_recipe_model(recipe: Recipe) -> ModelFamily:
+    model = recipe.model
+    return open_model(model.path, family=model.family, options=model.options, task=model.task, where="model")
+
+
+def load_split(recipe: Recipe) -> DataSplit:
+    data = recipe.data
+    path = resolve_data_path(data.path)
+    samples = read_samples(path, format=data.format, field=data.field, pair_field=data.pair_field,
+                           label_field=data.label_field)
+    return split_samples(samples, n_calibration=data.n_calibration, n_evaluation=data.n_evaluation,
+                         seed=data.seed, source=str(path))
 
 
 @dataclass
 class RunContext:
     recipe: Recipe
     out: Path
-    adapter: ModelAdapter
+    family: ModelFamily
     split: DataSplit
-    data_hash: str
+    stages: list[StageSummary] = field(default_factory=list)
+
+    def record(self, result: StageResult) -> StageResult:
+        manifest = result.manifest
+        self.stages.append(StageSummary(stage=manifest.get("stage", "?"), folder=result.folder.name,
+                                        reused=result.reused, wall_time_s=manifest.get("wall_time_s"),
+                                        peak_rss_mb=manifest.get("peak_rss_mb")))
+        return result
 
 
-def build_adapter(recipe: Recipe) -> ModelAdapter:
-    model = recipe.model
-    if model.adapter == "torch-module":
-        inputs = [InputSpec(i.name, tuple(i.shape), i.dtype) for i in model.inputs]
-        return get_adapter("torch-module", model.path, inputs=inputs, outputs=model.outputs)
-    source = default_model_path() if model.path == "default" else model.path
-    return get_adapter("hf-encoder", source, pooling=model.pooling)
+# ---------------------------------------------------------------------------------------------------- compress
 
 
-def load_split(recipe: Recipe) -> DataSplit:
-    data = recipe.data
-    path = resolve_data_path(data.path)
-    samples = read_samples(path, format=data.format, field=data.field, pair_field=data.pair_field)
-    return split_samples(samples, n_calibration=data.n_calibration, n_evaluation=data.n_evaluation,
-                         seed=data.seed, source=str(path))
+def distill_texts(ctx: RunContext) -> tuple[list[str], list[tuple[str, str]]]:
+    """(training texts, held-out (text, paraphrase) pairs for early stopping).
+
+    Without `distill.data`: the calibration split, its last fifth held out. With it: that file's texts (and pair
+    texts), minus any text of the evaluation split, plus `combinations` random two-text concatenations.
+    """
+    calibration = ctx.split.calibration
+    held = max(1, len(calibration) // 5)
+    eval_pairs = [(s.text, s.pair) for s in calibration[-held:] if isinstance(s, TextSample) and s.pair]
+    spec = ctx.recipe.distill.data
+    if spec is None:
+        texts = [s.text for s in calibration if isinstance(s, TextSample)]
+        return (texts[:-held] if eval_pairs else texts), eval_pairs
+    samples = read_samples(resolve_data_path(spec.path), format=spec.format, field=spec.field,
+                           pair_field=spec.pair_field)
+    unseen = {text for s in [*ctx.split.evaluation, *calibration[-held:]] if isinstance(s, TextSample)
+              for text in (s.text, s.pair) if text}
+    texts: list[str] = []
+    for sample in samples:
+        if not isinstance(sample, TextSample) or sample.text in unseen or (sample.pair and sample.pair in unseen):
+            continue
+        texts += [sample.text] + ([sample.pair] if sample.pair else [])
+    texts = list(dict.fromkeys(texts))[: 2 * spec.max_samples if spec.max_samples else None]
+    if not texts:
+        raise BadInputError(f"distill.data {spec.path}: no training text left after holding out the evaluation "
+                            "split; use a file with other text than data.path's")
+    rng = np.random.default_rng(spec.seed)
+    pairs = rng.integers(0, len(texts), size=(spec.combinations, 2)) if spec.combinations else np.zeros((0, 2), int)
+    texts += [f"{texts[i]} {texts[j]}" for i, j in pairs if i != j]
+    return texts, eval_pairs
 
 
-def _model_fingerprint(source: str | Path) -> str:
-    """sha256 over the model folder's files (a local HF folder), or the import path (torch-module)."""
-    path = Path(source)
-    if not path.is_dir():
-        return content_hash(str(source))
-    return content_hash({str(p.relative_to(path)): sha256_file(p) for p in sorted(path.rglob("*")) if p.is_file()})
-
-
-def _split_hash(split: DataSplit) -> str:
-    def key(sample: Any) -> Any:
-        if isinstance(sample, dict):
-            return {k: content_hash(v.tobytes().hex()) for k, v in sample.items()}
-        return [sample.text, sample.pair]
-
-    return content_hash({"cal": [key(s) for s in split.calibration], "eval": [key(s) for s in split.evaluation]})
-
-
-def _cached(folder: Path) -> dict[str, Any] | None:
-    manifest = read_manifest(folder)
-    if manifest is not None:
-        get_reporter().info(f"[dim]reusing {folder.name} (same config and inputs)[/dim]")
-    return manifest
-
-
-def stage_export(ctx: RunContext, adapter: ModelAdapter) -> Path:
-    cfg = ctx.recipe.export
-    record_cfg = {"model": adapter.describe(), **cfg.model_dump()}
-    inputs = {"model": _model_fingerprint(adapter.source), "data": ctx.data_hash}
-    folder = ctx.out / f"export-{content_hash({'stage': 'export', 'cfg': record_cfg, 'in': inputs, 'v': __version__})}"
-    if _cached(folder):
-        return folder / "model.onnx"
-    record = StageRecord("export", record_cfg, inputs)
-    check_samples = (ctx.split.evaluation or ctx.split.calibration)[: cfg.check_samples]
-    feeds = list(adapter.feeds(check_samples, batch_size=1, max_length=ctx.recipe.data.max_length))
-    with get_reporter().step("export to ONNX and check against PyTorch"), stage_folder(folder, record) as tmp:
-        record.metrics = export_onnx(adapter, tmp / "model.onnx", check_feeds=feeds,
-                                     options=ExportOptions(opset=cfg.opset, atol=cfg.atol))
-    return folder / "model.onnx"
-
-
-def _texts(samples: Any) -> list[str]:
-    return [s.text for s in samples if isinstance(s, TextSample)]
-
-
-def stage_compress(ctx: RunContext) -> ModelAdapter | None:
-    """Distill and/or prune the teacher (HF folder in, HF folder out); None when both are off."""
-    recipe = ctx.recipe
+def stage_compress(ctx: RunContext) -> ModelFamily | None:
+    """Distill and/or prune the model (HF folder in, HF folder out); the student as the same family, or None."""
+    recipe, family = ctx.recipe, ctx.family
     if not (recipe.distill.enabled or recipe.prune.enabled):
         return None
-    if recipe.model.adapter != "hf-encoder":
-        raise BadInputError("distill / prune need model.adapter hf-encoder (a Hugging Face folder); turn them off "
-                            "for torch-module models")
+    if family.compress_task is None or family.source.kind != "hf-folder":
+        able = [n for n in FAMILIES if FAMILIES.get(n).compress_task]
+        raise BadInputError(f"distill / prune: family {family.name} ({family.source.text}) cannot be compressed; "
+                            f"families that can: {', '.join(able)} (from their Hugging Face folder); turn "
+                            "distill.enabled and prune.enabled off")
     from edgepack.compress.stages import distill_model, prune_model
 
-    # Training and importance data: the calibration split. Distillation's early stopping watches the last fifth
-    # of it (held out from training), never the evaluation split, so the report's figures stay unbiased.
-    texts = _texts(ctx.split.calibration)
-    held = max(1, len(ctx.split.calibration) // 5)
-    eval_pairs = [(s.text, s.pair) for s in ctx.split.calibration[-held:] if isinstance(s, TextSample) and s.pair]
-    source = Path(ctx.adapter.source)
-    steps: list[tuple[str, Any]] = []
-    if recipe.distill.enabled:
-        steps.append(("distill", lambda src, dst: distill_model(src, dst, texts=texts[:-held] if eval_pairs else texts,
-                                                                eval_pairs=eval_pairs, options=recipe.distill)))
-    if recipe.prune.enabled:
-        steps.append(("prune", lambda src, dst: prune_model(src, dst, texts=texts, options=recipe.prune)))
-    for name, run in steps:
+    texts, eval_pairs = distill_texts(ctx)
+    source = Path(family.source.path or family.source.text)
+    for name in ("distill", "prune"):
         section = getattr(recipe, name)
-        inputs = {"model": _model_fingerprint(source), "data": ctx.data_hash}
-        folder = ctx.out / f"{name}-{content_hash({'stage': name, 'cfg': section.model_dump(), 'in': inputs, 'v': __version__})}"
-        if not _cached(folder):
-            record = StageRecord(name, section.model_dump(), inputs)
-            with stage_folder(folder, record) as tmp:
-                record.metrics = run(source, tmp / "model")
-        source = folder / "model"
-    return get_adapter("hf-encoder", str(source), pooling=recipe.model.pooling)
+        if not section.enabled:
+            continue
+        section = section.model_copy(update={"task": section.task or family.compress_task})
+        inputs = {"model": stages.model_fingerprint(open_model(str(source), family=family.name)),
+                  "data": stages.samples_hash([TextSample(t) for t in texts])}
+
+        def work(tmp: Path, name: str = name, section: Any = section, src: Path = source) -> dict[str, Any]:
+            if name == "distill":
+                return distill_model(src, tmp / "model", texts=texts, eval_pairs=eval_pairs, options=section)
+            return prune_model(src, tmp / "model", texts=texts, options=section)
+
+        result = ctx.record(run_stage(name, section.model_dump(), inputs, work, root=ctx.out))
+        source = result.folder / "model"
+    return open_model(str(source), family=family.name, options=recipe.model.options, task=recipe.model.task)
 
 
-def stage_quantize(ctx: RunContext, fp32: Path) -> Path:
-    q = ctx.recipe.quantize
-    options = QuantizeOptions(calibrator=q.calibrator, smoothquant=q.smoothquant, family=q.family,
-                              per_channel=q.per_channel, activation_type=q.activation_type,
-                              weight_type=q.weight_type, exclude_nodes=tuple(q.exclude_nodes))
-    data = ctx.recipe.data
-    inputs = {"model": sha256_file(fp32), "data": ctx.data_hash}
-    record_cfg = {**q.model_dump(), "max_length": data.max_length, "padding": data.padding}
-    folder = ctx.out / f"quantize-{content_hash({'stage': 'quantize', 'cfg': record_cfg, 'in': inputs, 'v': __version__})}"
-    if _cached(folder):
-        return folder / "model.onnx"
-    record = StageRecord("quantize", record_cfg, inputs)
-
-    def calibration_feeds() -> Iterator[Feed]:
-        return ctx.adapter.feeds(ctx.split.calibration, batch_size=1, max_length=data.max_length, padding=data.padding)
-
-    with stage_folder(folder, record) as tmp:
-        get_reporter().info(f"- static INT8: calibrating on {len(ctx.split.calibration)} samples")
-        budget = None if q.max_cosine_drop is None else QuantBudget(q.max_cosine_drop, q.max_fallback_layers)
-        check = list(ctx.adapter.feeds(ctx.split.calibration[: q.budget_samples], max_length=data.max_length))
-        cache = RangeCache(ctx.out / "cache", content_hash({"data": ctx.data_hash, "max_length": data.max_length,
-                                                            "padding": data.padding,
-                                                            "tokenizer": str(ctx.adapter.source)}))
-        metrics = quantize_static(fp32, tmp / "model.onnx", calibration_feeds=calibration_feeds,
-                                  n_calibration=len(ctx.split.calibration), options=options, budget=budget,
-                                  check=(check, ctx.adapter.primary_output), cache=cache,
-                                  sensitivity_top=q.sensitivity_top)
-        (tmp / "tensor_ranges.json").write_text(json.dumps(metrics.pop("tensor_ranges"), indent=1))
-        record.metrics = metrics
-    return folder / "model.onnx"
+# ---------------------------------------------------------------------------------------------------- the run
 
 
-def stage_bundle(ctx: RunContext, final: Path, *, validated: dict[str, Any]) -> Path:
-    """The final variant as app/firmware deliverables; the bundle writes its own manifest (kind edgepack-bundle)."""
-    from edgepack.exporters.bundle import BundleOptions, make_bundle, read_bundle_manifest
-
-    cfg = ctx.recipe.bundle
-    inputs = {"model": sha256_file(final), "data": ctx.data_hash}
-    folder = ctx.out / f"bundle-{content_hash({'stage': 'bundle', 'cfg': cfg.model_dump(), 'in': inputs, 'validated': validated, 'v': __version__})}"
-    if (folder / "manifest.json").is_file():
-        with contextlib.suppress(BadInputError):
-            read_bundle_manifest(folder)
-            get_reporter().info(f"[dim]reusing {folder.name} (same config and inputs)[/dim]")
-            return folder
-    # evaluation_feeds returns each text's feed, then its paraphrase's: the first `samples` are the texts
-    feeds = ctx.adapter.evaluation_feeds(ctx.split.evaluation[: cfg.samples], max_length=ctx.recipe.data.max_length)
-    options = BundleOptions(optimization_style=cfg.optimization_style, alignment=cfg.alignment,
-                            fixed_shapes=cfg.fixed_shapes, target_platform=cfg.target_platform, force=True)
-    with get_reporter().step("bundle: .ort, operator config, C array, golden vectors"):
-        make_bundle(final, folder, feeds=feeds[: cfg.samples], options=options, validated=validated)
-    return folder
-
-
-def quantization_summary(folder: Path) -> dict[str, Any]:
-    """What the report says about the INT8 stage: plan, SmoothQuant alphas, budget, fallback, sensitive layers."""
-    metrics = (read_manifest(folder) or {}).get("metrics", {})
-    budget = metrics.get("budget") or {}
-    return {
-        "stage": folder.name,
-        "plan_notes": metrics.get("plan", {}).get("notes", []),
-        "smoothquant": metrics.get("smoothquant", {}),
-        "budget": {k: budget.get(k) for k in ("max_cosine_drop", "met", "check_samples", "check_fidelity",
-                                              "fallback_nodes")} if budget else None,
-        "sensitivity_top": budget.get("sensitivity_top", []),
-        "range_cache_hit": (metrics.get("range_cache") or {}).get("hit"),
-    }
-
-
-def run_recipe(recipe: Recipe, out: Path) -> dict[str, Any]:
-    """Run every stage; write report.json/report.md into `out`; return the report (gates evaluated, not raised)."""
+def _check_recipe(recipe: Recipe) -> list[Any]:
     providers = parse_providers(",".join(recipe.validate_.providers))  # fail on a bad EP name before any work
     if recipe.data.n_evaluation < 1:
         raise BadInputError("data.n_evaluation is 0; validation needs evaluation samples (e.g. 100)")
-    out.mkdir(parents=True, exist_ok=True)
-    adapter = build_adapter(recipe)
-    split = load_split(recipe)
-    ctx = RunContext(recipe, out, adapter, split, _split_hash(split))
-    variants = {"fp32": stage_export(ctx, adapter)}
+    return providers
+
+
+def _variants(ctx: RunContext) -> tuple[dict[str, Path], dict[str, str | None], ModelFamily]:
+    """Every model the run makes, and what each is compared to; the family of the last FP32 model."""
+    split, data = ctx.split, ctx.recipe.data
+    check = split.evaluation or split.calibration
+    fp32 = ctx.record(stages.export(ctx.family, check_samples=check, options=ctx.recipe.export,
+                                    max_length=data.max_length, root=ctx.out))
+    variants: dict[str, Path] = {"fp32": fp32.folder / "model.onnx"}
+    compared: dict[str, str | None] = {"fp32": None}
+    last, last_family = "fp32", ctx.family
     student = stage_compress(ctx)
     if student is not None:
-        variants["compressed-fp32"] = stage_export(ctx, student)
-    if recipe.quantize.enabled:
-        variants["int8"] = stage_quantize(ctx, variants["compressed-fp32" if student else "fp32"])
+        exported = ctx.record(stages.export(student, check_samples=check, options=ctx.recipe.export,
+                                            max_length=data.max_length, root=ctx.out))
+        variants["compressed-fp32"], compared["compressed-fp32"] = exported.folder / "model.onnx", "fp32"
+        last, last_family = "compressed-fp32", student
+    if ctx.recipe.quantize.enabled:
+        int8 = ctx.record(stages.quantize(variants[last], last_family, calibration=split.calibration,
+                                          options=ctx.recipe.quantize, max_length=data.max_length,
+                                          padding=data.padding, root=ctx.out, cache_dir=ctx.out / "cache"))
+        variants["int8"], compared["int8"] = int8.folder / "model.onnx", last
+    return variants, compared, last_family
+
+
+def quantization_summary(manifest: dict[str, Any], folder: str) -> QuantizationSummary:
+    """What the report says about the INT8 stage: plan, SmoothQuant alphas, budget, fallback, sensitive layers."""
+    metrics = manifest.get("metrics", {})
+    budget = metrics.get("budget") or {}
+    return QuantizationSummary(
+        stage=folder,
+        recipe=manifest.get("config", {}).get("recipe"),
+        plan_notes=metrics.get("plan", {}).get("notes", []),
+        smoothquant=metrics.get("smoothquant", {}),
+        budget={k: budget.get(k) for k in ("max_cosine_drop", "met", "check_samples", "check_fidelity",
+                                           "fallback_nodes")} if budget else None,
+        sensitivity_top=budget.get("sensitivity_top", []),
+        range_cache_hit=(metrics.get("range_cache") or {}).get("hit"),
+    )
+
+
+def run_recipe(recipe: Recipe, out: Path) -> Report:
+    """Run every stage; write report.json/md/html into `out`; return the report (gates evaluated, not raised)."""
+    providers = _check_recipe(recipe)
+    out.mkdir(parents=True, exist_ok=True)
+    family = open_recipe_model(recipe)
+    ctx = RunContext(recipe, out, family, load_split(recipe))
+    variants, compared, last_family = _variants(ctx)
     v = recipe.validate_
     settings = ValidationSettings(sequence_length=v.sequence_length, max_length=recipe.data.max_length,
                                   threads=v.threads, warmup=v.warmup, runs=v.runs)
-    results = validate_variants(variants, adapter=adapter, samples=split.evaluation, providers=providers,
-                                out=out, settings=settings, reference="fp32")
-    report = {
-        "edgepack_version": __version__,
-        "recipe": recipe.dump(),
-        "model": adapter.describe(),
-        "data": {"path": recipe.data.path, "n_calibration": len(split.calibration),
-                 "n_evaluation": len(split.evaluation), "hash": ctx.data_hash},
-        "reference": "fp32",
-        "primary_output": adapter.primary_output,
-        **results,
-    }
+    validated = ctx.record(stages.validate(variants, last_family, samples=ctx.split.evaluation, providers=providers,
+                                           settings=settings, compared_to=compared, root=out,
+                                           cache_dir=out / "ep-cache"))
+    report = Report(
+        edgepack_version=__version__, recipe=recipe.dump(), model=family.describe(),
+        data=DataInfo(path=recipe.data.path, n_calibration=len(ctx.split.calibration),
+                      n_evaluation=len(ctx.split.evaluation), hash=stages.samples_hash(ctx.split.evaluation)),
+        reference="fp32", primary_output=family.primary_output, passed=True,
+        variants=_report_variants(variants, validated.metrics["variants"], out),
+        validation_folder=validated.folder.name)
     if "int8" in variants:
-        report["quantization"] = quantization_summary(variants["int8"].parent)
+        folder = variants["int8"].parent
+        report.quantization = quantization_summary(read_manifest(folder) or {}, folder.name)
     final = list(variants)[-1]
     if recipe.bundle.enabled:
-        validated = {ep: {"status": e["status"], "how": e["how"]}
-                     for ep, e in results["variants"][final]["providers"].items()}
-        report["bundle"] = {"path": stage_bundle(ctx, variants[final], validated=validated).name, "variant": final}
-    report["gates"] = evaluate_gates(report, recipe.gates, final=final)
-    report["passed"] = all(g["passed"] for g in report["gates"])
+        entries = report.variants[final].providers
+        done = {ep: {"status": e.status, "how": e.how} for ep, e in entries.items()}
+        bundled = ctx.record(stages.bundle(variants[final], last_family, samples=ctx.split.evaluation,
+                                           options=recipe.bundle, max_length=recipe.data.max_length, validated=done,
+                                           root=out))
+        report.bundle = BundleInfo(path=bundled.folder.name, variant=final)
+    report.stages = ctx.stages
+    report.gates = evaluate_gates(report, recipe.gates, final=final)
+    report.passed = all(g.passed for g in report.gates)
     write_reports(report, out)
+    get_reporter().info(f"report: {out / 'report.md'}")
+    return report
+
+
+def _report_variants(variants: dict[str, Path], results: dict[str, Any], out: Path) -> dict[str, Variant]:
+    rows = {}
+    for name, path in variants.items():
+        entry = results[name]
+        rel = str(path.relative_to(out)) if path.is_relative_to(out) else str(path)
+        rows[name] = Variant(path=rel, size_bytes=entry["size_bytes"], sha256=entry["sha256"],
+                             compared_to=entry.get("compared_to"), providers=entry["providers"])
+    return rows
+
+
+def validate_files(model: Path, family: ModelFamily, *, reference: Path | None, samples: list[Any],
+                   providers: list[Any], settings: ValidationSettings, out: Path, data_path: str,
+                   write: bool) -> Report:
+    """`edgepack validate`: the validate stage on ONNX files (a model, optionally against a reference)."""
+    variants = {"reference": Path(reference).resolve(), "model": Path(model).resolve()} if reference else \
+        {"model": Path(model).resolve()}
+    compared: dict[str, str | None] = {"reference": None, "model": "reference"} if reference else {"model": None}
+    out.mkdir(parents=True, exist_ok=True)
+    result = stages.validate(variants, family, samples=samples, providers=providers, settings=settings,
+                             compared_to=compared, root=out.resolve(), cache_dir=out.resolve() / "ep-cache")
+    name = next(iter(variants))
+    report = Report(
+        edgepack_version=__version__,
+        recipe={"name": "validate", "validate": {"sequence_length": settings.sequence_length,
+                                                 "threads": settings.threads, "warmup": settings.warmup,
+                                                 "runs": settings.runs}},
+        model=family.describe(), data=DataInfo(path=data_path, n_calibration=0, n_evaluation=len(samples),
+                                               hash=stages.samples_hash(samples)),
+        reference=name, primary_output=family.primary_output, passed=True,
+        variants=_report_variants(variants, result.metrics["variants"], out.resolve()),
+        validation_folder=result.folder.name,
+        stages=[StageSummary(stage="validate", folder=result.folder.name, reused=result.reused,
+                             wall_time_s=result.manifest.get("wall_time_s"),
+                             peak_rss_mb=result.manifest.get("peak_rss_mb"))])
+    if write:
+        write_reports(report, out)
     return report

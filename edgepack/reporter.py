@@ -19,7 +19,7 @@ T = TypeVar("T")
 class Reporter:
     def __init__(self, *, quiet: bool = False) -> None:
         self.quiet = quiet
-        self.console = Console(stderr=True, highlight=False)
+        self.console = Console(stderr=True, highlight=False, soft_wrap=True)  # logs keep whole lines
 
     def info(self, message: str) -> None:
         if not self.quiet:

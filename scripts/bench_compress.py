@@ -84,8 +84,9 @@ def sparse_child(model_dir: str, out: str, texts_path: str) -> None:
 
 
 def export(model_dir: Path, path: Path, samples: list[Any]) -> None:
-    from edgepack.exporters.onnx import export_onnx
     from edgepack.models import get_adapter
+
+    from edgepack.exporters.onnx import export_onnx
 
     if not path.exists():
         adapter = get_adapter("hf-encoder", str(model_dir))
@@ -94,8 +95,9 @@ def export(model_dir: Path, path: Path, samples: list[Any]) -> None:
 
 def quantize(model_dir: Path, fp32: Path, int8: Path, calibration: list[str]) -> str:
     """Our static INT8 when it imports and runs; otherwise ORT's dynamic INT8, and the table says so."""
-    from edgepack.calibration_data import TextSample
     from edgepack.models import get_adapter
+
+    from edgepack.calibration_data import TextSample
 
     adapter = get_adapter("hf-encoder", str(model_dir))
     samples = [TextSample(t) for t in calibration]
@@ -115,14 +117,14 @@ def quantize(model_dir: Path, fp32: Path, int8: Path, calibration: list[str]) ->
 def measure_variants(variants: dict[str, tuple[Path, Path]], test: list[list[str]], work: Path) -> dict[str, Any]:
     """Latency (best p50 of two alternating rounds), memory, R@1/MRR on the test pairs, per variant."""
     from edgepack.calibration_data import TextSample
-    from edgepack.models import get_adapter
+    from edgepack.families import open_model
     from edgepack.runtime.probe import ProbeOptions, measure
 
     samples = [TextSample(t, pair=p) for t, p in test]
     results: dict[str, Any] = {}
     for round_index in range(2):
         for name, (model_dir, onnx_path) in variants.items():
-            adapter = get_adapter("hf-encoder", str(model_dir))
+            adapter = open_model(str(model_dir))
             evaluation = adapter.evaluation_feeds(samples, max_length=128) if round_index == 0 else []
             probe = measure(onnx_path, latency_feed=adapter.latency_feed(samples, sequence_length=128),
                             evaluation_feeds=evaluation, workdir=work / "probe", options=ProbeOptions(runs=100))
@@ -133,7 +135,7 @@ def measure_variants(variants: dict[str, tuple[Path, Path]], test: list[list[str
             entry["p50s"].append(probe.latency_ms["p50"])
             if round_index == 0:
                 entry["peak_mb"] = probe.memory_mb["peak"]
-                entry["metrics"] = adapter.task_metric(probe.outputs, samples)
+                entry["metrics"] = adapter.task_metrics(probe.outputs, samples)
     for entry in results.values():
         if entry.get("p50s"):
             entry["p50_ms"] = min(entry["p50s"])
@@ -391,7 +393,7 @@ def main() -> None:
         render_only(args.out)
         return
     if args.requantize:
-        from edgepack.models import default_model_path
+        from edgepack.families import default_model_path
 
         requantize(args.out, args.teacher or Path(default_model_path()))
         return
@@ -400,7 +402,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     from edgepack.calibration_data import TextSample
     from edgepack.compress.trainer import optimizer_availability
-    from edgepack.models import default_model_path
+    from edgepack.families import default_model_path
 
     teacher = args.teacher or Path(default_model_path())
     data = prepare_data()

@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _bench_common import machine_line, markdown_table, write_section  # noqa: E402
+from _bench_common import machine_line, markdown_table, report_of, write_section  # noqa: E402
 
 PROVIDERS = "cpu,mobile-cpu,qnn-htp,nnapi,coreml,xnnpack,cuda,tensorrt"
 
@@ -27,22 +27,19 @@ def main() -> None:
     args = parser.parse_args()
     from bench_quant import context
 
-    from edgepack.pipeline import stage_export, stage_quantize
     from edgepack.report import results_rows
     from edgepack.report.writer import COLUMNS
-    from edgepack.runtime.harness import ValidationSettings, validate_variants
+    from edgepack.runtime.harness import ValidationSettings
     from edgepack.runtime.providers import parse_providers
 
     args.out.mkdir(parents=True, exist_ok=True)
     ctx = context(args.out.resolve())
-    fp32 = stage_export(ctx, ctx.adapter)
-    variants = {"fp32": fp32, "int8": stage_quantize(ctx, fp32)}
+    fp32 = ctx.export()
+    variants = {"fp32": fp32, "int8": ctx.quantize(fp32)}
     settings = ValidationSettings(sequence_length=args.sequence_length, max_length=args.sequence_length, runs=50)
     samples = ctx.split.evaluation[:20]
-    results = validate_variants(variants, adapter=ctx.adapter, samples=samples, providers=parse_providers(PROVIDERS),
-                                out=ctx.out, settings=settings)
-    report = {"reference": "fp32", **results}
-    table = markdown_table(list(COLUMNS), results_rows(report))
+    results = ctx.validate(variants, samples=samples, providers=parse_providers(PROVIDERS), settings=settings)
+    table = markdown_table(list(COLUMNS), results_rows(report_of(results, variants, ctx)))
     stability = _stability(ctx, variants["int8"], settings)
     write_section("providers", f"## Per-EP validation of all-MiniLM-L6-v2 (FP32 and edgepack INT8)\n\n"
                   f"`python scripts/bench_providers.py` — {machine_line()}\n\nBatch 1, sequence {args.sequence_length}, "

@@ -24,7 +24,14 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _bench_common import machine_line, markdown_table, peak_rss_mb, run_child, write_section  # noqa: E402
+from _bench_common import (  # noqa: E402
+    DemoContext,
+    machine_line,
+    markdown_table,
+    peak_rss_mb,
+    run_child,
+    write_section,
+)
 
 CAL_METHODS = {  # edgepack calibrator -> ORT CalibrationMethod name (None: ORT has no such method)
     "minmax": "MinMax", "percentile": "Percentile", "entropy": "Entropy", "mse": None,
@@ -38,12 +45,7 @@ CAL_REPEATS = 2  # fresh-process runs per cell; the table keeps the fastest
 
 
 def context(out: Path) -> Any:
-    from edgepack.pipeline import RunContext, _split_hash, build_adapter, load_split
-    from edgepack.recipe import DEMO_RECIPE
-
-    adapter = build_adapter(DEMO_RECIPE)
-    split = load_split(DEMO_RECIPE)
-    return RunContext(DEMO_RECIPE, out, adapter, split, _split_hash(split))
+    return DemoContext(out)
 
 
 def build_anchors(ctx: Any, fp32: Path) -> dict[str, Path]:
@@ -101,10 +103,10 @@ def torch_dynamic_child(model_dir: str, feeds_path: str, out_path: str) -> None:
     import numpy as np
     import torch
 
-    from edgepack.models import get_adapter
+    from edgepack.families import open_model
 
     torch.set_num_threads(2)
-    module = get_adapter("hf-encoder", model_dir).load_torch()
+    module = open_model(model_dir).load_torch()
     qmodel = torch.ao.quantization.quantize_dynamic(module, {torch.nn.Linear}, dtype=torch.qint8).eval()
     data = np.load(feeds_path)
     n = int(data["n"])
@@ -142,7 +144,7 @@ def torch_dynamic(ctx: Any, settings_feeds: tuple[list[dict], dict], ref: list[d
     emb = np.load(out)
     outputs = [{"sentence_embedding": emb[i: i + 1]} for i in range(len(feeds))]
     result["metrics"] = fidelity(ref, outputs, output="sentence_embedding")
-    result["metrics"].update(ctx.adapter.task_metric(outputs, ctx.split.evaluation))
+    result["metrics"].update(ctx.adapter.task_metrics(outputs, ctx.split.evaluation))
     return result
 
 
@@ -155,13 +157,12 @@ def best_of_rounds(variants: dict[str, Path], ctx: Any, settings: Any, *, rounds
     On a shared 2-core machine one pass can catch a noisy moment; interleaving puts every variant through the
     same moments, and the best pass is the least disturbed one. Fidelity is identical across passes.
     """
-    from edgepack.runtime.harness import validate_variants
     from edgepack.runtime.providers import parse_providers
 
     best: dict[str, Any] = {}
     for _ in range(rounds):
-        passed = validate_variants(variants, adapter=ctx.adapter, samples=ctx.split.evaluation,
-                                   providers=parse_providers("cpu"), out=ctx.out, settings=settings)["variants"]
+        passed = ctx.validate(variants, samples=ctx.split.evaluation, providers=parse_providers("cpu"),
+                              settings=settings, fresh=True)["variants"]
         for name, entry in passed.items():
             cpu, kept = entry["providers"]["cpu"], best.get(name, {}).get("providers", {}).get("cpu")
             if kept is None or (cpu["status"] == "ok" and cpu["latency_ms"]["p50"] < kept["latency_ms"]["p50"]):
@@ -170,12 +171,11 @@ def best_of_rounds(variants: dict[str, Path], ctx: Any, settings: Any, *, rounds
 
 
 def quality_table(ctx: Any) -> tuple[str, dict[str, float]]:
-    from edgepack.pipeline import stage_export, stage_quantize
     from edgepack.runtime.harness import ValidationSettings
     from edgepack.runtime.probe import ProbeOptions, measure
 
-    fp32 = stage_export(ctx, ctx.adapter)
-    variants = {"fp32": fp32, "edgepack-int8": stage_quantize(ctx, fp32), **build_anchors(ctx, fp32)}
+    fp32 = ctx.export()
+    variants = {"fp32": fp32, "edgepack-int8": ctx.quantize(fp32), **build_anchors(ctx, fp32)}
     settings = ValidationSettings(runs=100)
     results = best_of_rounds(variants, ctx, settings, rounds=ROUNDS)
     eval_feeds = ctx.adapter.evaluation_feeds(ctx.split.evaluation, max_length=128)
@@ -372,14 +372,14 @@ def calibration_child(tool: str, method: str, n: int, fp32: str) -> None:
     import onnx
 
     from edgepack.calibration_data import TextSample
-    from edgepack.models import default_model_path, get_adapter
+    from edgepack.families import default_model_path, open_model
     from edgepack.quantization.calibrators import collect_tensor_ranges, make_calibrator
     from edgepack.quantization.quantize import tensors_to_calibrate
     from edgepack.quantization.recipes import plan_quantization
     from edgepack.reporter import Reporter, set_reporter
 
     set_reporter(Reporter(quiet=True))
-    adapter = get_adapter("hf-encoder", default_model_path())
+    adapter = open_model(default_model_path())
     samples = [TextSample(t) for t in calibration_texts(n)]
     next(iter(adapter.feeds(samples[:1], max_length=128)))  # load the tokenizer (imports transformers) untimed
     start = time.perf_counter()
@@ -498,9 +498,8 @@ def main() -> None:
 
 
 def _smoothquant_section(ctx: Any, command: str) -> None:
-    from edgepack.pipeline import stage_export
 
-    table = smoothquant_table(ctx, stage_export(ctx, ctx.adapter))
+    table = smoothquant_table(ctx, ctx.export())
     write_section("quant-smoothquant", "## SmoothQuant: alpha per layer vs per role vs none (MiniLM, CPU EP)\n\n"
                   f"`{command}` — {machine_line()}\n\nedgepack static INT8 (no accuracy budget) with "
                   f"`quantize.smoothquant` set to each mode; fidelity of the sentence embedding vs FP32 on the "
@@ -525,9 +524,8 @@ def _quality_section(ctx: Any, command: str) -> dict[str, float]:
 
 
 def _ceiling_section(ctx: Any, command: str, quality: dict[str, float]) -> None:
-    from edgepack.pipeline import stage_export
 
-    table = ceiling_table(ctx, stage_export(ctx, ctx.adapter), quality)
+    table = ceiling_table(ctx, ctx.export(), quality)
     write_section("quant-ceiling", "## INT8 GEMM ceiling on this CPU (why p50 <= 0.5x FP32 is out of reach here)\n\n"
                   f"`{command}` — {machine_line()}\n\nBest p50 of 3 interleaved passes (10 warm-up + 100 runs, "
                   f"2 threads, one fresh process).\n\n{table}\n")
@@ -535,9 +533,8 @@ def _ceiling_section(ctx: Any, command: str, quality: dict[str, float]) -> None:
 
 
 def _calibration_section(ctx: Any) -> None:
-    from edgepack.pipeline import stage_export
 
-    cal = calibration_table(stage_export(ctx, ctx.adapter))
+    cal = calibration_table(ctx.export())
     write_section("quant-calibration", "## Calibration memory and time vs sample count (MiniLM)\n\n"
                   f"`python scripts/bench_quant.py` — {machine_line()}\n\nFresh process per cell; the tokenizer is loaded "
                   "before the clock starts, then the time covers reading and tokenizing the samples, the augmented "

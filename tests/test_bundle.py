@@ -7,7 +7,6 @@ RLIMIT_FSIZE in a subprocess.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import os
@@ -23,19 +22,12 @@ import pytest
 from onnx import TensorProto, numpy_helper
 from onnx import helper as oh
 
-from edgepack.errors import BadInputError, GateFailedError
-from edgepack.exporters.bundle import (
-    BundleOptions,
-    add_bundle_arguments,
-    add_verify_arguments,
-    c_array_lines,
-    make_bundle,
-    parse_fixed_shapes,
-    run_bundle_command,
-    run_verify_command,
-    verify_bundle,
-)
+from edgepack.cli import main
+from edgepack.errors import BadInputError
+from edgepack.exporters.bundle import BundleOptions, make_bundle, parse_fixed_shapes
+from edgepack.exporters.c_sources import c_array_lines
 from edgepack.exporters.ort_format import read_operator_config
+from edgepack.exporters.verify import verify_bundle
 from edgepack.runtime.providers import get_provider
 
 REPO = Path(__file__).resolve().parents[1]
@@ -124,7 +116,8 @@ def bundle(built: Path, tmp_path: Path) -> Path:
 
 
 def manifest_of(folder: Path) -> dict:
-    return json.loads((folder / "manifest.json").read_text())
+    """The bundle's description (bundle.json: what the bundle is; manifest.json is the stage runner's)."""
+    return json.loads((folder / "bundle.json").read_text())
 
 
 def sha256(path: Path) -> str:
@@ -234,7 +227,7 @@ def test_verify_flags_a_tampered_model(bundle):
     assert [m.split(":")[0] for m in result.mismatches] == ["fixed/model.ort"]
 
 
-def test_verify_names_the_output_beyond_tolerance_when_the_hash_was_updated(bundle):
+def test_verify_names_the_output_beyond_tolerance_when_the_hash_was_updated(bundle, capsys):
     pb = bundle / "test_data_set_2" / "output_0.pb"
     golden = numpy_helper.to_array(onnx.load_tensor(str(pb)))
     manifest = manifest_of(bundle)
@@ -243,22 +236,20 @@ def test_verify_names_the_output_beyond_tolerance_when_the_hash_was_updated(bund
     changed[0, 1] += 3 * atol  # (1, 4): one element moves by three tolerances
     pb.write_bytes(numpy_helper.from_array(changed, "y").SerializeToString())
     manifest["files"]["test_data_set_2/output_0.pb"]["sha256"] = sha256(pb)
-    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    (bundle / "bundle.json").write_text(json.dumps(manifest))
     result = verify_bundle(bundle)
     assert not result.passed and result.vectors == 6
     assert len(result.mismatches) == 1
     assert result.mismatches[0].startswith("test_data_set_2: output 'y' max |error| ")
     assert f"> atol {atol:.3g}" in result.mismatches[0]
-    # the CLI handler turns it into exit 3 naming the first mismatch and the count
-    with pytest.raises(GateFailedError) as err:
-        run_verify_command(argparse.Namespace(bundle=bundle, ep="cpu"))
-    assert err.value.exit_code == 3
-    assert "test_data_set_2: output 'y'" in str(err.value) and "(1 mismatch(es) in total)" in str(err.value)
-    assert "\n" not in str(err.value)
+    # the CLI turns it into exit 3 naming the first mismatch and the count, on one line
+    assert main(["verify", str(bundle)]) == 3
+    error = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(error) == 1 and "test_data_set_2: output 'y'" in error[0] and "(1 mismatch(es) in total)" in error[0]
 
 
 def test_verify_refuses_a_folder_that_is_not_a_bundle_and_a_missing_ep(built, tmp_path):
-    with pytest.raises(BadInputError, match="no manifest.json; this is not an edgepack bundle"):
+    with pytest.raises(BadInputError, match="no bundle.json; this is not an edgepack bundle"):
         verify_bundle(tmp_path)
     if get_provider("qnn-htp").availability() is not None:  # QNN built in, or the onnxruntime_qnn plugin, runs
         with pytest.raises(BadInputError, match="--ep qnn-htp: "):
@@ -286,7 +277,8 @@ def _ops_of_graph_as_ort_runs_it(ort_model: Path, saved: Path, *, replay: bool) 
 def test_operator_config_lists_every_op_of_the_optimized_graph(models, tmp_path, name, style, fused):
     feeds = conv_feeds(1) if name == "conv" else qdq_feeds(1)
     out = tmp_path / "bundle"
-    manifest = make_bundle(models[name], out, feeds=feeds, options=BundleOptions(optimization_style=style))
+    make_bundle(models[name], out, feeds=feeds, options=BundleOptions(optimization_style=style))
+    manifest = manifest_of(out)
     config = read_operator_config(out / "required_operators_and_types.config")  # ORT's own parser
     listed = {(domain, op) for domain, ops in config.items() for op in ops}
     running = _ops_of_graph_as_ort_runs_it(out / "model.ort", tmp_path / "as_run.onnx", replay=style == "Runtime")
@@ -303,8 +295,10 @@ def test_operator_config_lists_every_op_of_the_optimized_graph(models, tmp_path,
 
 def test_manifest_records_io_quantization_opset_and_every_file(models, tmp_path):
     out = tmp_path / "bundle"
-    manifest = make_bundle(models["qdq"], out, feeds=qdq_feeds(), validated={"cpu": {"how": "device"}})
-    assert manifest == manifest_of(out)
+    result = make_bundle(models["qdq"], out, feeds=qdq_feeds(), validated={"cpu": {"how": "device"}})
+    manifest = manifest_of(out)
+    assert result.folder == out and result.manifest["stage"] == "bundle" and not result.reused
+    assert make_bundle(models["qdq"], out, feeds=qdq_feeds(), validated={"cpu": {"how": "device"}}).reused
     assert manifest["kind"] == "edgepack-bundle" and manifest["quantized"] is True
     assert manifest["opset"]["ai.onnx"] >= 17 and manifest["onnxruntime_version"] == ort.__version__
     assert manifest["validated"] == {"cpu": {"how": "device"}}
@@ -318,7 +312,7 @@ def test_manifest_records_io_quantization_opset_and_every_file(models, tmp_path)
     assert y["quantization"]["node"] == "DequantizeLinear"
     assert y["quantization"]["scale"] == pytest.approx(float(init["y_scale"]))
     assert variant["golden"]["tolerances"]["y"]["atol"] >= 2 * float(init["y_scale"])  # two output steps
-    on_disk = {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()} - {"manifest.json"}
+    on_disk = {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()} - {"manifest.json", "bundle.json"}
     assert set(manifest["files"]) == on_disk
     for name, entry in manifest["files"].items():
         assert entry == {"sha256": sha256(out / name), "size_bytes": (out / name).stat().st_size}
@@ -379,10 +373,10 @@ def test_foreign_out_folder_is_refused_unless_forced(models, tmp_path):
     out = tmp_path / "mine"
     out.mkdir()
     (out / "notes.txt").write_text("keep me")
-    with pytest.raises(BadInputError, match="exists and is not an edgepack bundle.*--force"):
+    with pytest.raises(BadInputError, match="exists and is not an edgepack artifact folder.*--force"):
         make_bundle(models["conv"], out, feeds=conv_feeds(1))
     assert (out / "notes.txt").read_text() == "keep me"
-    make_bundle(models["conv"], out, feeds=conv_feeds(1), options=BundleOptions(force=True))
+    make_bundle(models["conv"], out, feeds=conv_feeds(1), force=True)
     assert not (out / "notes.txt").exists() and manifest_of(out)["kind"] == "edgepack-bundle"
     make_bundle(models["qdq"], out, feeds=qdq_feeds(1))  # an existing bundle is simply rebuilt
     assert manifest_of(out)["quantized"] is True
@@ -452,44 +446,36 @@ def test_a_write_that_fails_midway_leaves_the_old_bundle_untouched(models, built
     assert verify_bundle(out).passed
 
 
-# ------------------------------------------------------------------------------------------------ CLI handlers
-
-
-def _parse(add, argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser()
-    add(parser)
-    return parser.parse_args([str(a) for a in argv])
+# ------------------------------------------------------------------------------------------------ CLI
 
 
 def test_cli_bundle_from_npz_with_fixed_shape_then_verify(models, tmp_path, capsys):
     rng = np.random.default_rng(4)
     np.savez(tmp_path / "eval.npz", x=rng.standard_normal((5, 3, 8, 8)).astype(np.float32))  # (N, 3, h, 8)
     out = tmp_path / "bundle"
-    args = _parse(add_bundle_arguments, [models["conv"], "--out", out, "--data", tmp_path / "eval.npz",
-                                         "--samples", 2, "--fixed-shape", "batch=1,h=8", "--alignment", 128])
-    assert run_bundle_command(args) == 0
+    assert main(["bundle", str(models["conv"]), "--out", str(out), "--data", str(tmp_path / "eval.npz"),
+                 "--samples", "2", "--fixed-shape", "batch=1,h=8", "--alignment", "128"]) == 0
     printed = capsys.readouterr().out
     assert "model.ort" in printed and f"next: edgepack verify {out}" in printed
     manifest = manifest_of(out)
     assert manifest["options"]["alignment"] == 128 and len(manifest["variants"]["fixed"]["golden"]["vectors"]) == 2
-    assert run_verify_command(_parse(add_verify_arguments, [out, "--ep", "cpu"])) == 0
+    assert main(["verify", str(out), "--ep", "cpu"]) == 0
     assert "4 golden vectors within tolerance on cpu" in capsys.readouterr().out
 
 
-def test_cli_validation_report_is_matched_by_sha256(models, tmp_path):
+def test_cli_validation_report_is_matched_by_sha256(models, tmp_path, capsys):
     report = {"variants": {"int8": {"sha256": sha256(models["qdq"]), "providers": {
         "cpu": {"status": "ok", "how": "device", "latency_ms": {"p50": 1.0}, "metrics": {"cosine_min": 0.999}}}}}}
     (tmp_path / "report.json").write_text(json.dumps(report))
     np.savez(tmp_path / "eval.npz", x=np.ones((1, 6), np.float32))
-    args = _parse(add_bundle_arguments, [models["qdq"], "--out", tmp_path / "b", "--data", tmp_path / "eval.npz",
-                                         "--validation-report", tmp_path / "report.json"])
-    run_bundle_command(args)
+    args = ["--out", str(tmp_path / "b"), "--data", str(tmp_path / "eval.npz"), "--validation-report",
+            str(tmp_path / "report.json")]
+    assert main(["bundle", str(models["qdq"]), *args]) == 0
     validated = manifest_of(tmp_path / "b")["validated"]
     assert validated["variant"] == "int8"
     assert validated["providers"] == {"cpu": {"status": "ok", "how": "device", "metrics": {"cosine_min": 0.999}}}
-    args.model, args.force = models["conv"], True
-    with pytest.raises(BadInputError, match="no variant has the sha256 of"):
-        run_bundle_command(args)
+    assert main(["bundle", str(models["conv"]), *args, "--force"]) == 2
+    assert "no variant has the sha256 of" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(("text", "message"), [("batch", "is not DIM=N"), ("batch=0", "is not DIM=N"),
@@ -501,14 +487,11 @@ def test_fixed_shape_argument_errors(text, message):
 
 
 def test_cli_text_data_is_padded_to_the_fixed_sequence(tiny_bert_dir, small_sentences, tmp_path):
-    from edgepack.cli import main
-
     assert main(["export", str(tiny_bert_dir), "--out", str(tmp_path / "exported")]) == 0
     out = tmp_path / "bundle"
-    args = _parse(add_bundle_arguments, [tmp_path / "exported" / "model.onnx", "--out", out, "--data", small_sentences,
-                                         "--tokenizer", tiny_bert_dir, "--samples", 3,
-                                         "--fixed-shape", "batch=1,sequence=32"])
-    assert run_bundle_command(args) == 0
+    # the exported folder carries its tokenizer: no --tokenizer needed
+    assert main(["bundle", str(tmp_path / "exported" / "model.onnx"), "--out", str(out), "--data",
+                 str(small_sentences), "--samples", "3", "--fixed-shape", "batch=1,sequence=32"]) == 0
     fixed = manifest_of(out)["variants"]["fixed"]
     assert all(v["shape"] == [1, 32] for v in fixed["inputs"])
     ids = numpy_helper.to_array(onnx.load_tensor(str(out / "fixed" / "test_data_set_0" / "input_0.pb")))

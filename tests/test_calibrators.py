@@ -411,7 +411,7 @@ def test_collect_tensor_ranges_external_data_path(tmp_path: Path, monkeypatch: p
     tiny_mlp(model_path)
     inline = collect_tensor_ranges(model_path, mlp_feeds(), tensors=["h", "y"], calibrator=make_calibrator("mse"),
                                    total=6)
-    monkeypatch.setattr(calibrators, "_PROTOBUF_LIMIT_BYTES", 0)
+    monkeypatch.setenv("EDGEPACK_EXTERNAL_DATA_BYTES", "0")  # the one threshold (onnx_files), lowered
     external = collect_tensor_ranges(model_path, mlp_feeds(), tensors=["h", "y"], calibrator=make_calibrator("mse"))
     assert inline == external and set(inline) == {"h", "y"}
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -29,7 +30,7 @@ def one_line_error(err: str) -> str:
 def test_missing_model_folder(capsys, tmp_path):
     code, _, err = run_cli(capsys, "export", tmp_path / "nope", "--out", tmp_path / "out")
     assert code == 2
-    assert "model folder" in one_line_error(err) and "does not exist" in err
+    assert "does not exist; pass a local Hugging Face folder, an .onnx file" in one_line_error(err)
     assert not (tmp_path / "out").exists()
 
 
@@ -38,7 +39,8 @@ def test_folder_that_is_not_a_model(capsys, tmp_path):
     (tmp_path / "notes" / "readme.txt").write_text("hello")
     code, _, err = run_cli(capsys, "export", tmp_path / "notes", "--out", tmp_path / "out")
     assert code == 2
-    assert "is not a Hugging Face model folder (no config.json)" in one_line_error(err)
+    line = one_line_error(err)
+    assert "no model family recognises" in line and "a folder without config.json" in line
     assert not (tmp_path / "out").exists()
 
 
@@ -78,45 +80,67 @@ def tiny_onnx(tiny_bert_dir, tmp_path_factory) -> Path:
 
 def test_quantize_ranks_sensitive_layers_and_reuses_its_calibration(capsys, tmp_path, tiny_onnx, tiny_bert_dir,
                                                                      small_sentences):
-    common = ["--calibration", small_sentences, "--tokenizer", tiny_bert_dir, "--samples", "16",
-              "--range-cache", tmp_path / "cache"]
-    code, out, _ = run_cli(capsys, "quantize", tiny_onnx, *common, "--out", tmp_path / "q.onnx", "--sensitivity", "3",
+    # the exported folder carries its tokenizer: no --tokenizer
+    common = ["--calibration", small_sentences, "--samples", "16", "--range-cache", tmp_path / "cache"]
+    code, out, _ = run_cli(capsys, "quantize", tiny_onnx, *common, "--out", tmp_path / "q", "--sensitivity", "3",
                            "--max-cosine-drop", "0.5")
-    assert code == 0 and (tmp_path / "q.onnx").is_file() and (tmp_path / "q.ranges.json").is_file()
+    assert code == 0 and (tmp_path / "q" / "model.onnx").is_file() and (tmp_path / "q" / "tensor_ranges.json").is_file()
+    manifest = json.loads((tmp_path / "q" / "manifest.json").read_text())
+    assert manifest["stage"] == "quantize" and manifest["model"]["family"] == "sentence-encoder"
+    assert (tmp_path / "q" / "tokenizer.json").is_file()  # carried on, for validate and bundle
     ranked = [line for line in out.splitlines() if line.startswith("sensitivity #")]
     assert len(ranked) == 3 and "with it in float" in ranked[0]
     assert "accuracy budget met on 16 calibration samples" in out and "calibration reused" not in out
-    code, out, _ = run_cli(capsys, "quantize", tiny_onnx, *common, "--out", tmp_path / "q2.onnx",
+    code, out, _ = run_cli(capsys, "quantize", tiny_onnx, *common, "--out", tmp_path / "q2",
                            "--max-cosine-drop", "0.2")
     assert code == 0 and "calibration reused from" in out and str(tmp_path / "cache") in out
+    code, out, _ = run_cli(capsys, "quantize", tiny_onnx, *common, "--out", tmp_path / "q2",
+                           "--max-cosine-drop", "0.2")
+    assert code == 0 and "; reused)" in out  # the same command again: the finished folder is the answer
 
 
-def test_calibration_file_missing(capsys, tmp_path, tiny_onnx, tiny_bert_dir):
+def test_quantize_out_is_a_folder_and_tokenizer_only_for_foreign_onnx(capsys, tmp_path, tiny_onnx, tiny_bert_dir,
+                                                                     small_sentences):
+    code, _, err = run_cli(capsys, "quantize", tiny_onnx, "--calibration", small_sentences, "--out", tmp_path / "q.onnx")
+    assert code == 2 and "--out " in one_line_error(err) and "name a folder, not a file" in err
+    code, _, err = run_cli(capsys, "quantize", tiny_onnx, "--calibration", small_sentences, "--tokenizer",
+                           tiny_bert_dir, "--out", tmp_path / "q")
+    assert code == 2 and "carries its preprocessing (family sentence-encoder); drop --tokenizer" in one_line_error(err)
+    foreign = tmp_path / "foreign" / "model.onnx"  # the same graph without edgepack's folder around it
+    foreign.parent.mkdir()
+    foreign.write_bytes(tiny_onnx.read_bytes())
+    code, _, err = run_cli(capsys, "quantize", foreign, "--calibration", small_sentences, "--samples", "8",
+                           "--out", tmp_path / "q")
+    assert code == 2 and "text data needs a tokenizer: pass --tokenizer DIR" in one_line_error(err)
+    code, out, _ = run_cli(capsys, "quantize", foreign, "--calibration", small_sentences, "--samples", "8",
+                           "--tokenizer", tiny_bert_dir, "--max-cosine-drop", "-1", "--out", tmp_path / "q")
+    assert code == 0 and (tmp_path / "q" / "tokenizer.json").is_file()  # now the INT8 folder carries it
+
+
+def test_calibration_file_missing(capsys, tmp_path, tiny_onnx):
     code, _, err = run_cli(capsys, "quantize", tiny_onnx, "--calibration", tmp_path / "none.txt",
-                           "--tokenizer", tiny_bert_dir, "--out", tmp_path / "q.onnx")
+                           "--out", tmp_path / "q")
     assert code == 2
     assert "none.txt" in one_line_error(err)
     assert list(tmp_path.iterdir()) == []
 
 
-def test_calibration_file_empty(capsys, tmp_path, tiny_onnx, tiny_bert_dir):
+def test_calibration_file_empty(capsys, tmp_path, tiny_onnx):
     empty = tmp_path / "empty.txt"
     empty.write_text("\n\n")
-    code, _, err = run_cli(capsys, "quantize", tiny_onnx, "--calibration", empty,
-                           "--tokenizer", tiny_bert_dir, "--out", tmp_path / "q.onnx")
+    code, _, err = run_cli(capsys, "quantize", tiny_onnx, "--calibration", empty, "--out", tmp_path / "q")
     assert code == 2
     assert "empty.txt" in one_line_error(err)
-    assert not (tmp_path / "q.onnx").exists()
+    assert not (tmp_path / "q").exists()
 
 
-def test_calibration_too_few_samples(capsys, tmp_path, tiny_onnx, tiny_bert_dir):
+def test_fewer_samples_than_asked_calibrates_on_all_and_says_so(capsys, tmp_path, tiny_onnx):
     data = tmp_path / "few.txt"
     data.write_text("one sentence\nanother sentence\n")
     code, _, err = run_cli(capsys, "quantize", tiny_onnx, "--calibration", data, "--samples", "50",
-                           "--tokenizer", tiny_bert_dir, "--out", tmp_path / "q.onnx")
-    assert code == 2
-    assert "2 samples, but --samples asks for 50" in one_line_error(err)
-    assert not (tmp_path / "q.onnx").exists()
+                           "--out", tmp_path / "q")
+    assert code == 0 and "2 samples, fewer than --samples 50: calibrating on all 2" in err
+    assert json.loads((tmp_path / "q" / "manifest.json").read_text())["metrics"]["calibrated_tensors"] > 0
 
 
 def test_truncated_onnx(capsys, tmp_path, tiny_onnx, small_sentences):
@@ -130,10 +154,10 @@ def test_truncated_onnx(capsys, tmp_path, tiny_onnx, small_sentences):
 def test_not_onnx_at_all(capsys, tmp_path, small_sentences):
     fake = tmp_path / "fake.onnx"
     fake.write_text("this is a text file")
-    code, _, err = run_cli(capsys, "quantize", fake, "--calibration", small_sentences, "--out", tmp_path / "q.onnx")
+    code, _, err = run_cli(capsys, "quantize", fake, "--calibration", small_sentences, "--out", tmp_path / "q")
     assert code == 2
     assert "fake.onnx is not a valid ONNX model" in one_line_error(err)
-    assert not (tmp_path / "q.onnx").exists()
+    assert not (tmp_path / "q").exists()
 
 
 def test_validate_unknown_ep(capsys, tiny_onnx, small_sentences):
@@ -148,7 +172,7 @@ def test_debug_shows_traceback(tmp_path):
     assert proc.returncode != 0 and "Traceback" in proc.stderr
 
 
-@pytest.mark.parametrize("command", ["run", "demo", "export", "quantize", "validate", "bundle", "verify"])
+@pytest.mark.parametrize("command", ["run", "demo", "families", "export", "quantize", "validate", "bundle", "verify"])
 def test_every_command_has_help_with_examples(command):
     proc = subprocess.run([sys.executable, "-m", "edgepack.cli", command, "--help"], capture_output=True, text=True,
                           cwd=REPO)

@@ -78,7 +78,7 @@ def test_student_keeps_chosen_layers_with_copied_weights_and_halved_ffn(teacher_
 
 
 def test_distillation_loss_decreases_and_writes_a_loadable_encoder(teacher_dir, pairs, tmp_path):
-    from edgepack.models import get_adapter
+    from edgepack.families import open_model
 
     options = DistillSection(enabled=True, num_layers=2, ffn_ratio=0.5, hidden_ratio=0.5, epochs=3, batch_size=16,
                              lr=2e-3, losses={"cosine": 1.0, "similarity": 1.0, "hidden": 1.0,
@@ -93,12 +93,12 @@ def test_distillation_loss_decreases_and_writes_a_loadable_encoder(teacher_dir, 
     assert {"paraphrase_recall_at_1", "paraphrase_mrr", "similarity_agreement"} <= set(metrics["train"]["evals"][0])
     assert metrics["params_after"] < metrics["params_before"] / 2  # 2 of 4 layers, hidden 32 -> 16
     # the folder is a complete sentence encoder: narrowed config, pooling files, tokenizer
-    adapter = get_adapter("hf-encoder", str(out))
+    adapter = open_model(str(out))
     assert (adapter.pooling, adapter.normalize) == ("mean", True)
     module = adapter.load_torch()
     assert module.encoder.config.hidden_size == 16 and module.encoder.config.num_attention_heads == 2
     feed = next(adapter.feeds([TextSample("The train to Leeds was late.")]))
-    _, pooled = module(*(torch.from_numpy(feed[n]) for n in adapter.input_names))
+    _, pooled = module(*(torch.from_numpy(feed[n]) for n in adapter.io.input_names))
     assert pooled.shape == (1, 16)
 
 

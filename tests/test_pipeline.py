@@ -27,7 +27,7 @@ def tiny_recipe(model: Path, data_path: Path, **sections: dict) -> dict:
 def tiny_run(tiny_bert_dir, small_sentences, tmp_path_factory) -> tuple[Path, dict]:
     out = tmp_path_factory.mktemp("run")
     report = run_recipe(parse_recipe(tiny_recipe(tiny_bert_dir, small_sentences)), out)
-    return out, report
+    return out, report.model_dump(mode="json")
 
 
 def test_report_has_the_design_keys(tiny_run):
@@ -94,12 +94,15 @@ def test_rerun_reuses_stages_and_a_config_change_does_not(tiny_run, tiny_bert_di
     quant_model = out / report["variants"]["int8"]["path"]
     stamps = export_model.stat().st_mtime_ns, quant_model.stat().st_mtime_ns
     again = run_recipe(parse_recipe(tiny_recipe(tiny_bert_dir, small_sentences)), out)
-    assert again["variants"]["int8"]["path"] == report["variants"]["int8"]["path"]
+    assert again.variants["int8"].path == report["variants"]["int8"]["path"]
     assert (export_model.stat().st_mtime_ns, quant_model.stat().st_mtime_ns) == stamps
+    assert all(stage.reused for stage in again.stages)
+    assert [s.stage for s in again.stages] == ["export", "quantize", "validate", "bundle"]
     changed = run_recipe(parse_recipe(tiny_recipe(tiny_bert_dir, small_sentences,
                                                   quantize={"per_channel": False})), out)
-    assert changed["variants"]["fp32"]["path"] == report["variants"]["fp32"]["path"]
-    assert changed["variants"]["int8"]["path"] != report["variants"]["int8"]["path"]
+    assert changed.variants["fp32"].path == report["variants"]["fp32"]["path"]
+    assert changed.variants["int8"].path != report["variants"]["int8"]["path"]
+    assert [s.reused for s in changed.stages] == [True, False, False, False]
 
 
 def test_failed_gate_exits_3_and_still_writes_the_report(tiny_bert_dir, small_sentences, tmp_path, capsys):
@@ -125,16 +128,17 @@ def test_too_few_samples_for_the_split(tiny_bert_dir, small_sentences, tmp_path)
 
 
 def test_bundle_of_the_final_variant_verifies(tiny_run):
-    from edgepack.exporters.bundle import read_bundle_manifest, verify_bundle
+    from edgepack.exporters.verify import read_bundle_description, verify_bundle
 
     out, report = tiny_run
     folder = out / report["bundle"]["path"]
     assert report["bundle"]["variant"] == "int8"
     result = verify_bundle(folder)
     assert result.passed and result.vectors == 4 and result.mismatches == []
-    manifest = read_bundle_manifest(folder)
+    description = read_bundle_description(folder)
     assert (folder / "model.ort").is_file() and (folder / "model_data.c").is_file()
-    assert "cpu" in str(manifest)
+    assert description["validated"] == {"cpu": {"status": "ok", "how": "device"}}
+    assert json.loads((folder / "manifest.json").read_text())["stage"] == "bundle"  # the one stage runner's
 
 
 def test_distill_and_prune_stages_feed_the_export(tiny_bert_dir, small_sentences, tmp_path):
@@ -143,7 +147,7 @@ def test_distill_and_prune_stages_feed_the_export(tiny_bert_dir, small_sentences
         distill={"enabled": True, "keep_layers": [1], "ffn_ratio": 0.5, "epochs": 1, "batch_size": 8},
         prune={"enabled": True, "heads_ratio": 0.5, "calibration_samples": 8, "calibration_batch_size": 8},
         bundle={"enabled": False}, gates={"min_cosine": None}))
-    report = run_recipe(recipe, tmp_path)
+    report = run_recipe(recipe, tmp_path).model_dump(mode="json")
     assert list(report["variants"]) == ["fp32", "compressed-fp32", "int8"]
     distill = json.loads(next(tmp_path.glob("distill-*/manifest.json")).read_text())["metrics"]
     prune = json.loads(next(tmp_path.glob("prune-*/manifest.json")).read_text())["metrics"]
@@ -157,3 +161,44 @@ def test_distill_and_prune_stages_feed_the_export(tiny_bert_dir, small_sentences
     export_sha = {json.loads(m.read_text())["outputs"]["model.onnx"]["sha256"] for m in tmp_path.glob("export-*/manifest.json")}
     assert quant["inputs"]["model"] in export_sha
     assert report["variants"]["compressed-fp32"]["providers"]["cpu"]["status"] == "ok"
+
+
+def test_report_is_typed_validated_and_its_schema_is_published(tiny_run):
+    from pydantic import ValidationError
+
+    from edgepack.report.model import SCHEMA_VERSION, Report, report_schema
+
+    out, report = tiny_run
+    published = json.loads((Path(__file__).resolve().parents[1] / "docs" / "report.schema.json").read_text())
+    assert published == json.loads(json.dumps(report_schema(), sort_keys=True)), \
+        "docs/report.schema.json is stale: regenerate it from edgepack.report.model.report_schema()"
+    on_disk = Report.model_validate_json((out / "report.json").read_text())
+    assert on_disk.schema_version == SCHEMA_VERSION and on_disk.model["family"] == "sentence-encoder"
+    broken = json.loads((out / "report.json").read_text())
+    broken["variants"]["int8"]["providers"]["cpu"]["staus"] = "ok"  # a misspelt key is an error, not a gap
+    with pytest.raises(ValidationError, match="staus"):
+        Report.model_validate(broken)
+
+
+def test_a_narrower_student_is_compared_by_task_metric_and_its_int8_against_it(tiny_bert_dir, small_sentences,
+                                                                            tmp_path):
+    """The configuration of scripts/bench_compress.py (hidden width narrowed): no shape error after the work."""
+    recipe = parse_recipe(tiny_recipe(
+        tiny_bert_dir, small_sentences, data={"n_calibration": 24},
+        distill={"enabled": True, "keep_layers": [0], "ffn_ratio": 0.5, "hidden_ratio": 0.5, "epochs": 1,
+                 "batch_size": 8, "data": {"path": str(small_sentences), "pair_field": "paraphrase",
+                                           "combinations": 10}},
+        bundle={"enabled": False}))
+    report = run_recipe(recipe, tmp_path)
+    student = report.variants["compressed-fp32"].providers["cpu"]
+    assert student.status == "ok" and "cosine_mean" not in student.metrics
+    assert "paraphrase_recall_at_1" in student.metrics
+    assert "[1, 16] here and [1, 32] in 'fp32': no cosine; compared by task metric only" in student.fidelity_note
+    int8 = report.variants["int8"]
+    assert int8.compared_to == "compressed-fp32" and int8.providers["cpu"].metrics["cosine_mean"] > 0.9
+    assert report.gates[0].name == "min_cosine" and report.gates[0].passed  # INT8 vs the student it came from
+    distill = json.loads(next(tmp_path.glob("distill-*/manifest.json")).read_text())
+    # the file's 40 records minus the 8 evaluation and 4 early-stopping ones, text and pair each, plus combinations
+    assert 56 <= distill["metrics"]["train_texts"] <= 56 + 10 and distill["metrics"]["held_out_pairs"] == 4
+    md = (tmp_path / "report.md").read_text()
+    assert "compared by task metric only" in md and "int8 vs compressed-fp32" in md

@@ -24,7 +24,7 @@ from edgepack.compress.stages import calibration_batches, prune_model
 from edgepack.compress.students import load_pretrained, load_tokenizer
 from edgepack.errors import BadInputError
 from edgepack.exporters.onnx import export_onnx
-from edgepack.models import get_adapter
+from edgepack.families import open_model
 from tests.test_distill import make_encoder
 
 SENTENCES = [TextSample(t) for t in ("The train leaves at noon.", "Whisk the eggs before adding flour to the bowl.",
@@ -46,7 +46,7 @@ def encoder_dir(tmp_path_factory, minilm_path):
 
 
 def _export(folder, path):
-    adapter = get_adapter("hf-encoder", str(folder))
+    adapter = open_model(str(folder))
     feeds = list(adapter.feeds(SENTENCES, batch_size=1))
     export_onnx(adapter, path, check_feeds=feeds)  # raises unless ORT matches torch on every sample
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])

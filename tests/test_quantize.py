@@ -12,18 +12,17 @@ import pytest
 
 from edgepack.errors import BadInputError, GateFailedError
 from edgepack.exporters.onnx import export_onnx
-from edgepack.models import get_adapter
-from edgepack.models.torch_module import InputSpec
+from edgepack.families import open_model
 from edgepack.quantization.calibrators import CALIBRATORS
 from edgepack.quantization.quantize import QuantizeOptions, quantize_static
 from edgepack.quantization.sensitivity import QuantBudget
 from edgepack.runtime.metrics import cosine_rows
+from tests.tiny_models import CNN_OPTIONS
 
 
 @pytest.fixture(scope="module")
 def cnn(tmp_path_factory) -> tuple[Path, list[dict[str, np.ndarray]]]:
-    adapter = get_adapter("torch-module", "tests.tiny_models:make_cnn",
-                          inputs=[InputSpec("pixel_values", (1, 3, 16, 16))], outputs=["logits"])
+    adapter = open_model("tests.tiny_models:make_cnn", options=CNN_OPTIONS)
     rng = np.random.default_rng(0)
     samples = [{"pixel_values": rng.standard_normal((3, 16, 16)).astype(np.float32)} for _ in range(24)]
     path = tmp_path_factory.mktemp("cnn") / "cnn.onnx"
@@ -61,7 +60,7 @@ def test_excluded_node_must_exist(cnn, tmp_path):
 def test_an_unmeetable_budget_exits_3_naming_the_best_and_the_layers_tried(tiny_bert_dir, small_sentences, tmp_path):
     from edgepack.calibration_data import read_samples
 
-    adapter = get_adapter("hf-encoder", str(tiny_bert_dir))
+    adapter = open_model(str(tiny_bert_dir))
     samples = read_samples(small_sentences)
     fp32 = tmp_path / "fp32.onnx"
     export_onnx(adapter, fp32, check_feeds=list(adapter.feeds(samples[:2])))

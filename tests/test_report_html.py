@@ -14,6 +14,7 @@ from matplotlib.image import imread
 
 from edgepack.report.figures import HOW_TEXT, report_figures
 from edgepack.report.html import write_html
+from edgepack.report.model import Report
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
 
@@ -21,30 +22,35 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shuti
 def _entry(how: str, p50: float, cosine: float, *, on_ep: int, total: int, partitions: int | None) -> dict:
     breakdown = {"runtime_baseline": 50.0, "weights": 22.0, "prepacked": 20.0 if how == "device" else None,
                  "activations": 3.0, "other": 9.0, "methods": {"weights": "graph initializers"}}
-    return {"status": "ok", "how": how, "latency_ms": {"p50": p50, "p90": p50 * 1.1},
-            "memory_mb": {"baseline": 50.0, "peak": 110.0, "breakdown": breakdown},
+    return {"status": "ok", "how": how, "latency_ms": {"p50": p50, "p90": p50 * 1.1, "p99": p50 * 1.2, "runs": 5},
+            "memory_mb": {"baseline": 50.0, "after_session": 90.0, "after_first_run": 100.0, "peak": 110.0,
+                          "breakdown": breakdown},
             "metrics": {"cosine_mean": cosine, "cosine_min": cosine - 0.01}, "evaluation_samples": 4,
             "coverage": {"nodes_on_ep": on_ep, "nodes_total": total, "partitions": partitions,
                          "fallback_ops": {} if on_ep == total else {"Erf": total - on_ep},
                          "matmul_on_ep": 48, "matmul_total": 48}}
 
 
-def _report() -> dict:
+def _report(**changes: object) -> Report:
     static = {"status": "ok", "how": "static-analysis",
               "coverage": {"nodes_on_ep": 212, "nodes_total": 237, "partitions": 22,
                            "fallback_ops": {"LayerNormalization": 13}, "matmul_on_ep": 48, "matmul_total": 48}}
-    return {
-        "recipe": {"name": "minilm <test>"}, "model": {"source": "all-MiniLM-L6-v2"},
-        "data": {"path": "bundled:sentences.jsonl", "n_evaluation": 20}, "reference": "fp32", "passed": True,
+    return Report.model_validate({
+        "edgepack_version": "test", "recipe": {"name": "minilm <test>"},
+        "model": {"source": "all-MiniLM-L6-v2", "family": "sentence-encoder"},
+        "data": {"path": "bundled:sentences.jsonl", "n_calibration": 10, "n_evaluation": 20}, "reference": "fp32",
+        "primary_output": "sentence_embedding", "passed": True,
         "variants": {
-            "fp32": {"size_bytes": 90_000_000, "providers": {
+            "fp32": {"path": "export/model.onnx", "sha256": "0" * 64, "size_bytes": 90_000_000, "providers": {
                 "cpu": _entry("device", 21.0, 1.0, on_ep=255, total=255, partitions=1), "nnapi": static}},
-            "int8": {"size_bytes": 23_000_000, "providers": {
-                "cpu": _entry("device", 9.5, 0.994, on_ep=560, total=560, partitions=1),
-                "qnn-htp": _entry("emulated", 48000.0, 0.991, on_ep=549, total=549, partitions=1),
-                "xnnpack": {"status": "unavailable", "how": "device", "error": "not in this build"}}}},
-        "gates": [{"name": "min_cosine", "variant": "int8", "threshold": 0.99, "value": 0.994, "passed": True}],
-    }
+            "int8": {"path": "quantize/model.onnx", "sha256": "1" * 64, "size_bytes": 23_000_000,
+                     "compared_to": "fp32", "providers": {
+                         "cpu": _entry("device", 9.5, 0.994, on_ep=560, total=560, partitions=1),
+                         "qnn-htp": _entry("emulated", 48000.0, 0.991, on_ep=549, total=549, partitions=1),
+                         "xnnpack": {"status": "unavailable", "how": "device", "error": "not in this build"}}}},
+        "gates": [{"name": "min_cosine", "variant": "int8", "provider": "cpu", "threshold": 0.99, "value": 0.994,
+                   "passed": True}],
+        **changes})
 
 
 def test_figures_captions_say_how_each_number_was_obtained():
@@ -55,7 +61,7 @@ def test_figures_captions_say_how_each_number_was_obtained():
         assert HOW_TEXT["device"] in figure.caption and HOW_TEXT["emulated"] in figure.caption
     assert HOW_TEXT["static-analysis"] in figures["coverage"].caption
     assert "left out of the latency panel" in figures["tradeoff"].caption
-    assert report_figures({"reference": "fp32", "variants": {}}) == []
+    assert report_figures(_report(variants={})) == []
 
 
 def test_html_is_self_contained_and_escaped(tmp_path):

@@ -253,13 +253,15 @@ def _array_samples(count: int) -> list[dict[str, np.ndarray]]:
 
 
 def _harness(tmp_path: Path, variants: dict[str, Path], providers: str, **settings: int) -> dict:
-    from edgepack.models import get_adapter
+    from edgepack.families import open_model
     from edgepack.runtime.harness import ValidationSettings, validate_variants
 
-    adapter = get_adapter("onnx-file", str(variants["fp32"]))
+    family = open_model(str(variants["fp32"]))
     options = ValidationSettings(warmup=1, runs=3, **settings)
-    return validate_variants(variants, adapter=adapter, samples=_array_samples(5), providers=parse_providers(providers),
-                             out=tmp_path, settings=options, reference="fp32")
+    compared = {name: None if name == "fp32" else "fp32" for name in variants}
+    return validate_variants(variants, family=family, samples=_array_samples(5), providers=parse_providers(providers),
+                             workdir=tmp_path / "validate", settings=options, compared_to=compared,
+                             cache_dir=tmp_path / "ep-cache")
 
 
 def test_harness_rows_and_an_ep_failure_does_not_stop_the_others(tmp_path):
@@ -268,7 +270,7 @@ def test_harness_rows_and_an_ep_failure_does_not_stop_the_others(tmp_path):
     model = onnx.load(broken)  # W (4, 3) -> (5, 3): valid protobuf, but ORT's shape inference rejects the MatMul
     model.graph.initializer[0].CopyFrom(numpy_helper.from_array(np.ones((5, 3), np.float32), "W"))
     onnx.save(model, broken)
-    report = _harness(tmp_path, {"fp32": good, "broken": broken}, "cpu,mobile-cpu/t1-lean,nnapi")["variants"]
+    report = _harness(tmp_path, {"fp32": good, "broken": broken}, "cpu,mobile-cpu/t1-lean,nnapi")
 
     cpu, lean, nnapi = (report["fp32"]["providers"][key] for key in ("cpu", "mobile-cpu/t1-lean", "nnapi"))
     assert cpu["metrics"]["cosine_min"] == 1.0 and cpu["evaluation_samples"] == 5  # the reference vs itself
@@ -294,7 +296,7 @@ def test_harness_rejects_data_that_does_not_fit_a_variant(tmp_path):
 @pytest.mark.skipif(importlib.util.find_spec("onnxruntime_qnn") is None, reason="onnxruntime_qnn is not installed")
 def test_harness_emulated_rows_use_a_sample_subset_against_the_same_reference(tmp_path):
     report = _harness(tmp_path, {"fp32": _matmul_add(tmp_path / "m.onnx")}, "cpu,qnn-htp",
-                      emulated_samples=2)["variants"]["fp32"]["providers"]
+                      emulated_samples=2)["fp32"]["providers"]
     cpu, qnn = report["cpu"], report["qnn-htp"]
     assert (cpu["status"], qnn["status"]) == ("ok", "ok"), (cpu.get("error"), qnn.get("error"))
     assert (cpu["evaluation_samples"], qnn["evaluation_samples"]) == (5, 2)

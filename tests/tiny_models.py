@@ -21,3 +21,7 @@ class TinyCNN(torch.nn.Module):
 def make_cnn() -> torch.nn.Module:
     torch.manual_seed(0)
     return TinyCNN().eval()
+
+
+#: family torch-module options for `make_cnn` (what a recipe's `model:` section states)
+CNN_OPTIONS = {"inputs": [{"name": "pixel_values", "shape": [1, 3, 16, 16]}], "outputs": ["logits"]}

@@ -16,10 +16,12 @@ Feed = dict[str, np.ndarray]
 
 @dataclass(frozen=True)
 class TextSample:
-    """One text sample; `pair` is a paraphrase of `text` when the data carries one (paraphrase-retrieval metric)."""
+    """One text sample; `pair` is a paraphrase of `text` when the data carries one (paraphrase-retrieval metric),
+    `label` its class (an index or a class name) when the data is labelled (classification accuracy)."""
 
     text: str
     pair: str | None = None
+    label: str | int | None = None
 
 
 #: One array sample: input name -> array *without* the batch dimension.

@@ -27,8 +27,17 @@ from edgepack.registry import Registry
 
 SAMPLES_DIR = Path(__file__).parent / "samples"
 
+@dataclass(frozen=True)
+class Fields:
+    """Which record fields (JSONL keys, CSV columns) hold the text, its paraphrase and its label."""
+
+    text: str = "text"
+    pair: str | None = None
+    label: str | None = None
+
+
 #: A reader takes the file and the field options and returns the samples in file order.
-Reader = Callable[[Path, str, str | None], list[Sample]]
+Reader = Callable[[Path, Fields], list[Sample]]
 data_formats: Registry[Reader] = Registry("data format")
 _SUFFIXES = {".txt": "text", ".jsonl": "jsonl", ".csv": "csv", ".npz": "npz"}
 
@@ -45,15 +54,17 @@ def sample_path(name: str = "sentences.jsonl") -> Path:
 
 
 def read_samples(
-    path: str | Path, *, format: str = "auto", field: str = "text", pair_field: str | None = None
+    path: str | Path, *, format: str = "auto", field: str = "text", pair_field: str | None = None,
+    label_field: str | None = None,
 ) -> list[Sample]:
     """Read every sample of `path`, in file order.
 
     Formats: `text` (.txt, one sample per non-blank line, stripped), `jsonl` (.jsonl, one JSON object per line,
     `field` holds the text and `pair_field` an optional paraphrase), `csv` (.csv with a header row, `field` and
     `pair_field` name columns), `npz` (.npz, every array has the sample dimension first; sample i is
-    `{name: array[i]}`). `format="auto"` picks the format from the suffix. `field` and `pair_field` apply to
-    jsonl and csv only; a `pair_field` on a text or npz file is an error rather than silently ignored.
+    `{name: array[i]}`). `format="auto"` picks the format from the suffix. `field`, `pair_field` and `label_field`
+    (a class index or name per record) apply to jsonl and csv only; a `pair_field` or `label_field` on a text or
+    npz file is an error rather than silently ignored (an NPZ carries labels as its `labels` array).
     """
     path = Path(path)
     if not path.exists():
@@ -61,10 +72,12 @@ def read_samples(
     if not path.is_file():
         raise BadInputError(f"{path}: is a directory, not a data file; point at a .txt, .jsonl, .csv or .npz file")
     format = _resolve_format(path, format)
-    if pair_field is not None and format in ("text", "npz"):
-        raise BadInputError(f"{path}: {format} files carry no pairs; drop pair_field or use a .jsonl / .csv file")
+    for option, value in (("pair_field", pair_field), ("label_field", label_field)):
+        if value is not None and format in ("text", "npz"):
+            raise BadInputError(f"{path}: {format} files carry no named fields; drop {option} or use a .jsonl / "
+                                ".csv file")
     reader = data_formats.get(format)
-    samples = reader(path, field, pair_field)
+    samples = reader(path, Fields(field, pair_field, label_field))
     if not samples:
         raise BadInputError(f"{path}: no samples (the file is empty, blank, or has no data rows); add at least one")
     return samples
@@ -96,12 +109,12 @@ def _read_text_file(path: Path) -> str:
 
 
 @data_formats.register("text")
-def _read_text(path: Path, field: str, pair_field: str | None) -> list[Sample]:
+def _read_text(path: Path, fields: Fields) -> list[Sample]:
     return [TextSample(line.strip()) for line in _read_text_file(path).splitlines() if line.strip()]
 
 
 @data_formats.register("jsonl")
-def _read_jsonl(path: Path, field: str, pair_field: str | None) -> list[Sample]:
+def _read_jsonl(path: Path, fields: Fields) -> list[Sample]:
     samples: list[Sample] = []
     for lineno, line in enumerate(_read_text_file(path).splitlines(), start=1):
         if not line.strip():
@@ -114,19 +127,19 @@ def _read_jsonl(path: Path, field: str, pair_field: str | None) -> list[Sample]:
             ) from err
         if not isinstance(record, dict):
             raise BadInputError(
-                f'{path}:{lineno}: expected a JSON object like {{"{field}": "..."}}, got {type(record).__name__}'
+                f'{path}:{lineno}: expected a JSON object like {{"{fields.text}": "..."}}, got {type(record).__name__}'
             )
-        samples.append(_text_sample(record, path, lineno, field, pair_field, kind="field"))
+        samples.append(_text_sample(record, path, lineno, fields, kind="field"))
     return samples
 
 
 @data_formats.register("csv")
-def _read_csv(path: Path, field: str, pair_field: str | None) -> list[Sample]:
+def _read_csv(path: Path, fields: Fields) -> list[Sample]:
     with path.open(newline="", encoding="utf-8") as file:
         rows = csv.DictReader(file)
         try:
             samples: list[Sample] = [
-                _text_sample(row, path, rows.line_num, field, pair_field, kind="column") for row in rows
+                _text_sample(row, path, rows.line_num, fields, kind="column") for row in rows
             ]
         except UnicodeDecodeError as err:
             raise BadInputError(f"{path}: not UTF-8 text (byte {err.start}); save the file as UTF-8") from err
@@ -135,13 +148,24 @@ def _read_csv(path: Path, field: str, pair_field: str | None) -> list[Sample]:
     return samples
 
 
-def _text_sample(
-    record: dict[str, Any], path: Path, lineno: int, field: str, pair_field: str | None, *, kind: str
-) -> TextSample:
+def _text_sample(record: dict[str, Any], path: Path, lineno: int, fields: Fields, *, kind: str) -> TextSample:
     """One TextSample from a JSONL object or a CSV row; `kind` ("field" / "column") only words the errors."""
-    text = _text_value(record, path, lineno, field, kind, option="field")
-    pair = None if pair_field is None else _text_value(record, path, lineno, pair_field, kind, option="pair_field")
-    return TextSample(text, pair=pair)
+    text = _text_value(record, path, lineno, fields.text, kind, option="field")
+    pair = None if fields.pair is None else _text_value(record, path, lineno, fields.pair, kind, option="pair_field")
+    label = None if fields.label is None else _label_value(record, path, lineno, fields.label, kind)
+    return TextSample(text, pair=pair, label=label)
+
+
+def _label_value(record: dict[str, Any], path: Path, lineno: int, name: str, kind: str) -> str | int:
+    """A class label: a JSON integer, or a non-empty string (a class name, or a CSV cell holding an index)."""
+    value = record.get(name)
+    if isinstance(value, bool) or not isinstance(value, (int, str)) or (isinstance(value, str) and not value.strip()):
+        known = [key for key in record if isinstance(key, str)]
+        raise BadInputError(
+            f"{path}:{lineno}: {kind} '{name}'{did_you_mean(name, known)} is {json.dumps(value)}, not a class "
+            "label (an integer index or a class name); set label_field= to the field that holds the label"
+        )
+    return value.strip() if isinstance(value, str) else value
 
 
 def _text_value(record: dict[str, Any], path: Path, lineno: int, name: str, kind: str, *, option: str) -> str:
@@ -164,7 +188,7 @@ def _text_value(record: dict[str, Any], path: Path, lineno: int, name: str, kind
 
 
 @data_formats.register("npz")
-def _read_npz(path: Path, field: str, pair_field: str | None) -> list[Sample]:
+def _read_npz(path: Path, fields: Fields) -> list[Sample]:
     arrays = _load_npz(path)
     if not arrays:
         return []
@@ -254,4 +278,4 @@ def _content_key(sample: Sample) -> Hashable:
     )
 
 
-__all__ = ["DataSplit", "data_formats", "read_samples", "sample_path", "split_samples"]
+__all__ = ["DataSplit", "Fields", "data_formats", "read_samples", "sample_path", "split_samples"]

@@ -1,8 +1,11 @@
-"""Turn samples into batches of feeds (`dict[str, np.ndarray]`, batch dimension first) for ONNX Runtime.
+"""Turn texts into token ids: the one tokenization path of edgepack (calibration, evaluation, distillation).
 
-A Hugging Face tokenizer (transformers, fast Rust tokenizer underneath) does the tokenizing, truncation and padding.
-We choose the padded length ourselves only for "bucket" padding: transformers' `pad_to_multiple_of` refuses a
-`max_length` that is not a multiple of the bucket, and we want the cap at `max_length` either way.
+A Hugging Face tokenizer (transformers, fast Rust tokenizer underneath) does the tokenizing and truncation
+(`encode_texts`, unpadded). Padding is ours (`pad_examples`, on the tokenizer's padding side with its pad id),
+because we choose the padded length per batch: "bucket" padding needs a length transformers' `pad_to_multiple_of`
+refuses (a cap at `max_length` that is not a multiple), and distillation pads each micro-batch to its longest text.
+`tokenize_batches` (numpy feeds for ONNX Runtime) and `edgepack.compress.distill.pad_collate` (torch batches) are
+both these two steps.
 """
 
 from __future__ import annotations
@@ -55,16 +58,39 @@ def _tokenize(
     input_names: tuple[str, ...],
     bucket: int,
 ) -> Iterator[Feed]:
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    left = getattr(tokenizer, "padding_side", "right") == "left"
     for start in range(0, len(texts), batch_size):
-        batch = list(texts[start : start + batch_size])
-        if padding == "bucket":
-            # Lengths only, no padding: the batch's longest text sets the bucket.
-            longest = max(len(ids) for ids in tokenizer(batch, truncation=True, max_length=max_length)["input_ids"])
-            length = min(-(-longest // bucket) * bucket, max_length)
-            encoded = tokenizer(batch, truncation=True, max_length=length, padding="max_length", return_tensors="np")
-        else:
-            encoded = tokenizer(batch, truncation=True, max_length=max_length, padding=padding, return_tensors="np")
-        yield _select_inputs(encoded, input_names)
+        examples = encode_texts(tokenizer, texts[start : start + batch_size], max_length=max_length)
+        longest = max(len(e["input_ids"]) for e in examples)
+        length = {"longest": longest, "max_length": max_length,
+                  "bucket": min(-(-longest // bucket) * bucket, max_length)}[padding]
+        yield _select_inputs(pad_examples(examples, length=length, pad_id=pad_id, left=left), input_names)
+
+
+def encode_texts(tokenizer: Any, texts: Sequence[str], *, max_length: int) -> list[dict[str, list[int]]]:
+    """Token ids per text, truncated to `max_length` (special tokens included), unpadded."""
+    encoded = tokenizer(list(texts), truncation=True, max_length=max_length)
+    return [{name: list(encoded[name][i]) for name in encoded} for i in range(len(texts))]
+
+
+def pad_examples(examples: Sequence[dict[str, list[int]]], *, length: int, pad_id: int,
+                 left: bool = False) -> dict[str, np.ndarray]:
+    """Pad every example to `length` tokens: ids with `pad_id`, masks and type ids with 0. (B, T) int64 each."""
+    out: dict[str, np.ndarray] = {}
+    for name in examples[0]:
+        if name == "labels":
+            continue
+        fill = pad_id if name == "input_ids" else 0
+        rows = np.full((len(examples), length), fill, dtype=np.int64)  # (B, T)
+        for row, example in enumerate(examples):
+            values = example[name][:length]
+            if left:
+                rows[row, length - len(values):] = values
+            else:
+                rows[row, : len(values)] = values
+        out[name] = rows
+    return out
 
 
 def _select_inputs(encoded: Any, input_names: tuple[str, ...]) -> Feed:
@@ -76,7 +102,7 @@ def _select_inputs(encoded: Any, input_names: tuple[str, ...]) -> Feed:
                 f"the tokenizer gives no '{name}'{did_you_mean(name, encoded.keys())} (it gives {produced}); "
                 "use the tokenizer saved with the model, or check the model's input names"
             )
-        feed[name] = np.asarray(encoded[name], dtype=np.int64)  # (B, T); ONNX BERT inputs are int64
+        feed[name] = np.asarray(encoded[name], dtype=np.int64)  # (B, T); ONNX text inputs are int64
     return feed
 
 
@@ -117,4 +143,4 @@ def _check_positive(name: str, value: int) -> None:
         raise BadInputError(f"{name} is {value}; it must be 1 or more")
 
 
-__all__ = ["PADDINGS", "array_batches", "tokenize_batches"]
+__all__ = ["PADDINGS", "array_batches", "encode_texts", "pad_examples", "tokenize_batches"]

@@ -26,9 +26,32 @@ def _check_ratio(section: str, name: str, value: float) -> float:
     return value
 
 
+class DistillData(_Section):
+    """Distillation's own training text (it needs no labels: the teacher's outputs are the targets).
+
+    Records that are also in the evaluation split (same text) are dropped, so the report's figures stay on text
+    the student never trained on.
+    """
+
+    #: a .txt / .jsonl / .csv file, or `bundled:<name>`
+    path: str
+    format: Literal["auto", "text", "jsonl", "csv"] = "auto"
+    field: str = "text"
+    #: a second text per record (e.g. a paraphrase) that is trained on too
+    pair_field: str | None = None
+    #: at most this many records (after de-duplication and the evaluation hold-out), in file order
+    max_samples: int | None = Field(None, ge=1)
+    #: add this many "text_a text_b" pairs of random training texts (longer inputs from short sentences)
+    combinations: int = Field(0, ge=0)
+    seed: int = 0
+
+
 class DistillSection(_Section):
     enabled: bool = False
-    task: Literal["sentence-embedding", "sequence-classification", "causal-lm"] = "sentence-embedding"
+    #: training text; null: the data section's calibration split (minus the last fifth, kept for early stopping)
+    data: DistillData | None = None
+    #: null: the model family's (sentence-embedding for sentence-encoder, sequence-classification for classifiers)
+    task: Literal["sentence-embedding", "sequence-classification", "causal-lm"] | None = None
     #: an existing student folder (same tokenizer); empty: build the student from the teacher as below
     student: str | None = None
     #: teacher layers the student keeps (weights copied); empty: `num_layers` evenly spaced (default: half)
@@ -81,7 +104,8 @@ class DistillSection(_Section):
 
 class PruneSection(_Section):
     enabled: bool = False
-    task: Literal["sentence-embedding", "sequence-classification", "causal-lm"] = "sentence-embedding"
+    #: null: the model family's
+    task: Literal["sentence-embedding", "sequence-classification", "causal-lm"] | None = None
     #: fractions removed per layer; heads snap to KV groups (GQA), FFN / hidden widths to multiples of 8
     heads_ratio: float = 0.0
     ffn_ratio: float = 0.0
@@ -110,4 +134,4 @@ class PruneSection(_Section):
         return _check_ratio("prune", getattr(info, "field_name", "ratio"), value)
 
 
-__all__ = ["DistillSection", "PruneSection"]
+__all__ = ["DistillData", "DistillSection", "PruneSection"]

@@ -29,6 +29,7 @@ from torch import nn
 
 from edgepack.compress.prune import layout_of, transformer_layers
 from edgepack.errors import BadInputError
+from edgepack.families.sentence_encoder import pool
 from edgepack.registry import Registry
 
 Batch = dict[str, torch.Tensor]
@@ -81,16 +82,6 @@ class SentenceEmbeddingHead(TaskHead):
 
 TASKS.register("sequence-classification")(TaskHead)
 TASKS.register("causal-lm")(TaskHead)
-
-
-def pool(hidden: torch.Tensor, mask: torch.Tensor, *, pooling: str, normalize: bool) -> torch.Tensor:
-    """(B, T, C) -> (B, C): mean over real tokens or the first token; then L2 normalisation if the model has it."""
-    if pooling == "cls":
-        pooled = hidden[:, 0]
-    else:
-        weights = mask.unsqueeze(-1).to(hidden.dtype)  # (B, T, 1)
-        pooled = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1e-9)
-    return F.normalize(pooled, p=2, dim=1) if normalize else pooled
 
 
 @contextmanager
@@ -364,11 +355,13 @@ def build_objective(student: nn.Module, teacher: nn.Module, *, task: str, weight
 def tokenize_texts(tokenizer: Any, texts: Sequence[str], *, max_length: int,
                    labels: Sequence[int] | None = None) -> list[dict[str, list[int]]]:
     """Unpadded token ids per text (the trainer pads each micro-batch to its longest text)."""
+    from edgepack.calibration_data.tokenize import encode_texts
+
     if not texts:
         raise BadInputError("distillation needs training text; the data has no samples")
-    encoded = tokenizer(list(texts), truncation=True, max_length=max_length)
-    names = [n for n in ("input_ids", "attention_mask", "token_type_ids") if n in encoded]
-    examples = [{name: list(encoded[name][i]) for name in names} for i in range(len(texts))]
+    names = ("input_ids", "attention_mask", "token_type_ids")
+    examples = [{k: v for k, v in e.items() if k in names}
+                for e in encode_texts(tokenizer, texts, max_length=max_length)]
     for example, label in zip(examples, labels or [], strict=False):
         example["labels"] = [int(label)]
     return examples
@@ -376,15 +369,13 @@ def tokenize_texts(tokenizer: Any, texts: Sequence[str], *, max_length: int,
 
 def pad_collate(examples: Sequence[Mapping[str, list[int]]], *, pad_id: int) -> Batch:
     """Right-pad to the longest example: int64 (B, T) per input, labels (B,)."""
+    from edgepack.calibration_data.tokenize import pad_examples
+
     longest = max(len(e["input_ids"]) for e in examples)
-    batch: Batch = {}
-    for name in examples[0]:
-        if name == "labels":
-            batch[name] = torch.tensor([e[name][0] for e in examples])
-            continue
-        fill = pad_id if name == "input_ids" else 0
-        rows = [list(e[name]) + [fill] * (longest - len(e[name])) for e in examples]
-        batch[name] = torch.tensor(rows, dtype=torch.long)
+    batch: Batch = {name: torch.from_numpy(rows)
+                    for name, rows in pad_examples([dict(e) for e in examples], length=longest, pad_id=pad_id).items()}
+    if "labels" in examples[0]:
+        batch["labels"] = torch.tensor([e["labels"][0] for e in examples])
     return batch
 
 
@@ -411,7 +402,7 @@ def encode(model: nn.Module, tokenizer: Any, texts: Sequence[str], *, pooling: s
 def retrieval_metrics(text_emb: np.ndarray, pair_emb: np.ndarray) -> dict[str, float]:
     """Paraphrase retrieval (hf_encoder's metric): recall@1 and MRR of text i -> pair i among all pairs."""
     from edgepack.calibration_data import TextSample
-    from edgepack.models.hf_encoder import paraphrase_retrieval
+    from edgepack.families.sentence_encoder import paraphrase_retrieval
 
     outputs = [{"e": row[None]} for row in np.concatenate([text_emb, pair_emb])]
     samples = [TextSample(str(i), pair=str(i)) for i in range(len(text_emb))]

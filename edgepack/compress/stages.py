@@ -65,14 +65,18 @@ def _check_names(section: str, losses: dict[str, float], importance: str) -> Non
         raise BadInputError(f"{section}.importance '{importance}' is unknown; known: {', '.join(IMPORTANCES)}")
 
 
+def _with_task(options: Any) -> Any:
+    """A section with its task set: the pipeline sets the model family's; a direct call defaults to sentences."""
+    return options if options.task is not None else options.model_copy(update={"task": "sentence-embedding"})
+
+
 def _head(folder: Path, task: str) -> tuple[str, bool]:
     """(pooling, normalize) of a sentence encoder, read from its sentence-transformers files by the adapter."""
     if task != "sentence-embedding":
         return "mean", False
-    from edgepack.models.hf_encoder import HFEncoderAdapter
+    from edgepack.families.sentence_encoder import sentence_transformers_head
 
-    adapter = HFEncoderAdapter(str(folder))
-    return adapter.pooling, adapter.normalize
+    return sentence_transformers_head(folder)
 
 
 def calibration_batches(tokenizer: Any, texts: Sequence[str], *, count: int, batch_size: int,
@@ -152,6 +156,7 @@ def distill_model(teacher_dir: Path, out_dir: Path, *, texts: Sequence[str], eva
     """
     start = time.perf_counter()
     teacher_dir, out_dir = Path(teacher_dir), Path(out_dir)
+    options = _with_task(options)
     _check_names("distill", options.losses, options.importance)
     env = init_distributed()
     torch.manual_seed(options.seed)
@@ -181,7 +186,8 @@ def distill_model(teacher_dir: Path, out_dir: Path, *, texts: Sequence[str], eva
     if env.main:
         save_student(student, out_dir, tokenizer=tokenizer, source_dir=teacher_dir)
     info = {k: v for k, v in info.items() if k != "hidden_channels"}  # 256 indices: kept out of the manifest
-    return {**info, "losses": objective.loss_names, "teacher_metrics": evaluator.teacher_metrics(),
+    return {**info, "train_texts": len(texts), "held_out_pairs": len(eval_pairs), "losses": objective.loss_names,
+            "teacher_metrics": evaluator.teacher_metrics(),
             "student_before_training": before, "train": result.to_json(), "params_before": info["teacher_params"],
             "params_after": info["student_params"], "wall_time_s": round(time.perf_counter() - start, 2),
             "peak_rss_mb": round(peak_rss_mb(), 1)}
@@ -194,6 +200,7 @@ def prune_model(model_dir: Path, out_dir: Path, *, texts: Sequence[str], options
     """Structured pruning (layers, heads, FFN, hidden), optional unstructured sparsity and recovery distillation."""
     start = time.perf_counter()
     model_dir, out_dir = Path(model_dir), Path(out_dir)
+    options = _with_task(options)
     _check_names("prune", options.recovery_losses, options.importance)
     spec = StructuredSpec(heads_ratio=options.heads_ratio, ffn_ratio=options.ffn_ratio,
                           hidden_ratio=options.hidden_ratio, layers=tuple(options.layers), importance=options.importance)
@@ -253,7 +260,7 @@ def measure_dense_effect(before_dir: Path, after_dir: Path, *, texts: Sequence[s
 
     from edgepack.calibration_data import TextSample
     from edgepack.exporters.onnx import export_onnx
-    from edgepack.models import get_adapter
+    from edgepack.families import open_model
     from edgepack.runtime.probe import ProbeOptions, measure
 
     samples = [TextSample(t) for t in texts[:8]]
@@ -265,7 +272,7 @@ def measure_dense_effect(before_dir: Path, after_dir: Path, *, texts: Sequence[s
                                                                    batch_size=16, max_length=128))
         save_student(model, dense_dir, tokenizer=load_tokenizer(before_dir), source_dir=before_dir)
         for name, folder in (("without_zeros", dense_dir), ("with_zeros", after_dir)):
-            adapter = get_adapter("hf-encoder", str(folder))
+            adapter = open_model(str(folder), family="sentence-encoder")
             path = Path(tmp) / f"{name}.onnx"
             export_onnx(adapter, path, check_feeds=list(adapter.feeds(samples[:2])))
             probe = measure(path, latency_feed=adapter.latency_feed(samples, sequence_length=128),

@@ -5,7 +5,8 @@ optimum-onnx 0.1.0 pins transformers<4.58, does not export our pooling head, and
 `quant_pre_process` ("Incomplete symbolic shape inference"). The TorchScript exporter gives plain
 MatMul/Softmax/LayerNormalization graphs that ORT's quantizer and the mobile EPs handle.
 
-The check collects every output's mismatch, then raises one `ExportMismatchError` listing them all.
+What to export is the family's `ModelIO` (names, dynamic axes, per-output tolerance), stated as data. The check
+collects every output's mismatch, then raises one `ExportMismatchError` listing them all.
 """
 
 from __future__ import annotations
@@ -22,10 +23,9 @@ import torch
 
 from edgepack.calibration_data import Feed
 from edgepack.errors import EdgepackError
-from edgepack.models.base import ModelAdapter
+from edgepack.families import ModelFamily
+from edgepack.onnx_files import externalize_if_large
 from edgepack.runtime.metrics import cosine_rows
-
-TWO_GB = 2**31
 
 
 class ExportMismatchError(EdgepackError):
@@ -35,8 +35,8 @@ class ExportMismatchError(EdgepackError):
 @dataclass(frozen=True)
 class ExportOptions:
     opset: int = 17
-    atol: float = 1e-3  # max |onnx - torch| allowed per output
-    min_cosine: float = 0.9999
+    #: max |onnx - torch| allowed on every output; None: each output's own tolerance (`TensorSpec.atol`)
+    atol: float | None = None
 
 
 @contextlib.contextmanager
@@ -47,52 +47,51 @@ def _quiet_export() -> Iterator[None]:
         yield
 
 
-def export_onnx(adapter: ModelAdapter, out_path: Path, *, check_feeds: Sequence[Feed],
+def export_onnx(family: ModelFamily, out_path: Path, *, check_feeds: Sequence[Feed],
                 options: ExportOptions = ExportOptions()) -> dict[str, object]:
     """Write `out_path` (.onnx, external data when > 2 GB) and return the check's metrics."""
-    module = adapter.load_torch().eval()
+    io = family.io
+    module = family.load_torch().eval()
     example = check_feeds[0]
-    args = tuple(torch.from_numpy(example[name]) for name in adapter.input_names)
+    args = tuple(torch.from_numpy(example[name]) for name in io.input_names)
     with torch.no_grad(), _quiet_export():
-        torch.onnx.export(module, args, str(out_path), input_names=adapter.input_names,
-                          output_names=adapter.output_names, dynamic_axes=adapter.dynamic_axes,
-                          opset_version=options.opset, dynamo=False)
+        torch.onnx.export(module, args, str(out_path), input_names=io.input_names, output_names=io.output_names,
+                          dynamic_axes=io.dynamic_axes, opset_version=options.opset, dynamo=False)
     module.eval()  # the exporter restores the module's previous training flag; keep it in eval for the check
-    _externalize_if_large(out_path)
+    externalize_if_large(out_path)
     onnx.checker.check_model(str(out_path))
-    checks = check_against_torch(module, out_path, adapter=adapter, feeds=check_feeds, options=options)
+    checks = check_against_torch(module, out_path, family=family, feeds=check_feeds, options=options)
     params = sum(p.numel() for p in module.parameters())
     return {"opset": options.opset, "parameters": params, "check": checks}
 
 
-def _externalize_if_large(path: Path) -> None:
-    if path.stat().st_size < TWO_GB:
-        return
-    model = onnx.load(str(path))
-    onnx.save_model(model, str(path), save_as_external_data=True, location=path.name + ".data")
-
-
-def check_against_torch(module: torch.nn.Module, onnx_path: Path, *, adapter: ModelAdapter,
+def check_against_torch(module: torch.nn.Module, onnx_path: Path, *, family: ModelFamily,
                         feeds: Sequence[Feed], options: ExportOptions) -> dict[str, dict[str, float]]:
     """Max abs diff and min cosine per output over `feeds`; raise one error listing every output out of tolerance."""
     import onnxruntime as ort
 
+    io = family.io
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-    worst: dict[str, dict[str, float]] = {n: {"max_abs_diff": 0.0, "cosine_min": 1.0} for n in adapter.output_names}
+    worst: dict[str, dict[str, float]] = {n: {"max_abs_diff": 0.0, "cosine_min": 1.0} for n in io.output_names}
     for feed in feeds:
-        onnx_out = session.run(adapter.output_names, feed)
+        onnx_out = session.run(io.output_names, feed)
         with torch.no_grad():
-            torch_out = module(*(torch.from_numpy(feed[n]) for n in adapter.input_names))
+            torch_out = module(*(torch.from_numpy(feed[n]) for n in io.input_names))
         if isinstance(torch_out, torch.Tensor):  # single-output modules return a bare tensor
             torch_out = (torch_out,)
-        for name, got, want in zip(adapter.output_names, onnx_out, torch_out, strict=True):
+        for name, got, want in zip(io.output_names, onnx_out, torch_out, strict=True):
             want = want.numpy()
             entry = worst[name]
             entry["max_abs_diff"] = max(entry["max_abs_diff"], float(np.abs(got - want).max()))
             entry["cosine_min"] = min(entry["cosine_min"], float(cosine_rows(got, want).min()))
-    bad = [f"{name}: max |diff| {e['max_abs_diff']:.3g} (atol {options.atol:g}), min cosine {e['cosine_min']:.6f}"
-           for name, e in worst.items()
-           if e["max_abs_diff"] > options.atol or e["cosine_min"] < options.min_cosine]
+    bad = []
+    for name, e in worst.items():
+        spec = io.output(name)
+        atol = spec.atol if options.atol is None else options.atol
+        e.update(atol=atol)
+        if e["max_abs_diff"] > atol or e["cosine_min"] < spec.min_cosine:
+            bad.append(f"{name}: max |diff| {e['max_abs_diff']:.3g} (atol {atol:g}), min cosine "
+                       f"{e['cosine_min']:.6f} (at least {spec.min_cosine})")
     if bad:
         raise ExportMismatchError(f"{onnx_path.name}: ONNX Runtime disagrees with PyTorch on {len(feeds)} samples: "
                                   + "; ".join(bad) + "; try another opset (--opset) or report the model")

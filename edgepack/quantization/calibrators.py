@@ -43,14 +43,13 @@ import onnx
 import onnxruntime as ort
 
 from edgepack.errors import BadInputError, did_you_mean
+from edgepack.onnx_files import save_onnx
 from edgepack.registry import Registry
 from edgepack.reporter import get_reporter
 
 if TYPE_CHECKING:
     from edgepack.calibration_data import Feed
 
-#: Protobuf cannot serialise a message over 2 GiB: above this many initializer bytes we save weights as external data.
-_PROTOBUF_LIMIT_BYTES = 2**31 - 2**24
 #: Smoothing mass (in counts) given to empty bins before a KL divergence, as in TensorRT / MXNet.
 _KL_EPS = 1e-4
 #: AbsHistogram computes bin indices (up to num_bins) as int32, the cheapest float -> int cast.
@@ -611,14 +610,7 @@ def save_augmented(model: onnx.ModelProto, names: Sequence[str], folder: Path) -
     """Save `model` with `names` added as graph outputs into `folder`; the caller's model file is not touched."""
     existing = {value.name for value in model.graph.output}
     model.graph.output.extend(onnx.ValueInfoProto(name=name) for name in names if name not in existing)
-    path = folder / "augmented.onnx"
-    weight_bytes = sum(tensor.ByteSize() for tensor in model.graph.initializer)
-    if weight_bytes > _PROTOBUF_LIMIT_BYTES:
-        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location="augmented.onnx.data")
-    else:
-        onnx.save_model(model, str(path))
-    return path
+    return save_onnx(model, folder / "augmented.onnx")
 
 
 def _check_feed(feed: Feed, input_names: Sequence[str], sample: int) -> None:

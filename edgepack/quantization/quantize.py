@@ -25,6 +25,7 @@ import onnx
 from edgepack.artifacts import content_hash, sha256_file, write_json
 from edgepack.calibration_data import Feed
 from edgepack.errors import BadInputError, did_you_mean
+from edgepack.onnx_files import needs_external_data, save_onnx
 from edgepack.quantization.calibrators import CALIBRATORS, RangeCalibrator, collect_tensor_ranges, make_calibrator
 from edgepack.quantization.recipes import BranchPoint, QuantPlan, plan_quantization
 from edgepack.quantization.sensitivity import QuantBudget, fit_budget, raise_unmet
@@ -149,9 +150,7 @@ def write_prepared(model_path: Path, model: onnx.ModelProto, smoothing: Smoothin
     if not smoothing.points:
         return model_path, model
     rewritten = apply_smoothquant(model, smoothing.absmax, points=smoothing.points)
-    path = workdir / "prepared.onnx"
-    onnx.save_model(rewritten, str(path), save_as_external_data=rewritten.ByteSize() >= 2**31)
-    return path, rewritten
+    return save_onnx(rewritten, workdir / "prepared.onnx"), rewritten
 
 
 @dataclass(frozen=True)
@@ -227,7 +226,7 @@ class _QDQWriter:
         quantizer.quantize_model()
         path = self.workdir / f"qdq-{len(excluded)}-{abs(hash(excluded)) % 10**8}.onnx"
         # ORT's saver sorts the graph topologically (the quantizer appends weight DequantizeLinear nodes last)
-        quantizer.model.save_model_to_file(str(path), use_external_data_format=model.ByteSize() >= 2**31)
+        quantizer.model.save_model_to_file(str(path), use_external_data_format=needs_external_data(model))
         return path
 
 
@@ -315,7 +314,8 @@ def _move_model(src: Path, dst: Path) -> None:
         os.replace(src, dst)
         return
     model = onnx.load(str(src))  # > 2 GB: rewrite so the .onnx names its own external data file
-    onnx.save_model(model, str(dst), save_as_external_data=True, location=dst.name + ".data")
+    onnx.save_model(model, str(dst), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=dst.name + ".data", size_threshold=0)
 
 
 def _check_sample_count(n_calibration: int, methods: Iterable[str]) -> None:

@@ -20,6 +20,8 @@ from typing import Any
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from edgepack.report.model import ProviderResult, Report
+
 HOW_TEXT = {
     "device": "measured on this device",
     "emulated": "emulated (QNN HTP simulator on an x86 host: numerics and node assignment are real, "
@@ -47,7 +49,7 @@ class _Row:
     variant: str
     ep: str
     size_mb: float
-    entry: dict[str, Any]
+    entry: ProviderResult
 
     @property
     def label(self) -> str:
@@ -55,15 +57,19 @@ class _Row:
 
     @property
     def how(self) -> str:
-        return str(self.entry.get("how", "device"))
+        return self.entry.how
+
+    @property
+    def breakdown(self) -> dict[str, Any]:
+        return dict(getattr(self.entry.memory_mb, "breakdown", None) or {})
 
 
-def _rows(report: dict[str, Any]) -> Iterator[_Row]:
+def _rows(report: Report) -> Iterator[_Row]:
     """Every (variant, EP) row that finished ("ok"), in report order."""
-    for variant, data in report.get("variants", {}).items():
-        for ep, entry in data.get("providers", {}).items():
-            if entry.get("status") == "ok":
-                yield _Row(variant, ep, data.get("size_bytes", 0) / 1e6, entry)
+    for variant, data in report.variants.items():
+        for ep, entry in data.providers.items():
+            if entry.status == "ok":
+                yield _Row(variant, ep, data.size_bytes / 1e6, entry)
 
 
 def _png(figure: Figure) -> bytes:
@@ -80,9 +86,9 @@ def _hows(rows: list[_Row]) -> str:
     return "; ".join(f"{HOW_STYLE[how]}: {HOW_TEXT[how]}" for how in found)
 
 
-def tradeoff_figure(report: dict[str, Any]) -> ReportFigure | None:
+def tradeoff_figure(report: Report) -> ReportFigure | None:
     """Cosine vs p50 latency (device rows only) and cosine vs model size (every measured row)."""
-    rows = [row for row in _rows(report) if row.entry.get("metrics", {}).get("cosine_mean") is not None]
+    rows = [row for row in _rows(report) if row.entry.metrics.get("cosine_mean") is not None]
     if not rows:
         return None
     figure = Figure(figsize=(10, 4.2), layout="constrained")
@@ -90,15 +96,15 @@ def tradeoff_figure(report: dict[str, Any]) -> ReportFigure | None:
     eps = sorted({row.ep for row in rows})
     colors = {ep: f"C{index % 10}" for index, ep in enumerate(eps)}
     for row in rows:
-        cosine = row.entry["metrics"]["cosine_mean"]
+        cosine = row.entry.metrics["cosine_mean"]
         style = {"color": colors[row.ep], "marker": HOW_MARKER[row.how], "s": 20 + 1.5 * row.size_mb, "alpha": 0.75}
-        if row.how == "device":
-            by_latency.scatter(row.entry["latency_ms"]["p50"], cosine, **style)
-            by_latency.annotate(row.variant, (row.entry["latency_ms"]["p50"], cosine), fontsize=7,
+        if row.how == "device" and row.entry.latency_ms is not None:
+            by_latency.scatter(row.entry.latency_ms.p50, cosine, **style)
+            by_latency.annotate(row.variant, (row.entry.latency_ms.p50, cosine), fontsize=7,
                                 xytext=(4, 4), textcoords="offset points")
         by_size.scatter(row.size_mb, cosine, label=row.ep, **style)
         by_size.annotate(row.variant, (row.size_mb, cosine), fontsize=7, xytext=(4, 4), textcoords="offset points")
-    by_latency.set(xlabel="p50 latency, ms (device rows only)", ylabel=f"cosine vs {report.get('reference')} (mean)",
+    by_latency.set(xlabel="p50 latency, ms (device rows only)", ylabel="cosine vs the parent variant (mean)",
                    title="accuracy vs latency")
     by_size.set(xlabel="model size, MB", title="accuracy vs size (marker area ~ size)")
     handles, labels = by_size.get_legend_handles_labels()
@@ -107,32 +113,32 @@ def tradeoff_figure(report: dict[str, Any]) -> ReportFigure | None:
     emulated = " Emulated rows are left out of the latency panel: their timings are not device timings." \
         if any(row.how == "emulated" for row in rows) else ""
     caption = (f"Size vs accuracy vs latency per variant and EP. Latency: batch 1, p50 of the timed runs; accuracy: "
-               f"mean cosine of the primary output vs the {report.get('reference')} variant on the CPU EP. "
+               "mean cosine of the primary output vs the variant it was made from (its parent) on the CPU EP. "
                f"How obtained: {_hows(rows)}.{emulated}")
     return ReportFigure("tradeoff", _png(figure), caption)
 
 
-def memory_figure(report: dict[str, Any]) -> ReportFigure | None:
+def memory_figure(report: Report) -> ReportFigure | None:
     """Stacked bars per row: where the process memory goes (MiB)."""
-    rows = [row for row in _rows(report) if row.entry.get("memory_mb", {}).get("breakdown")]
+    rows = [row for row in _rows(report) if row.breakdown]
     if not rows:
         return None
     figure = Figure(figsize=(10, 0.45 * len(rows) + 1.6), layout="constrained")
     axes = figure.subplots()
     for index, row in enumerate(rows):
         left = 0.0
-        breakdown = row.entry["memory_mb"]["breakdown"]
         for part, (key, label) in enumerate(MEMORY_PARTS):
-            value = breakdown.get(key) or 0.0
+            value = row.breakdown.get(key) or 0.0
             axes.barh(index, value, left=left, color=f"C{part}", hatch=HOW_HATCH[row.how], edgecolor="white",
                       label=label if index == 0 else None)
             left += value
-        axes.text(left, index, f" {row.entry['memory_mb'].get('peak', left):.0f} peak", va="center", fontsize=7)
+        peak = row.entry.memory_mb.peak if row.entry.memory_mb is not None else left
+        axes.text(left, index, f" {peak:.0f} peak", va="center", fontsize=7)
     axes.set_yticks(range(len(rows)), [row.label for row in rows], fontsize=8)
     axes.invert_yaxis()
     axes.set(xlabel="MiB", title="memory breakdown per variant and EP")
     axes.legend(fontsize=7, loc="lower right")
-    methods = rows[0].entry["memory_mb"]["breakdown"].get("methods", {})
+    methods = rows[0].breakdown.get("methods", {})
     caption = ("Memory of a fresh process per row. Runtime baseline: RSS after importing onnxruntime and numpy; "
                f"weights: {methods.get('weights', 'graph initializers')}; prepacked weights and activations: "
                "ORT profiler's CPU-allocator figures where the session has an arena, else activations estimated "
@@ -141,15 +147,15 @@ def memory_figure(report: dict[str, Any]) -> ReportFigure | None:
     return ReportFigure("memory", _png(figure), caption)
 
 
-def coverage_figure(report: dict[str, Any]) -> ReportFigure | None:
+def coverage_figure(report: Report) -> ReportFigure | None:
     """Share of nodes each EP runs, annotated with partitions and MatMuls on the EP."""
-    rows = [row for row in _rows(report) if row.entry.get("coverage", {}).get("nodes_total")]
+    rows = [row for row in _rows(report) if row.entry.coverage is not None and row.entry.coverage.nodes_total]
     if not rows:
         return None
     figure = Figure(figsize=(10, 0.45 * len(rows) + 1.6), layout="constrained")
     axes = figure.subplots()
     for index, row in enumerate(rows):
-        coverage = row.entry["coverage"]
+        coverage = row.entry.coverage.model_dump()  # contract keys and the extras (matmul counts)
         share = 100 * coverage["nodes_on_ep"] / coverage["nodes_total"]
         axes.barh(index, share, color="C0" if row.how == "device" else "C1" if row.how == "emulated" else "C2",
                   hatch=HOW_HATCH[row.how], edgecolor="white")
@@ -167,7 +173,7 @@ def coverage_figure(report: dict[str, Any]) -> ReportFigure | None:
     return ReportFigure("coverage", _png(figure), caption)
 
 
-def report_figures(report: dict[str, Any]) -> list[ReportFigure]:
+def report_figures(report: Report) -> list[ReportFigure]:
     """Every figure the report has data for, in reading order."""
     figures = (tradeoff_figure(report), memory_figure(report), coverage_figure(report))
     return [figure for figure in figures if figure is not None]

@@ -1,57 +1,68 @@
-"""Recipe gates: thresholds on the final variant, measured on the CPU EP against the FP32 reference."""
+"""Recipe gates: thresholds on the final variant, measured on the CPU EP.
+
+Cosine gates read the final variant's fidelity against the variant it was made from (for INT8 of a student: the
+student in FP32); size, latency and task-metric gates compare it with the reference (the FP32 original).
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
 from edgepack.recipe import GatesSection
+from edgepack.report.model import Gate, ProviderResult, Report
 
-GateValue = Callable[[dict[str, Any], str], "float | None"]
+GateValue = Callable[[Report, str], "float | None"]
 
 
-def _cpu(report: dict[str, Any], variant: str) -> dict[str, Any]:
-    entry = report["variants"].get(variant, {}).get("providers", {}).get("cpu", {})
-    return entry if entry.get("status") == "ok" else {}
+def _cpu(report: Report, variant: str) -> ProviderResult | None:
+    entry = report.variants[variant].providers.get("cpu") if variant in report.variants else None
+    return entry if entry is not None and entry.status == "ok" else None
 
 
 def _metric(name: str) -> GateValue:
-    return lambda report, final: _cpu(report, final).get("metrics", {}).get(name)
+    def read(report: Report, final: str) -> float | None:
+        entry = _cpu(report, final)
+        return None if entry is None else entry.metrics.get(name)
+
+    return read
 
 
-def _size_ratio(report: dict[str, Any], final: str) -> float | None:
-    ref = report["variants"][report["reference"]]["size_bytes"]
-    return report["variants"][final]["size_bytes"] / ref
+def _size_ratio(report: Report, final: str) -> float | None:
+    return report.variants[final].size_bytes / report.variants[report.reference].size_bytes
 
 
-def _latency_ratio(report: dict[str, Any], final: str) -> float | None:
-    ref, got = _cpu(report, report["reference"]), _cpu(report, final)
-    if not ref or not got:
+def _latency_ratio(report: Report, final: str) -> float | None:
+    ref, got = _cpu(report, report.reference), _cpu(report, final)
+    if ref is None or got is None or ref.latency_ms is None or got.latency_ms is None:
         return None
-    return got["latency_ms"]["p50"] / ref["latency_ms"]["p50"]
+    return got.latency_ms.p50 / ref.latency_ms.p50
 
 
-def _task_drop(report: dict[str, Any], final: str) -> float | None:
-    ref, got = _cpu(report, report["reference"]).get("metrics", {}), _cpu(report, final).get("metrics", {})
-    task = [k for k in ref if k not in FIDELITY_KEYS]
-    if not task or task[0] not in got:
+def _task_drop(report: Report, final: str) -> float | None:
+    ref, got = _cpu(report, report.reference), _cpu(report, final)
+    if ref is None or got is None:
         return None
-    return ref[task[0]] - got[task[0]]
+    task = [k for k in ref.metrics if k not in FIDELITY_KEYS]
+    if not task or got.metrics.get(task[0]) is None or ref.metrics[task[0]] is None:
+        return None
+    return float(ref.metrics[task[0]]) - float(got.metrics[task[0]])  # type: ignore[arg-type]
 
 
-FIDELITY_KEYS = {"cosine_mean", "cosine_min", "max_abs_diff", "sqnr_db"}
+#: fidelity figures (vs the parent variant); every other metric key is a task metric
+FIDELITY_KEYS = {"cosine_mean", "cosine_min", "max_abs_diff", "sqnr_db", "top1_agreement"}
 
 # gate name -> (how the value is read, "min" if value must be >= threshold else "max")
 GATES: dict[str, tuple[GateValue, str]] = {
     "min_cosine": (_metric("cosine_mean"), "min"),
     "min_cosine_sample": (_metric("cosine_min"), "min"),
+    "min_top1_agreement": (_metric("top1_agreement"), "min"),
     "max_size_ratio": (_size_ratio, "max"),
     "max_latency_ratio": (_latency_ratio, "max"),
     "max_task_metric_drop": (_task_drop, "max"),
 }
 
 
-def evaluate_gates(report: dict[str, Any], gates: GatesSection, *, final: str) -> list[dict[str, Any]]:
+def evaluate_gates(report: Report, gates: GatesSection, *, final: str) -> list[Gate]:
     results = []
     for name, threshold in gates.model_dump().items():
         if threshold is None:
@@ -59,6 +70,6 @@ def evaluate_gates(report: dict[str, Any], gates: GatesSection, *, final: str) -
         read, kind = GATES[name]
         value = read(report, final)
         passed = value is not None and (value >= threshold if kind == "min" else value <= threshold)
-        results.append({"name": name, "variant": final, "provider": "cpu", "threshold": threshold,
-                        "value": None if value is None else round(float(value), 6), "passed": passed})
+        results.append(Gate(name=name, variant=final, provider="cpu", threshold=threshold,
+                            value=None if value is None else round(float(value), 6), passed=passed))
     return results

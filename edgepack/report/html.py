@@ -3,7 +3,7 @@
 The figures come from `figures.py` (matplotlib, Agg); they are also written to `figures/*.png` next to the
 page, as the run-folder layout promises. Every row and every figure says how its numbers were obtained.
 
->>> write_html(json.loads(Path("runs/demo/report.json").read_text()), Path("runs/demo"))   # doctest: +SKIP
+>>> write_html(Report.model_validate_json(Path("runs/demo/report.json").read_text()), Path("runs/demo"))  # doctest: +SKIP
 PosixPath('runs/demo/report.html')
 """
 
@@ -16,6 +16,7 @@ from typing import Any
 
 from edgepack.artifacts import atomic_write_text
 from edgepack.report.figures import HOW_TEXT, ReportFigure, report_figures
+from edgepack.report.model import ProviderResult, Report
 
 _STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1400px; color: #222; }
@@ -38,7 +39,8 @@ def _fmt(value: Any, spec: str) -> str:
     return "–" if value is None else format(value, spec)
 
 
-def _coverage_cells(coverage: dict[str, Any]) -> list[str]:
+def _coverage_cells(entry: ProviderResult) -> list[str]:
+    coverage = entry.coverage.model_dump() if entry.coverage is not None else {}
     if not coverage.get("nodes_total"):
         return ["–", "–", "–", "–"]
     fallback = ", ".join(f"{op}×{count}" for op, count in list(coverage.get("fallback_ops", {}).items())[:4])
@@ -46,28 +48,30 @@ def _coverage_cells(coverage: dict[str, Any]) -> list[str]:
             f"{coverage.get('matmul_on_ep', 0)}/{coverage.get('matmul_total', 0)}", fallback or "none"]
 
 
-def _row(variant: str, ep: str, size_mb: float, entry: dict[str, Any]) -> list[str]:
-    status = entry.get("status", "")
-    error = str(entry.get("error", ""))
+def _row(variant: str, ep: str, size_mb: float, entry: ProviderResult) -> list[str]:
+    error = entry.error or ""
     error = error if len(error) <= 90 else error[:89] + "…"  # the full message is in report.json
-    head = [variant, ep, entry.get("how", ""), status if status == "ok" else f"{status}: {error}", _fmt(size_mb, ".1f")]
+    status = entry.status
+    head = [variant, ep, entry.how, status if status == "ok" else f"{status}: {error}", _fmt(size_mb, ".1f")]
     if status != "ok":
         return head + [""] * (len(COLUMNS) - len(head))
-    latency, memory, metrics = entry.get("latency_ms", {}), entry.get("memory_mb", {}), entry.get("metrics", {})
+    latency, memory, metrics = entry.latency_ms, entry.memory_mb, entry.metrics
     # A simulator's timing next to device timings must not read as one: it carries its label in the cell.
-    mark = " (emulated)" if entry.get("how") == "emulated" else ""
-    return head + [_fmt(latency.get("p50"), ".2f") + mark * ("p50" in latency),
-                   _fmt(latency.get("p90"), ".2f") + mark * ("p90" in latency), _fmt(memory.get("peak"), ".0f"),
+    mark = " (emulated)" if entry.how == "emulated" else ""
+    timed = latency is not None
+    return head + [_fmt(latency.p50 if timed else None, ".2f") + mark * timed,
+                   _fmt(latency.p90 if timed else None, ".2f") + mark * timed,
+                   _fmt(memory.peak if memory is not None else None, ".0f"),
                    _fmt(metrics.get("cosine_mean"), ".4f"), _fmt(metrics.get("cosine_min"), ".4f"),
-                   *_coverage_cells(entry.get("coverage", {})), _fmt(entry.get("evaluation_samples"), "d")]
+                   *_coverage_cells(entry), _fmt(entry.evaluation_samples, "d")]
 
 
-def _table(report: dict[str, Any]) -> str:
+def _table(report: Report) -> str:
     lines = ["<table>", "<tr>" + "".join(f"<th>{html.escape(c)}</th>" for c in COLUMNS) + "</tr>"]
-    for variant, data in report.get("variants", {}).items():
-        for ep, entry in data.get("providers", {}).items():
-            cells = _row(variant, ep, data.get("size_bytes", 0) / 1e6, entry)
-            css = entry.get("status") if entry.get("status") != "ok" else entry.get("how", "device")
+    for variant, data in report.variants.items():
+        for ep, entry in data.providers.items():
+            cells = _row(variant, ep, data.size_bytes / 1e6, entry)
+            css = entry.status if entry.status != "ok" else entry.how
             tds = "".join(f'<td class="text">{html.escape(c)}</td>' if i in (0, 1, 2, 3, 13) else
                           f"<td>{html.escape(c)}</td>" for i, c in enumerate(cells))
             lines.append(f'<tr class="{html.escape(str(css))}">{tds}</tr>')
@@ -75,12 +79,12 @@ def _table(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _gates(report: dict[str, Any]) -> str:
-    if not report.get("gates"):
+def _gates(report: Report) -> str:
+    if not report.gates:
         return ""
-    rows = "".join(f"<tr><td class='text'>{html.escape(g['name'])}</td><td>{html.escape(str(g['variant']))}</td>"
-                   f"<td>{g['threshold']}</td><td>{_fmt(g['value'], '.4f')}</td>"
-                   f"<td>{'yes' if g['passed'] else '<b>no</b>'}</td></tr>" for g in report["gates"])
+    rows = "".join(f"<tr><td class='text'>{html.escape(g.name)}</td><td>{html.escape(g.variant)}</td>"
+                   f"<td>{g.threshold}</td><td>{_fmt(g.value, '.4f')}</td>"
+                   f"<td>{'yes' if g.passed else '<b>no</b>'}</td></tr>" for g in report.gates)
     return ("<h2>Gates</h2><table><tr><th>gate</th><th>variant</th><th>threshold</th><th>value</th><th>passed</th>"
             f"</tr>{rows}</table>")
 
@@ -91,32 +95,31 @@ def _figure(figure: ReportFigure) -> str:
             f"<figcaption>{html.escape(figure.caption)}</figcaption></figure>")
 
 
-def _header(report: dict[str, Any]) -> str:
-    name = report.get("recipe", {}).get("name", "edgepack")
-    passed = report.get("passed")
-    result = ("<b class='passed'>PASSED</b>" if passed else "<b class='failed-result'>FAILED</b>") \
-        if passed is not None else "–"
-    model, data = report.get("model", {}), report.get("data", {})
-    hows = sorted({entry.get("how") for variant in report.get("variants", {}).values()
-                   for entry in variant.get("providers", {}).values() if entry.get("how") in HOW_TEXT},
+def _header(report: Report) -> str:
+    name = report.recipe.get("name", "edgepack")
+    result = "<b class='passed'>PASSED</b>" if report.passed else "<b class='failed-result'>FAILED</b>"
+    hows = sorted({entry.how for variant in report.variants.values() for entry in variant.providers.values()},
                   key=list(HOW_TEXT).index)
     notes = "".join(f"<li><b>{html.escape(how)}</b>: {html.escape(HOW_TEXT[how])}</li>" for how in hows)
+    extra = "".join(f"<li>{html.escape(note)}</li>" for note in report.notes)
     return (f"<h1>edgepack report: {html.escape(str(name))}</h1><ul>"
-            f"<li>model: <code>{html.escape(str(model.get('source', '')))}</code></li>"
-            f"<li>data: <code>{html.escape(str(data.get('path', '')))}</code>, {data.get('n_evaluation', '?')} "
-            f"evaluation samples</li><li>fidelity vs the <b>{html.escape(str(report.get('reference')))}</b> "
-            f"variant on the CPU EP</li><li>result: {result}</li></ul><h2>How each row was obtained</h2><ul>{notes}</ul>")
+            f"<li>model: <code>{html.escape(str(report.model.get('source', '')))}</code> "
+            f"({html.escape(str(report.model.get('family', '')))})</li>"
+            f"<li>data: <code>{html.escape(report.data.path)}</code>, {report.data.n_evaluation} "
+            "evaluation samples</li><li>fidelity of each variant vs the variant it was made from, on the CPU EP "
+            f"(reference: <b>{html.escape(report.reference)}</b>)</li><li>result: {result}</li>{extra}</ul>"
+            f"<h2>How each row was obtained</h2><ul>{notes}</ul>")
 
 
-def render_html(report: dict[str, Any], figures: list[ReportFigure]) -> str:
+def render_html(report: Report, figures: list[ReportFigure]) -> str:
     body = _header(report) + "<h2>Results</h2>" + _table(report) + _gates(report)
     body += "<h2>Figures</h2>" + "".join(_figure(figure) for figure in figures)
-    title = html.escape(f"edgepack report: {report.get('recipe', {}).get('name', '')}")
+    title = html.escape(f"edgepack report: {report.recipe.get('name', '')}")
     return (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{title}</title>'
             f"<style>{_STYLE}</style></head><body>{body}</body></html>\n")
 
 
-def write_html(report: dict[str, Any], out_dir: Path) -> Path:
+def write_html(report: Report, out_dir: Path) -> Path:
     """Write out_dir/report.html and out_dir/figures/<name>.png; returns the page's path."""
     figures = report_figures(report)
     (out_dir / "figures").mkdir(parents=True, exist_ok=True)

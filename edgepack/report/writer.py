@@ -1,4 +1,4 @@
-"""report.json, report.md and report.html (html.py)."""
+"""report.json, report.md and report.html (html.py), all rendered from the typed `Report` (model.py)."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from edgepack.artifacts import atomic_write_text, write_json
+from edgepack.report.model import ProviderResult, Report
 
 COLUMNS = ("variant", "EP", "how", "size MB", "size ×", "p50 ms", "p90 ms", "peak RSS MB", "cosine mean",
            "cosine min", "task metric", "nodes on EP", "partitions")
@@ -15,57 +16,72 @@ def _fmt(value: Any, spec: str) -> str:
     return "–" if value is None else format(value, spec)
 
 
-def _task(metrics: dict[str, Any]) -> str:
-    from edgepack.report.gates import FIDELITY_KEYS
+#: short names of task metrics in the table (report.json keeps the full names)
+SHORT_METRICS = {"paraphrase_recall_at_1": "R@1", "paraphrase_mrr": "MRR", "paraphrase_margin": "margin",
+                 "top1_agreement": "top-1 agr.", "top1_accuracy": "top-1 acc."}
 
-    short = {"paraphrase_recall_at_1": "R@1", "paraphrase_mrr": "MRR", "paraphrase_margin": "margin"}
-    task = [(short.get(k, k), v) for k, v in metrics.items() if k not in FIDELITY_KEYS]
+
+#: the columns of their own; every other metric goes into "task metric"
+_OWN_COLUMNS = frozenset({"cosine_mean", "cosine_min", "max_abs_diff", "sqnr_db"})
+
+
+def _task(metrics: dict[str, Any]) -> str:
+    task = [(SHORT_METRICS.get(k, k), v) for k, v in metrics.items() if k not in _OWN_COLUMNS and v is not None]
     return ", ".join(f"{k} {v:.4f}" for k, v in task) or "–"
 
 
-def _coverage(entry: dict[str, Any]) -> list[str]:
-    cov = entry.get("coverage") or {}
-    if not cov.get("nodes_total"):
+def _coverage(entry: ProviderResult) -> list[str]:
+    cov = entry.coverage
+    if cov is None or not cov.nodes_total:
         return ["–", "–"]
-    return [f"{cov['nodes_on_ep']}/{cov['nodes_total']}", _fmt(cov.get("partitions"), "d")]
+    return [f"{cov.nodes_on_ep}/{cov.nodes_total}", _fmt(cov.partitions, "d")]
 
 
-def results_rows(report: dict[str, Any]) -> list[list[str]]:
+def results_rows(report: Report) -> list[list[str]]:
     """One row per variant x EP, the columns of COLUMNS, as display strings."""
-    ref_size = report["variants"][report["reference"]]["size_bytes"]
+    ref_size = report.variants[report.reference].size_bytes
     rows = []
-    for name, variant in report["variants"].items():
-        size = variant["size_bytes"]
-        for ep, entry in variant["providers"].items():
-            head = [name, ep, entry.get("how", ""), _fmt(size / 1e6, ".1f"), _fmt(size / ref_size, ".2f")]
-            if entry["status"] != "ok":
-                rows.append([*head, entry["status"], "", "", "", "", (entry.get("error") or "")[:80], "", ""])
+    for name, variant in report.variants.items():
+        size = variant.size_bytes
+        for ep, entry in variant.providers.items():
+            head = [name, ep, entry.how, _fmt(size / 1e6, ".1f"), _fmt(size / ref_size, ".2f")]
+            if entry.status != "ok":
+                rows.append([*head, entry.status, "", "", "", "", (entry.error or "")[:80], "", ""])
                 continue
-            if entry.get("how") == "static-analysis":  # coverage only: nothing ran
+            if entry.how == "static-analysis" or entry.latency_ms is None or entry.memory_mb is None:
                 rows.append([*head, "–", "–", "–", "–", "–", "static analysis", *_coverage(entry)])
                 continue
-            lat, mem, met = entry["latency_ms"], entry["memory_mb"], entry["metrics"]
-            mark = "*" if entry.get("how") == "emulated" else ""  # not a device timing; see the note under the table
-            rows.append([*head, _fmt(lat["p50"], ".2f") + mark, _fmt(lat["p90"], ".2f") + mark,
-                         _fmt(mem["peak"], ".0f"), _fmt(met.get("cosine_mean"), ".4f"),
+            lat, met = entry.latency_ms, entry.metrics
+            mark = "*" if entry.how == "emulated" else ""  # not a device timing; see the note under the table
+            rows.append([*head, _fmt(lat.p50, ".2f") + mark, _fmt(lat.p90, ".2f") + mark,
+                         _fmt(entry.memory_mb.peak, ".0f"), _fmt(met.get("cosine_mean"), ".4f"),
                          _fmt(met.get("cosine_min"), ".4f"), _task(met), *_coverage(entry)])
     return rows
 
 
-def render_markdown(report: dict[str, Any]) -> str:
-    recipe, data = report["recipe"], report["data"]
-    v = recipe["validate"]
+def _fidelity_lines(report: Report) -> list[str]:
+    pairs = [f"{name} vs {v.compared_to}" for name, v in report.variants.items() if v.compared_to]
+    notes = sorted({f"{name}: {e.fidelity_note}" for name, v in report.variants.items()
+                    for e in v.providers.values() if e.fidelity_note})
+    lines = [f"- fidelity: cosine of `{report.primary_output}` against the variant each was made from "
+             f"({', '.join(pairs) or 'none'}), on its CPU EP outputs, evaluation split"]
+    return lines + [f"- {note}" for note in [*notes, *report.notes]]
+
+
+def render_markdown(report: Report) -> str:
+    recipe, data = report.recipe, report.data
+    v = recipe.get("validate", {})
     lines = [
-        f"# edgepack report: {recipe['name']}",
+        f"# edgepack report: {recipe.get('name', 'edgepack')}",
         "",
-        f"- model: `{report['model']['source']}` ({report['model']['adapter']})",
-        f"- data: `{data['path']}`: {data['n_calibration']} calibration, {data['n_evaluation']} evaluation samples "
+        f"- model: `{report.model.get('source')}` (family {report.model.get('family')}, task "
+        f"{report.model.get('task')})",
+        f"- data: `{data.path}`: {data.n_calibration} calibration, {data.n_evaluation} evaluation samples "
         "(disjoint)",
-        f"- latency: batch 1, sequence {v['sequence_length']}, {v['threads']} threads, {v['warmup']} warm-up + "
-        f"{v['runs']} timed runs, fresh process per row",
-        f"- fidelity: cosine of `{report.get('primary_output', 'output')}` vs the {report['reference']} variant on "
-        "the CPU EP, evaluation split",
-        f"- result: **{'PASSED' if report['passed'] else 'FAILED'}**",
+        f"- latency: batch 1, sequence {v.get('sequence_length')}, {v.get('threads')} threads, {v.get('warmup')} "
+        f"warm-up + {v.get('runs')} timed runs, fresh process per row",
+        *_fidelity_lines(report),
+        f"- result: **{'PASSED' if report.passed else 'FAILED'}**",
         "",
         "| " + " | ".join(COLUMNS) + " |",
         "|" + "---|" * len(COLUMNS),
@@ -73,19 +89,22 @@ def render_markdown(report: dict[str, Any]) -> str:
         "",
         *_how_notes(report),
     ]
-    if report["gates"]:
+    if report.gates:
         lines += ["## Gates", "", "| gate | variant | threshold | value | passed |", "|---|---|---|---|---|"]
-        lines += [f"| {g['name']} | {g['variant']} | {g['threshold']} | {_fmt(g['value'], '.4f')} | "
-                  f"{'yes' if g['passed'] else '**no**'} |" for g in report["gates"]]
+        lines += [f"| {g.name} | {g.variant} | {g.threshold} | {_fmt(g.value, '.4f')} | "
+                  f"{'yes' if g.passed else '**no**'} |" for g in report.gates]
         lines.append("")
-    lines += _quantization_lines(report.get("quantization"))
+    lines += _quantization_lines(report.quantization.model_dump() if report.quantization else None)
     lines += ["## Artifacts", ""]
-    lines += [f"- {name}: `{variant['path']}` (sha256 `{variant['sha256'][:16]}…`)"
-              for name, variant in report["variants"].items()]
-    if report.get("bundle"):
-        lines.append(f"- bundle ({report['bundle']['variant']}): `{report['bundle']['path']}/` — model.ort, "
+    lines += [f"- {name}: `{variant.path}` (sha256 `{variant.sha256[:16]}…`)"
+              for name, variant in report.variants.items()]
+    if report.bundle:
+        lines.append(f"- bundle ({report.bundle.variant}): `{report.bundle.path}/` — model.ort, "
                      "model_data.c/.h, required_operators_and_types.config, golden vectors; check it with "
-                     f"`edgepack verify {report['bundle']['path']}`")
+                     f"`edgepack verify {report.bundle.path}`")
+    if report.stages:
+        lines += ["", "Stages: " + ", ".join(f"{s.folder} ({'reused' if s.reused else f'{s.wall_time_s:.1f} s'})"
+                                             for s in report.stages)]
     lines += ["", "Memory: " + _memory_method(report), ""]
     return "\n".join(lines)
 
@@ -134,23 +153,25 @@ HOW_NOTES = {
 }
 
 
-def _how_notes(report: dict[str, Any]) -> list[str]:
-    hows = {entry.get("how") for variant in report["variants"].values() for entry in variant["providers"].values()}
+def _how_notes(report: Report) -> list[str]:
+    hows = {entry.how for variant in report.variants.values() for entry in variant.providers.values()}
     notes = [f"- {text}" for how, text in HOW_NOTES.items() if how in hows]
     return [*notes, ""] if notes else []
 
 
-def _memory_method(report: dict[str, Any]) -> str:
-    for variant in report["variants"].values():
-        for entry in variant["providers"].values():
-            if entry.get("memory_mb"):
-                return entry["memory_mb"].get("method", "")
+def _memory_method(report: Report) -> str:
+    for variant in report.variants.values():
+        for entry in variant.providers.values():
+            if entry.memory_mb is not None:
+                return str(getattr(entry.memory_mb, "method", ""))
     return "not measured"
 
 
-def write_reports(report: dict[str, Any], out: Path) -> None:
+def write_reports(report: Report, out: Path) -> None:
+    """report.json (validated: the model is built before anything is written), report.md, report.html."""
     from edgepack.report.html import write_html  # matplotlib is imported only when a report is written
 
-    write_json(out / "report.json", report)
+    report = Report.model_validate(report.model_dump())  # re-check what was assigned after construction
+    write_json(out / "report.json", report.model_dump(mode="json", exclude_none=False))
     atomic_write_text(out / "report.md", render_markdown(report))
     write_html(report, out)

@@ -29,12 +29,11 @@ import onnx
 from onnxruntime.tools.onnx_model_utils import fix_output_shapes, make_input_shape_fixed
 
 from edgepack.errors import BadInputError
+from edgepack.onnx_files import save_onnx
 
 if TYPE_CHECKING:
     from edgepack.calibration_data import Feed
 
-#: Above this, onnx.save must write the weights as external data (protobuf's 2 GiB limit).
-_EXTERNAL_DATA_BYTES = 1_800_000_000
 
 
 def feed_shapes(feed: Feed) -> dict[str, list[int]]:
@@ -88,7 +87,7 @@ def make_shapes_fixed(model_path: Path, out_path: Path, *, shapes: Mapping[str, 
             raise BadInputError(f"{model_path.name}: input '{value.name}' {_dims(value)} cannot take shape "
                                 f"{list(shapes[value.name])} ({error}); feed data of the model's shape") from None
     fix_output_shapes(model)
-    return _save(model, out_path)
+    return save_onnx(model, out_path)
 
 
 def pad_feed(feed: Feed, shapes: Mapping[str, Sequence[int]], *, index: int) -> tuple[Feed, int | None]:
@@ -133,12 +132,6 @@ def trim_outputs(outputs: Mapping[str, np.ndarray], *, names: set[str], length: 
     return {name: value[:, :length] if name in names else value for name, value in outputs.items()}
 
 
-def _save(model: onnx.ModelProto, out_path: Path) -> Path:
-    big = model.ByteSize() > _EXTERNAL_DATA_BYTES
-    onnx.save(model, str(out_path), save_as_external_data=big, location=out_path.name + ".data" if big else None)
-    return out_path
-
-
 def convert_fp16(model_path: Path, out_path: Path) -> Path:
     """float16 weights and activations for GPU EPs, float32 inputs and outputs kept (keep_io_types=True).
 
@@ -148,7 +141,7 @@ def convert_fp16(model_path: Path, out_path: Path) -> Path:
 
     model = convert_float_to_float16(onnx.load(str(model_path)), keep_io_types=True,
                                      op_block_list=[*DEFAULT_OP_BLOCK_LIST, "QuantizeLinear", "DequantizeLinear"])
-    return _save(model, out_path)
+    return save_onnx(model, out_path)
 
 
 def convert_ort_format(model_path: Path, out_dir: Path) -> Path:

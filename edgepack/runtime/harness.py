@@ -1,7 +1,9 @@
-"""Validation harness: every variant x execution provider measured in a fresh subprocess, fidelity vs the reference.
+"""Validation harness: every variant x execution provider measured in a fresh subprocess, fidelity vs its parent.
 
-The reference variant's outputs on the CPU EP are the yardstick for every other (variant, EP) pair, so a user
-reads e.g. "INT8 on CPU: cosine 0.996" against FP32 on the same evaluation samples.
+Each variant is compared to the variant it was made from (`compared_to`: INT8 to the FP32 it was quantized from,
+a student to its teacher), on that variant's CPU EP outputs for the same evaluation samples, so a user reads
+e.g. "INT8 on CPU: cosine 0.996" against FP32. The family computes the figures (`ModelFamily.fidelity` and
+`task_metrics`); outputs of different shapes (a narrower student) get task metrics and a `fidelity_note` only.
 
 Emulated EPs (QNN HTP on an x86 host) run a simulator that takes seconds to a minute per inference, so they
 see the first `emulated_samples` evaluation samples only, with `emulated_runs` timed runs and no warm-up; the
@@ -12,16 +14,15 @@ the row's `evaluation_samples` says how many samples its metrics cover. Static-a
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from edgepack.artifacts import StageRecord, content_hash, sha256_file, stage_folder, write_json
+from edgepack.artifacts import write_json
 from edgepack.calibration_data import Feed, Sample
 from edgepack.errors import BadInputError, EdgepackError
-from edgepack.models.base import ModelAdapter
+from edgepack.families import ModelFamily
 from edgepack.reporter import get_reporter
-from edgepack.runtime.metrics import fidelity
 from edgepack.runtime.probe import ProbeOptions, ProbeResult, measure
 from edgepack.runtime.providers import ExecutionProvider, get_provider
 
@@ -51,21 +52,21 @@ class _EvalSet:
 
 
 class _Run:
-    """State of one validation: the evaluation sets, and the reference outputs on each of them."""
+    """State of one validation: the evaluation sets, and each variant's CPU outputs on each of them."""
 
-    def __init__(self, adapter: ModelAdapter, samples: Sequence[Sample], settings: ValidationSettings,
-                 reference_path: Path, workdir: Path, cache_dir: Path) -> None:
-        self.adapter, self.settings, self.reference_path, self.workdir = adapter, settings, reference_path, workdir
+    def __init__(self, family: ModelFamily, variants: Mapping[str, Path], samples: Sequence[Sample],
+                 settings: ValidationSettings, workdir: Path, cache_dir: Path) -> None:
+        self.family, self.variants, self.settings, self.workdir = family, variants, settings, workdir
         self.cache_dir = cache_dir  # outside the hashed stage folder, so TensorRT engines survive reruns
-        self.full = _EvalSet(samples, adapter.evaluation_feeds(samples, max_length=settings.max_length))
-        self.latency_feed = adapter.latency_feed(samples, sequence_length=settings.sequence_length)
-        self._reference: dict[int, list[Any]] = {}
+        self.full = _EvalSet(samples, family.evaluation_feeds(samples, max_length=settings.max_length))
+        self.latency_feed = family.latency_feed(samples, sequence_length=settings.sequence_length)
+        self._cpu_outputs: dict[tuple[str, int], list[Any]] = {}
 
     def eval_set(self, provider: ExecutionProvider) -> _EvalSet:
         if provider.how != "emulated" or len(self.full.samples) <= self.settings.emulated_samples:
             return self.full
         subset = self.full.samples[: self.settings.emulated_samples]
-        return _EvalSet(subset, self.adapter.evaluation_feeds(subset, max_length=self.settings.max_length))
+        return _EvalSet(subset, self.family.evaluation_feeds(subset, max_length=self.settings.max_length))
 
     def options(self, provider: ExecutionProvider) -> ProbeOptions:
         s = self.settings
@@ -75,71 +76,84 @@ class _Run:
         return ProbeOptions(provider=provider.key, intra_op_threads=s.threads, warmup=s.warmup, runs=s.runs,
                             timeout_s=s.timeout_s, cache_dir=self.cache_dir)
 
-    def reference_outputs(self, eval_set: _EvalSet) -> list[Any]:
-        """The reference's CPU outputs on `eval_set`; a subset costs one short extra CPU run."""
+    def cpu_outputs(self, variant: str, eval_set: _EvalSet) -> list[Any]:
+        """`variant`'s CPU outputs on `eval_set` (the yardstick of the variants compared to it); a subset costs one
+        short extra CPU run."""
         count = len(eval_set.samples)
-        if count not in self._reference:
+        if (variant, count) not in self._cpu_outputs:
             options = ProbeOptions(provider="cpu", intra_op_threads=self.settings.threads, warmup=0, runs=1,
                                    timeout_s=self.settings.timeout_s)
-            result = measure(self.reference_path, latency_feed=self.latency_feed, evaluation_feeds=eval_set.feeds,
-                             workdir=self.workdir / f"reference-{count}", options=options)
-            self.remember_reference(result, count)
-        return self._reference[count]
+            result = measure(self.variants[variant], latency_feed=self.latency_feed, evaluation_feeds=eval_set.feeds,
+                             workdir=self.workdir / f"reference-{variant}-{count}", options=options)
+            self.remember(variant, result, count)
+        return self._cpu_outputs[(variant, count)]
 
-    def remember_reference(self, result: ProbeResult, count: int) -> None:
+    def remember(self, variant: str, result: ProbeResult, count: int) -> None:
         if result.status != "ok":
-            raise EdgepackError(f"the reference variant failed on the CPU EP: {result.error}")
-        self._reference[count] = result.outputs
+            raise EdgepackError(f"variant '{variant}', which others are compared to, failed on the CPU EP: "
+                                f"{result.error}")
+        self._cpu_outputs[(variant, count)] = result.outputs
 
 
-def validate_variants(variants: Mapping[str, Path], *, adapter: ModelAdapter, samples: Sequence[Sample],
-                      providers: Sequence[ExecutionProvider], out: Path, settings: ValidationSettings,
-                      reference: str = "fp32") -> dict[str, Any]:
-    """Measure each variant on each provider; return {"variants": {...}} in report.json's layout.
+def validate_variants(variants: Mapping[str, Path], *, family: ModelFamily, samples: Sequence[Sample],
+                      providers: Sequence[ExecutionProvider], workdir: Path, settings: ValidationSettings,
+                      compared_to: Mapping[str, str | None], cache_dir: Path) -> dict[str, Any]:
+    """Measure each variant on each provider; return {variant: report.json's variant entry (providers filled)}.
 
+    `compared_to[v]` names the variant whose CPU outputs v's fidelity is measured against (None: none, e.g. the
+    reference itself is compared to itself). Every CPU row of a variant others are compared to runs before them.
     A variant whose inputs do not fit the data is a BadInputError before anything runs; an EP that rejects a
     variant is that row's "failed" status (with ONNX Runtime's message), and the other rows still run.
     """
-    if reference not in variants:
-        raise BadInputError(f"reference variant '{reference}' is not among the variants ({', '.join(variants)})")
-    hashes = {name: sha256_file(path) for name, path in variants.items()}
-    config = {**asdict(settings), "providers": [p.key for p in providers], "reference": reference}
-    folder = out / f"validate-{content_hash({'cfg': config, 'in': hashes, 'n': len(samples)})}"
-    record = StageRecord("validate", config, hashes)
-    report: dict[str, Any] = {name: {"path": str(path.relative_to(out)) if path.is_relative_to(out) else str(path),
-                                     "size_bytes": _size(path), "sha256": hashes[name], "providers": {}}
-                              for name, path in variants.items()}
-    # The reference runs first on the CPU EP: every fidelity figure is against its outputs.
+    for name, parent in compared_to.items():
+        if parent is not None and parent not in variants:
+            raise BadInputError(f"variant '{name}' is compared to '{parent}', which is not among the variants "
+                                f"({', '.join(variants)})")
     cpu = get_provider("cpu")
-    order = [(reference, cpu)] + [(v, p) for v in variants for p in providers if (v, p.key) != (reference, "cpu")]
+    order = [(v, cpu) for v in variants] + [(v, p) for v in variants for p in providers if p.key != "cpu"]
     reported = {p.key for p in providers}
-    with stage_folder(folder, record) as tmp:
-        run = _Run(adapter, samples, settings, variants[reference], tmp, cache_dir=out / "ep-cache")
-        for name, path in variants.items():
-            check_inputs_fit(path, run.latency_feed, variant=name)
-        for variant, provider in get_reporter().track(order, total=len(order), title="validate variants x EPs"):
-            entry = _measure_row(run, variants[variant], provider, is_reference=(variant, provider.key) == (reference, "cpu"),
-                                 workdir=tmp / f"{variant}-{provider.key.replace('/', '_')}")
-            if provider.key in reported:
-                report[variant]["providers"][provider.key] = entry
-            write_json(tmp / f"{variant}-{provider.key.replace('/', '_')}.json", entry)
-        record.metrics = {"variants": report}
-    return {"variants": report, "validation_folder": folder.name}
+    report: dict[str, Any] = {name: {"providers": {}, "compared_to": compared_to.get(name)} for name in variants}
+    run = _Run(family, variants, samples, settings, workdir, cache_dir=cache_dir)
+    for name, path in variants.items():
+        check_inputs_fit(path, run.latency_feed, variant=name)
+    for variant, provider in get_reporter().track(order, total=len(order), title="validate variants x EPs"):
+        label = f"{variant}-{provider.key.replace('/', '_')}"
+        entry = _measure_row(run, variant, provider, parent=compared_to.get(variant) or variant,
+                             workdir=workdir / label)
+        if provider.key in reported:
+            report[variant]["providers"][provider.key] = entry
+        write_json(workdir / f"{label}.json", entry)
+    return report
 
 
-def _measure_row(run: _Run, path: Path, provider: ExecutionProvider, *, is_reference: bool,
+def _measure_row(run: _Run, variant: str, provider: ExecutionProvider, *, parent: str,
                  workdir: Path) -> dict[str, Any]:
     eval_set = run.eval_set(provider)
-    result = measure(path, latency_feed=run.latency_feed, evaluation_feeds=eval_set.feeds, workdir=workdir,
-                     options=run.options(provider))
-    if is_reference:
-        run.remember_reference(result, len(eval_set.samples))
+    result = measure(run.variants[variant], latency_feed=run.latency_feed, evaluation_feeds=eval_set.feeds,
+                     workdir=workdir, options=run.options(provider))
+    if provider.key == "cpu" and result.status == "ok":
+        run.remember(variant, result, len(eval_set.samples))
     if result.status != "ok" or result.how == "static-analysis":
         return provider_entry(result, {})
-    reference_outputs = run.reference_outputs(eval_set)
-    metrics = fidelity(reference_outputs, result.outputs, output=run.adapter.primary_output)
-    metrics.update(run.adapter.task_metric(result.outputs, eval_set.samples))
-    return {**provider_entry(result, metrics), "evaluation_samples": len(eval_set.samples)}
+    reference_outputs = run.cpu_outputs(parent, eval_set)
+    metrics, note = _fidelity(run.family, reference_outputs, result.outputs, parent=parent)
+    metrics.update(run.family.task_metrics(result.outputs, eval_set.samples))
+    entry = {**provider_entry(result, metrics), "evaluation_samples": len(eval_set.samples)}
+    if note:
+        entry["fidelity_note"] = note
+    return entry
+
+
+def _fidelity(family: ModelFamily, reference: Sequence[Any], outputs: Sequence[Any], *,
+              parent: str) -> tuple[dict[str, float], str | None]:
+    """The family's fidelity figures, or none with a note when the outputs cannot be compared element-wise (a
+    distilled student whose embedding is narrower than its teacher's is compared by task metric only)."""
+    name = family.primary_output
+    ref_shape, got_shape = reference[0][name].shape, outputs[0][name].shape
+    if ref_shape != got_shape:
+        return {}, (f"'{name}' is {list(got_shape)} here and {list(ref_shape)} in '{parent}': no cosine; compared "
+                    "by task metric only")
+    return family.fidelity(reference, outputs), None
 
 
 def provider_entry(result: ProbeResult, metrics: dict[str, float]) -> dict[str, Any]:
@@ -162,9 +176,3 @@ def check_inputs_fit(model_path: Path, feed: Feed, *, variant: str) -> None:
     problem = feed_mismatch(model_path, feed)
     if problem is not None:
         raise BadInputError(f"variant '{variant}' ({Path(model_path).name}): {problem}")
-
-
-def _size(path: Path) -> int:
-    """Model bytes, external data included."""
-    data = path.with_name(path.name + ".data")
-    return path.stat().st_size + (data.stat().st_size if data.exists() else 0)

@@ -1,0 +1,139 @@
+"""The typed report: report.json is built from these models, validated on write, its JSON Schema published.
+
+The keys of the report.json contract in DESIGN.md keep their names and meaning (other tools read them):
+`edgepack_version, recipe, reference, passed, variants.<v>.{path, size_bytes, sha256, providers.<ep>.{status, how,
+latency_ms, memory_mb, metrics, coverage}}, gates`. Measurement blocks (`latency_ms`, `memory_mb`, `coverage`) declare
+their contract keys and allow more (the probe adds spread, phases and breakdowns); everything else is closed, so a
+misspelt key is an error when the report is written, not a silent gap in a dashboard.
+
+`docs/report.schema.json` is `Report.model_json_schema()`; a test keeps the file equal to the model.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+SCHEMA_VERSION = 2  # 1: the untyped dicts of edgepack 0.1
+
+
+class _Closed(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class _Open(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+
+class Latency(_Open):
+    """Milliseconds over the timed runs of a fresh process (batch 1 unless `shape` says otherwise)."""
+
+    p50: float
+    p90: float
+    p99: float
+    runs: int
+
+
+class Memory(_Open):
+    """MiB of the measuring process: after imports, after session creation, after the first run, and its peak."""
+
+    baseline: float
+    after_session: float
+    after_first_run: float
+    peak: float
+
+
+class Coverage(_Open):
+    """Nodes the EP took (after ONNX Runtime's partitioning) out of all nodes, and how many partitions."""
+
+    nodes_on_ep: int | None = None
+    nodes_total: int | None = None
+    partitions: int | None = None
+
+
+class ProviderResult(_Closed):
+    status: Literal["ok", "unavailable", "failed"]
+    how: Literal["device", "emulated", "static-analysis"]
+    error: str | None = None
+    latency_ms: Latency | None = None
+    memory_mb: Memory | None = None
+    #: fidelity vs `compared_to` (cosine_mean, cosine_min, sqnr_db, top1_agreement, ...) and task metrics
+    metrics: dict[str, float | None] = Field(default_factory=dict)
+    coverage: Coverage | None = None
+    evaluation_samples: int | None = None
+    #: why a fidelity figure is missing (e.g. output widths differ), when it is
+    fidelity_note: str | None = None
+
+
+class Variant(_Closed):
+    path: str
+    size_bytes: int
+    sha256: str
+    #: the variant whose CPU outputs this one's fidelity is measured against (its parent in the pipeline)
+    compared_to: str | None = None
+    providers: dict[str, ProviderResult] = Field(default_factory=dict)
+
+
+class Gate(_Closed):
+    name: str
+    variant: str
+    provider: str
+    threshold: float
+    value: float | None
+    passed: bool
+
+
+class StageSummary(_Closed):
+    """One stage folder of the run: reused from an earlier run, or written by this one."""
+
+    stage: str
+    folder: str
+    reused: bool
+    wall_time_s: float | None = None
+    peak_rss_mb: float | None = None
+
+
+class DataInfo(_Closed):
+    path: str
+    n_calibration: int
+    n_evaluation: int
+    hash: str | None = None
+
+
+class BundleInfo(_Closed):
+    path: str
+    variant: str
+
+
+class QuantizationSummary(_Open):
+    """What the report says about the INT8 stage: plan, SmoothQuant alphas, budget, fallback, sensitive layers."""
+
+    stage: str
+
+
+class Report(_Closed):
+    schema_version: int = SCHEMA_VERSION
+    edgepack_version: str
+    recipe: dict[str, Any]
+    #: the family's description of the model (family, task, source, family options)
+    model: dict[str, Any]
+    data: DataInfo
+    reference: str
+    primary_output: str
+    passed: bool
+    variants: dict[str, Variant]
+    gates: list[Gate] = Field(default_factory=list)
+    stages: list[StageSummary] = Field(default_factory=list)
+    validation_folder: str | None = None
+    quantization: QuantizationSummary | None = None
+    bundle: BundleInfo | None = None
+    #: notes a reader needs next to the figures (e.g. how a student of another width was compared)
+    notes: list[str] = Field(default_factory=list)
+
+
+def report_schema() -> dict[str, Any]:
+    schema = Report.model_json_schema()
+    schema["$id"] = "https://edgepack.invalid/report.schema.json"
+    schema["title"] = "edgepack report.json"
+    return schema

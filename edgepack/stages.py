@@ -1,0 +1,209 @@
+"""The stages, as library functions from artifact to artifact. `edgepack run` and the CLI commands call these.
+
+Each function states its typed config (a recipe section), computes its inputs' hashes, and hands both with the work
+to `runner.run_stage`, which names, reuses, writes and manifests the folder. So `edgepack quantize` on the CLI
+writes the same manifest as the quantize stage of a recipe, and both read the same calibration cache.
+
+An exported or quantized folder carries what the model needs beside model.onnx (tokenizer, config, pooling head:
+`ModelFamily.artifact_files`) and the family's record in its manifest, so `open_model(folder/model.onnx)` gets the
+family, its options and its preprocessing back: no `--tokenizer` needed downstream.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from edgepack.artifacts import content_hash, sha256_file
+from edgepack.calibration_data import Feed, Sample, TextSample
+from edgepack.errors import BadInputError
+from edgepack.families import ModelFamily
+from edgepack.onnx_files import model_bytes
+from edgepack.recipe import BundleSection, ExportSection, QuantizeSection
+from edgepack.reporter import get_reporter
+from edgepack.runner import StageResult, run_stage
+
+# ------------------------------------------------------------------------------------------------------- hashes
+
+
+def samples_hash(samples: Sequence[Sample]) -> str:
+    """Content hash of samples (text, pair, label; or every array's bytes)."""
+    def key(sample: Sample) -> Any:
+        if isinstance(sample, TextSample):
+            return [sample.text, sample.pair, sample.label]
+        return {k: content_hash(v.tobytes().hex()) for k, v in sorted(sample.items())}
+
+    return content_hash([key(s) for s in samples])
+
+
+def model_fingerprint(family: ModelFamily) -> str:
+    """sha256 over a model folder's files, an ONNX file (and its external data), or the import path."""
+    source = family.source
+    path = source.path
+    if source.kind == "onnx" and path is not None:
+        data = path.with_name(path.name + ".data")
+        return content_hash([sha256_file(path), sha256_file(data) if data.exists() else None])
+    if path is not None and path.is_dir():
+        return content_hash({str(p.relative_to(path)): sha256_file(p) for p in sorted(path.rglob("*")) if p.is_file()})
+    return content_hash(source.text)
+
+
+def preprocessing_fingerprint(family: ModelFamily) -> str:
+    """Hash of what turns samples into feeds: the carried files (tokenizer, configs) by content, not by path, so an
+    HF folder and the artifact folders made from it agree."""
+    return content_hash({dest: sha256_file(src) for src, dest in family.artifact_files()})
+
+
+def carry_files(family: ModelFamily, folder: Path) -> None:
+    """Copy the family's preprocessing files beside the model in `folder`."""
+    for src, dest in family.artifact_files():
+        target = folder / dest
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(src, target)
+
+
+def _where(root: Path | None, folder: Path | None) -> dict[str, Path | None]:
+    return {"root": root, "folder": folder}
+
+
+# ------------------------------------------------------------------------------------------------------- export
+
+
+def export(family: ModelFamily, *, check_samples: Sequence[Sample], options: ExportSection, max_length: int,
+           root: Path | None = None, folder: Path | None = None) -> StageResult:
+    """PyTorch -> model.onnx, checked against PyTorch on `check_samples`, with the family's files beside it."""
+    from edgepack.exporters.onnx import ExportOptions, export_onnx
+
+    if not check_samples:
+        raise BadInputError("export needs at least one sample for the ONNX Runtime vs PyTorch check")
+    config = {"model": family.describe(), **options.model_dump(), "max_length": max_length}
+    inputs = {"model": model_fingerprint(family), "data": samples_hash(check_samples)}
+    feeds = list(family.feeds(check_samples[: options.check_samples], batch_size=1, max_length=max_length))
+
+    def work(tmp: Path) -> dict[str, Any]:
+        with get_reporter().step(f"export {family.name} to ONNX and check against PyTorch"):
+            metrics = export_onnx(family, tmp / "model.onnx", check_feeds=feeds,
+                                  options=ExportOptions(opset=options.opset, atol=options.atol))
+        carry_files(family, tmp)
+        return metrics
+
+    return run_stage("export", config, inputs, work, model=family.artifact_record(), **_where(root, folder))
+
+
+# ----------------------------------------------------------------------------------------------------- quantize
+
+
+def calibration_key(family: ModelFamily, calibration: Sequence[Sample], *, max_length: int, padding: str) -> str:
+    """What calibration results depend on besides the model: the samples and how they become feeds. The pipeline
+    and `edgepack quantize` compute it the same way, so they share `cache/ranges-<hash>.json`."""
+    return content_hash({"data": samples_hash(calibration), "max_length": max_length, "padding": padding,
+                         "preprocessing": preprocessing_fingerprint(family)})
+
+
+def quantize(fp32: Path, family: ModelFamily, *, calibration: Sequence[Sample], options: QuantizeSection,
+             max_length: int, padding: str, root: Path | None = None, folder: Path | None = None,
+             cache_dir: Path | None = None) -> StageResult:
+    """Static INT8 (QDQ) of `fp32` with the family's quantization recipe, an accuracy budget and a range cache."""
+    import json
+
+    from edgepack.quantization.quantize import QuantizeOptions, RangeCache, quantize_static
+    from edgepack.quantization.sensitivity import QuantBudget
+
+    recipe = options.recipe if options.recipe != "auto" else family.quant_recipe
+    q_options = QuantizeOptions(calibrator=options.calibrator, smoothquant=options.smoothquant, family=recipe,
+                                per_channel=options.per_channel, activation_type=options.activation_type,
+                                weight_type=options.weight_type, exclude_nodes=tuple(options.exclude_nodes))
+    config = {**options.model_dump(), "recipe": recipe, "max_length": max_length, "padding": padding}
+    inputs = {"model": sha256_file(fp32), "data": samples_hash(calibration)}
+    key = calibration_key(family, calibration, max_length=max_length, padding=padding)
+
+    def calibration_feeds() -> Iterator[Feed]:
+        return family.feeds(calibration, batch_size=1, max_length=max_length, padding=padding)
+
+    def work(tmp: Path) -> dict[str, Any]:
+        get_reporter().info(f"- static INT8 ({recipe} recipe): calibrating on {len(calibration)} samples")
+        budget = None if options.max_cosine_drop is None else QuantBudget(options.max_cosine_drop,
+                                                                          options.max_fallback_layers)
+        wants_check = budget is not None or options.sensitivity_top > 0
+        check = (list(family.feeds(calibration[: options.budget_samples], max_length=max_length)),
+                 family.primary_output) if wants_check else None
+        cache = RangeCache(cache_dir, key) if cache_dir is not None else None
+        metrics = quantize_static(fp32, tmp / "model.onnx", calibration_feeds=calibration_feeds,
+                                  n_calibration=len(calibration), options=q_options, budget=budget, check=check,
+                                  cache=cache, sensitivity_top=options.sensitivity_top)
+        (tmp / "tensor_ranges.json").write_text(json.dumps(metrics.pop("tensor_ranges"), indent=1))
+        carry_files(family, tmp)
+        return metrics
+
+    return run_stage("quantize", config, inputs, work, model=family.artifact_record(), **_where(root, folder))
+
+
+# ----------------------------------------------------------------------------------------------------- validate
+
+
+def validate(variants: Mapping[str, Path], family: ModelFamily, *, samples: Sequence[Sample],
+             providers: Sequence[Any], settings: Any, compared_to: Mapping[str, str | None],
+             root: Path | None = None, folder: Path | None = None, cache_dir: Path | None = None) -> StageResult:
+    """Every variant x EP in fresh processes (`runtime.harness`); the manifest's metrics hold the report entries."""
+    from edgepack.runtime.harness import validate_variants
+
+    if not samples:
+        raise BadInputError("validation needs evaluation samples (data.n_evaluation / --samples is 0)")
+    hashes = {name: sha256_file(path) for name, path in variants.items()}
+    config = {**asdict(settings), "providers": [p.key for p in providers], "compared_to": dict(compared_to)}
+    inputs = {**hashes, "data": samples_hash(samples)}
+
+    def work(tmp: Path) -> dict[str, Any]:
+        results = validate_variants(variants, family=family, samples=samples, providers=providers, workdir=tmp,
+                                    settings=settings, compared_to=compared_to,
+                                    cache_dir=cache_dir or tmp.parent / "ep-cache")
+        for name, path in variants.items():
+            results[name].update(size_bytes=model_bytes(path), sha256=hashes[name])
+        return {"variants": results}
+
+    return run_stage("validate", config, inputs, work, **_where(root, folder))
+
+
+# ------------------------------------------------------------------------------------------------------- bundle
+
+
+def bundle_feeds(family: ModelFamily, model: Path, samples: Sequence[Sample], *, count: int, max_length: int,
+                 fixed_shapes: Mapping[str, int] | None) -> list[Feed]:
+    """Golden-vector inputs: `count` evaluation samples; with fixed shapes, text is padded to the fixed
+    (batch, sequence) of the model's first input."""
+    from edgepack.exporters.bundle import fixed_text_shape, widen_integers
+
+    if count < 1:
+        raise BadInputError(f"bundle samples {count}: write at least one golden vector")
+    chosen = list(samples[:count])
+    if not chosen:
+        raise BadInputError("the bundle needs at least one sample for its golden vectors")
+    if fixed_shapes and isinstance(chosen[0], TextSample):
+        batch, length = fixed_text_shape(model, fixed_shapes)
+        feeds = [f for f in family.feeds(chosen, batch_size=batch, max_length=length, padding="max_length")
+                 if len(next(iter(f.values()))) == batch]  # a short last batch has no fixed shape
+        if not feeds:
+            raise BadInputError(f"bundle samples {count}: fewer samples than the fixed batch size {batch}")
+    else:
+        # evaluation_feeds holds each text's feed, then (for pairs) its paraphrase's: the first `count` are texts
+        feeds = family.evaluation_feeds(chosen, max_length=max_length)[:count]
+    return [widen_integers(feed, model) for feed in feeds]
+
+
+def bundle(model: Path, family: ModelFamily, *, samples: Sequence[Sample], options: BundleSection, max_length: int,
+           validated: Mapping[str, Any] | None = None, symbol_prefix: str = "edgepack_model",
+           root: Path | None = None, folder: Path | None = None, force: bool = False) -> StageResult:
+    """The model as app / firmware deliverables (`exporters.bundle.make_bundle`), verified from its own files."""
+    from edgepack.exporters.bundle import BundleOptions, make_bundle
+
+    bundle_options = BundleOptions(optimization_style=options.optimization_style, alignment=options.alignment,
+                                   fixed_shapes=options.fixed_shapes, target_platform=options.target_platform,
+                                   symbol_prefix=symbol_prefix)
+    feeds = bundle_feeds(family, model, samples, count=options.samples, max_length=max_length,
+                         fixed_shapes=options.fixed_shapes)
+    with get_reporter().step("bundle: .ort, operator config, C array, golden vectors"):
+        return make_bundle(model, folder, feeds=feeds, options=bundle_options, validated=validated, force=force,
+                           root=root)
