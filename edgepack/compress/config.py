@@ -94,6 +94,8 @@ class DistillSection(_Section):
     early_stop_patience: int | None = Field(3, ge=1)
     checkpoint_every: int = Field(0, ge=0)
     shard_teacher: bool = False
+    #: torch intra-op threads while training (null: torch's default); one was faster than two on shared 2-core hosts
+    threads: int | None = Field(None, ge=1)
     seed: int = 0
 
     @field_validator("ffn_ratio", "hidden_ratio")

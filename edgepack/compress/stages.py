@@ -11,13 +11,14 @@ where request.json holds {"teacher_dir", "out_dir", "texts", "eval_pairs", "opti
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import json
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -158,6 +159,24 @@ def distill_model(teacher_dir: Path, out_dir: Path, *, texts: Sequence[str], eva
     teacher_dir, out_dir = Path(teacher_dir), Path(out_dir)
     options = _with_task(options)
     _check_names("distill", options.losses, options.importance)
+    with _torch_threads(options.threads):
+        return _distill(teacher_dir, out_dir, texts=texts, eval_pairs=eval_pairs, options=options,
+                        checkpoint_dir=checkpoint_dir, start=start)
+
+
+@contextlib.contextmanager
+def _torch_threads(threads: int | None) -> Iterator[None]:
+    before = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _distill(teacher_dir: Path, out_dir: Path, *, texts: Sequence[str], eval_pairs: Sequence[tuple[str, str]],
+             options: DistillSection, checkpoint_dir: Path | None, start: float) -> dict[str, Any]:
     env = init_distributed()
     torch.manual_seed(options.seed)
     teacher = load_pretrained(teacher_dir, task=options.task).eval()
