@@ -50,11 +50,15 @@ class RunContext:
     stages: list[StageSummary] = field(default_factory=list)
 
     def record(self, result: StageResult) -> StageResult:
-        manifest = result.manifest
-        self.stages.append(StageSummary(stage=manifest.get("stage", "?"), folder=result.folder.name,
-                                        reused=result.reused, wall_time_s=manifest.get("wall_time_s"),
-                                        peak_rss_mb=manifest.get("peak_rss_mb")))
+        self.stages.append(stage_summary(result))
         return result
+
+
+def stage_summary(result: StageResult) -> StageSummary:
+    """The report's line for a stage folder: written by this run or reused, its time and peak memory."""
+    manifest = result.manifest
+    return StageSummary(stage=manifest.get("stage", "?"), folder=result.folder.name, reused=result.reused,
+                        wall_time_s=manifest.get("wall_time_s"), peak_rss_mb=manifest.get("peak_rss_mb"))
 
 
 # ---------------------------------------------------------------------------------------------------- compress
@@ -242,10 +246,7 @@ def validate_files(model: Path, family: ModelFamily, *, reference: Path | None, 
                                                hash=stages.samples_hash(samples)),
         reference=name, primary_output=family.primary_output, passed=True,
         variants=_report_variants(variants, result.metrics["variants"], out.resolve()),
-        validation_folder=result.folder.name,
-        stages=[StageSummary(stage="validate", folder=result.folder.name, reused=result.reused,
-                             wall_time_s=result.manifest.get("wall_time_s"),
-                             peak_rss_mb=result.manifest.get("peak_rss_mb"))])
+        validation_folder=result.folder.name, stages=[stage_summary(result)])
     if write:
         write_reports(report, out)
     return report

@@ -1,15 +1,16 @@
 """Distil all-MiniLM-L6-v2 into a 3-layer student (FFN halved, hidden 384 -> 256), then INT8; teacher side by side.
 
-One run, on this machine:
-  data      the bundled 676 paraphrase pairs, split with seed 0: 226 held-out test pairs (the task metric),
-            50 validation pairs (early stopping), 400 training pairs -> 800 sentences + up to 1600 generated
-            two-sentence combinations of them (distillation needs no labels)
+The student is what `edgepack run recipes/minilm-small.yaml` makes: this script runs that recipe (the same stage
+folders, reused on a rerun), then adds the teacher's INT8 and measures all four side by side:
+  data      the bundled 676 paraphrase pairs, split with seed 0: 226 held-out test pairs (the task metric), 90
+            early-stopping pairs; the student trains on the other records' sentences and paraphrases plus 1600
+            generated two-sentence combinations (distillation needs no labels)
   student   teacher layers (0, 2, 5) copied, FFN 1536 -> 768 and hidden 384 -> 256 (8 heads of 32) by activation
             importance, then distilled (cosine + in-batch similarity + hidden states + MiniLM-v2 relations), 1 torch
-            thread (faster than 2 on a shared 2-core machine), training capped at --minutes
-  INT8      edgepack.quantization.quantize.quantize_static, or onnxruntime quantize_dynamic if it does not import
-  measured  edgepack.runtime.probe.measure (fresh process per variant, batch 1, sequence 128, 2 intra-op threads),
-            best p50 of two alternating rounds; paraphrase recall@1 / MRR from ONNX Runtime's outputs
+            thread (faster than 2 on a shared 2-core machine), training capped by the recipe (or --minutes)
+  INT8      the recipe's quantize stage for the student, the same stage for the teacher
+  measured  fresh process per variant (batch 1, sequence 128, 2 intra-op threads), best p50 of two interleaved
+            rounds; paraphrase recall@1 / MRR from ONNX Runtime's outputs
 Also: training peak memory with and without gradient checkpointing at sequence 256 (fresh processes, VmHWM);
 DDP with 2 processes vs 1 at the same global batch; unstructured 50% sparsity on dense ONNX Runtime kernels.
 
@@ -54,22 +55,6 @@ def prepare_data(seed: int = 0) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------------ children
 
 
-def distill_child(request_path: str) -> None:
-    """Fresh process: distil, print the metrics (wall time and peak RSS are this process's)."""
-    import torch
-
-    torch.set_num_threads(1)
-    from edgepack.compress.config import DistillSection
-    from edgepack.compress.stages import distill_model
-
-    request = json.loads(Path(request_path).read_text())
-    metrics = distill_model(Path(request["teacher"]), Path(request["out"]), texts=request["texts"],
-                            eval_pairs=[tuple(p) for p in request["validation"]],
-                            options=DistillSection(**request["options"]))
-    metrics.pop("hidden_channels", None)
-    print(json.dumps(metrics))
-
-
 def sparse_child(model_dir: str, out: str, texts_path: str) -> None:
     from edgepack.compress.config import PruneSection
     from edgepack.compress.stages import prune_model
@@ -82,51 +67,52 @@ def sparse_child(model_dir: str, out: str, texts_path: str) -> None:
 
 # ------------------------------------------------------------------------------------------------- stages
 
-
-def export(model_dir: Path, path: Path, samples: list[Any]) -> None:
-    from edgepack.models import get_adapter
-
-    from edgepack.exporters.onnx import export_onnx
-
-    if not path.exists():
-        adapter = get_adapter("hf-encoder", str(model_dir))
-        export_onnx(adapter, path, check_feeds=list(adapter.feeds(samples[:4], max_length=128)))
+RECIPE = REPO / "recipes" / "minilm-small.yaml"
 
 
-def quantize(model_dir: Path, fp32: Path, int8: Path, calibration: list[str]) -> str:
-    """Our static INT8 when it imports and runs; otherwise ORT's dynamic INT8, and the table says so."""
-    from edgepack.models import get_adapter
+def load_bench_recipe(teacher: Path | None, minutes: float | None) -> Any:
+    """recipes/minilm-small.yaml, with another teacher or training budget for smoke runs."""
+    import yaml
 
-    from edgepack.calibration_data import TextSample
+    from edgepack.recipe import parse_recipe
 
-    adapter = get_adapter("hf-encoder", str(model_dir))
-    samples = [TextSample(t) for t in calibration]
-    try:
-        from edgepack.quantization.quantize import quantize_static
-
-        quantize_static(fp32, int8, calibration_feeds=lambda: adapter.feeds(samples, max_length=128),
-                        n_calibration=len(samples))
-        return "edgepack quantize_static (QDQ INT8)"
-    except Exception as err:  # noqa: BLE001 - another engineer's module; say why we fell back
-        from onnxruntime.quantization import QuantType, quantize_dynamic
-
-        quantize_dynamic(str(fp32), str(int8), weight_type=QuantType.QInt8)
-        return f"onnxruntime quantize_dynamic (quantize_static failed: {type(err).__name__}: {str(err)[:80]})"
+    data = yaml.safe_load(RECIPE.read_text())
+    if teacher is not None:
+        data["model"]["path"] = str(teacher)
+    if minutes is not None:
+        data["distill"].update(max_train_minutes=minutes, max_steps=max(1, int(minutes * 60 / SECONDS_PER_STEP)))
+    return parse_recipe(data, source=str(RECIPE))
 
 
-def measure_variants(variants: dict[str, tuple[Path, Path]], test: list[list[str]], work: Path) -> dict[str, Any]:
-    """Latency (best p50 of two alternating rounds), memory, R@1/MRR on the test pairs, per variant."""
-    from edgepack.calibration_data import TextSample
+def run_recipe_and_teacher_int8(recipe: Any, out: Path) -> tuple[Any, dict[str, Path], Any]:
+    """The recipe's run (export, distill, export, INT8, validate, bundle), then the teacher's INT8 by the same stage."""
+    from edgepack import stages
+    from edgepack.families import open_model
+    from edgepack.pipeline import load_split, run_recipe
+
+    report = run_recipe(recipe, out)
+    split = load_split(recipe)
+    teacher_fp32 = out / report.variants["fp32"].path
+    teacher_int8 = stages.quantize(teacher_fp32, open_model(str(teacher_fp32)), calibration=split.calibration,
+                                   options=recipe.quantize, max_length=recipe.data.max_length,
+                                   padding=recipe.data.padding, root=out, cache_dir=out / "cache")
+    variants = {"teacher fp32": teacher_fp32, "teacher int8": teacher_int8.folder / "model.onnx",
+                "student fp32": out / report.variants["compressed-fp32"].path,
+                "student int8": out / report.variants["int8"].path}
+    return report, variants, split
+
+
+def measure_variants(variants: dict[str, Path], samples: list[Any], work: Path) -> dict[str, Any]:
+    """Latency (best p50 of two interleaved rounds), memory, R@1/MRR on the test pairs, per variant."""
     from edgepack.families import open_model
     from edgepack.runtime.probe import ProbeOptions, measure
 
-    samples = [TextSample(t, pair=p) for t, p in test]
     results: dict[str, Any] = {}
     for round_index in range(2):
-        for name, (model_dir, onnx_path) in variants.items():
-            adapter = open_model(str(model_dir))
-            evaluation = adapter.evaluation_feeds(samples, max_length=128) if round_index == 0 else []
-            probe = measure(onnx_path, latency_feed=adapter.latency_feed(samples, sequence_length=128),
+        for name, onnx_path in variants.items():
+            family = open_model(str(onnx_path))  # each folder carries its tokenizer
+            evaluation = family.evaluation_feeds(samples, max_length=128) if round_index == 0 else []
+            probe = measure(onnx_path, latency_feed=family.latency_feed(samples, sequence_length=128),
                             evaluation_feeds=evaluation, workdir=work / "probe", options=ProbeOptions(runs=100))
             if probe.status != "ok":
                 results[name] = {"status": probe.status, "error": probe.error}
@@ -135,7 +121,7 @@ def measure_variants(variants: dict[str, tuple[Path, Path]], test: list[list[str
             entry["p50s"].append(probe.latency_ms["p50"])
             if round_index == 0:
                 entry["peak_mb"] = probe.memory_mb["peak"]
-                entry["metrics"] = adapter.task_metrics(probe.outputs, samples)
+                entry["metrics"] = family.task_metrics(probe.outputs, samples)
     for entry in results.values():
         if entry.get("p50s"):
             entry["p50_ms"] = min(entry["p50s"])
@@ -247,16 +233,18 @@ def write_report(ctx: dict[str, Any]) -> str:
     lines = [
         "## Compression: distillation + structured pruning + INT8 (all-MiniLM-L6-v2)",
         "",
-        f"Machine: {machine_line()}. Run by `python scripts/bench_compress.py` in one process tree, "
-        f"{ctx['wall_min']:.0f} minutes in all. Other engineers were using the same 2 cores.",
+        f"Machine: {machine_line()}. Run by `python scripts/bench_compress.py`, which runs "
+        f"`edgepack run recipes/minilm-small.yaml` and adds the teacher's INT8, {ctx['wall_min']:.0f} minutes in all. "
+        "Other engineers were using the same 2 cores.",
         "",
         f"Student: teacher layers {KEEP_LAYERS} copied, FFN 1536 -> 768 and hidden 384 -> 256 (8 heads of 32) kept by "
         f"activation importance; {d['teacher_params']:,} -> {d['student_params']:,} parameters. Distilled on "
-        f"{len(ctx['data']['train_texts'])} unlabeled texts (800 training sentences + generated two-sentence "
-        f"combinations), losses {LOSSES}, batch 32, AdamW lr 2e-4 cosine, word embeddings frozen, 1 torch thread: "
+        f"{d['train_texts']} unlabeled texts (`distill.data`: the sentences and paraphrases of the records outside "
+        "the evaluation and early-stopping pairs, plus 1600 generated two-sentence combinations), losses "
+        f"{LOSSES}, batch 32, AdamW lr 2e-4 cosine, word embeddings frozen, 1 torch thread: "
         f"{train['steps']} steps in {train['wall_s'] / 60:.1f} min (stage total {d['wall_time_s'] / 60:.1f} min, "
         f"peak RSS {d['peak_rss_mb']:.0f} MB){', stopped by the time budget' if train['stopped_by_time'] else ''}. "
-        f"Loss {curve[0]:.3f} -> {curve[-1]:.3f}. Validation (50 pairs) before training: R@1 "
+        f"Loss {curve[0]:.3f} -> {curve[-1]:.3f}. Validation ({d['held_out_pairs']} pairs) before training: R@1 "
         f"{d['student_before_training'].get('paraphrase_recall_at_1', 0):.2f}, similarity agreement "
         f"{d['student_before_training'].get('similarity_agreement', 0):.4f}; per epoch: "
         + ", ".join(f"e{e['epoch']} R@1 {e.get('paraphrase_recall_at_1', 0):.2f} agr "
@@ -267,6 +255,10 @@ def write_report(ctx: dict[str, Any]) -> str:
         "### Targets",
         "",
         targets_table(r, train["wall_s"] / 60, ctx["memory"], ctx["ddp"]),
+        "",
+        "The recipe's own gates (its report, measured in its validate stage): " + ", ".join(
+            f"{g['name']} {g['value']} vs {g['threshold']} {'passed' if g['passed'] else 'FAILED'}"
+            for g in ctx.get("gates", [])) + ".",
         "",
         "### Variants (fresh process each, batch 1, sequence 128, 2 intra-op threads, best p50 of 2 rounds x 100 runs)",
         "",
@@ -343,29 +335,6 @@ def caveats(ctx: dict[str, Any]) -> list[str]:
     return notes
 
 
-def requantize(out: Path, teacher: Path) -> None:
-    """INT8 again on a finished run's FP32 graphs with edgepack's quantize_static (once it works), keeping ORT's
-    dynamic INT8 files as extra rows, then measure every variant again in one session and rewrite the section."""
-    ctx = json.loads((out / "results.json").read_text())
-    student = out / "student"
-    for name in ("teacher", "student"):
-        dynamic, current = out / f"{name}-int8-dynamic.onnx", out / f"{name}-int8.onnx"
-        if not dynamic.exists():
-            current.rename(dynamic)
-    method = quantize(student, out / "student-fp32.onnx", out / "student-int8.onnx", ctx["data"]["calibration"])
-    quantize(teacher, out / "teacher-fp32.onnx", out / "teacher-int8.onnx", ctx["data"]["calibration"])
-    variants = {f"{who} {kind}": (folder, out / f"{who}-{file}.onnx") for who, folder in (("teacher", teacher),
-                                                                                          ("student", student))
-                for kind, file in (("fp32", "fp32"), ("int8", "int8"), ("int8 dynamic", "int8-dynamic"))}
-    ctx["results"] = measure_variants(variants, ctx["data"]["test"], out)
-    ctx["int8_method"] = (f"{method}, applied with `--requantize` to this run's FP32 graphs (INT8 is redone without "
-                          "retraining when the quantizer changes; last: SmoothQuant alpha searched per layer); the "
-                          "`int8 dynamic` rows are onnxruntime quantize_dynamic; all variants measured again in one "
-                          "session")
-    (out / "results.json").write_text(json.dumps(ctx, indent=1, default=str))
-    render_only(out)
-
-
 def render_only(out: Path) -> None:
     """Rewrite the docs section from a finished run's results.json (no measuring)."""
     ctx = json.loads((out / "results.json").read_text())
@@ -379,7 +348,7 @@ def render_only(out: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "bench-compress")
-    parser.add_argument("--minutes", type=float, default=11.5, help="training budget (steps are sized to it)")
+    parser.add_argument("--minutes", type=float, default=None, help="training budget (default: the recipe's)")
     parser.add_argument("--skip-ddp", action="store_true")
     parser.add_argument("--skip-memory", action="store_true")
     parser.add_argument("--skip-sparse", action="store_true")
@@ -387,60 +356,43 @@ def main() -> None:
     parser.add_argument("--teacher", type=Path, default=None, help="another 6-layer encoder folder (smoke runs)")
     parser.add_argument("--render-only", action="store_true", help="rewrite the docs section from --out's results")
     parser.add_argument("--requantize", action="store_true",
-                        help="redo INT8 (quantize_static) and the measurements on --out's finished run")
+                        help="drop --out's INT8 and validation folders first (after a quantizer change), keep the "
+                             "distilled student")
     args = parser.parse_args()
     if args.render_only:
         render_only(args.out)
         return
-    if args.requantize:
-        from edgepack.families import default_model_path
-
-        requantize(args.out, args.teacher or Path(default_model_path()))
-        return
     started = time.perf_counter()
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
-    from edgepack.calibration_data import TextSample
+    if args.requantize:
+        import shutil
+
+        for folder in [*out.glob("quantize-*"), *out.glob("validate-*"), *out.glob("bundle-*")]:
+            shutil.rmtree(folder)
+    from edgepack.artifacts import read_manifest
     from edgepack.compress.trainer import optimizer_availability
     from edgepack.families import default_model_path
 
     teacher = args.teacher or Path(default_model_path())
-    data = prepare_data()
-    (out / "data.json").write_text(json.dumps(data))
-    print(f"data: {len(data['train_texts'])} training texts, {len(data['test'])} test pairs", flush=True)
-    student = out / "student"
-    steps = int(args.minutes * 60 / SECONDS_PER_STEP)
-    options = {"enabled": True, "keep_layers": KEEP_LAYERS, "ffn_ratio": 0.5, "hidden_ratio": 1 / 3,
-               "importance": "activation", "losses": LOSSES, "epochs": 100, "max_steps": steps,
-               "max_train_minutes": args.minutes + 1.5, "batch_size": 32, "lr": 2e-4, "early_stop_patience": 5}
-    request = out / "distill.json"
-    request.write_text(json.dumps({"teacher": str(teacher), "out": str(student), "texts": data["train_texts"],
-                                   "validation": data["validation"], "options": options}))
-    distill = run_child([__file__, "--distill-child", str(request)], timeout=3600)
-    if distill.get("status") == "crashed":
-        raise SystemExit(f"distillation crashed: {distill['error']}")
+    recipe = load_bench_recipe(args.teacher, args.minutes)
+    report, variants, split = run_recipe_and_teacher_int8(recipe, out)
+    distill = read_manifest(next(out.glob("distill-*")))["metrics"]
     print(f"distilled: {distill['train']['steps']} steps, {distill['train']['wall_s'] / 60:.1f} min", flush=True)
-    samples = [TextSample(t, pair=p) for t, p in data["test"]]
-    onnx = {name: out / f"{name}.onnx" for name in ("teacher-fp32", "teacher-int8", "student-fp32", "student-int8")}
-    export(teacher, onnx["teacher-fp32"], samples)
-    export(student, onnx["student-fp32"], samples)
-    method = quantize(student, onnx["student-fp32"], onnx["student-int8"], data["calibration"])
-    quantize(teacher, onnx["teacher-fp32"], onnx["teacher-int8"], data["calibration"])
-    variants = {"teacher fp32": (teacher, onnx["teacher-fp32"]), "teacher int8": (teacher, onnx["teacher-int8"]),
-                "student fp32": (student, onnx["student-fp32"]), "student int8": (student, onnx["student-int8"])}
-    results = measure_variants(variants, data["test"], out)
+    results = measure_variants(variants, list(split.evaluation), out)
     print(json.dumps({k: {kk: vv for kk, vv in v.items() if kk != "p50s"} for k, v in results.items()}), flush=True)
-    memory = [] if args.skip_memory else memory_table(student, teacher)
+    data = prepare_data()
+    memory = [] if args.skip_memory else memory_table(next(out.glob("distill-*")) / "model", teacher)
     ddp = None if args.skip_ddp else ddp_curves(teacher, data, out)
     sparse = None
     if not args.skip_sparse:
         texts_path = out / "sparse-texts.json"
         texts_path.write_text(json.dumps(data["calibration"]))
         sparse = run_child([__file__, "--sparse-child", str(teacher), str(out / "sparse"), str(texts_path)])
-    ctx = {"distill": distill, "results": results, "int8_method": method, "memory": memory, "ddp": ddp,
-           "sparse": sparse if sparse and sparse.get("status") != "crashed" else None, "data": data,
-           "optimizers": optimizer_availability(), "wall_min": (time.perf_counter() - started) / 60,
-           "minutes": args.minutes}
+    ctx = {"distill": distill, "results": results, "int8_method": "edgepack static INT8 (the recipe's quantize stage)",
+           "memory": memory, "ddp": ddp, "sparse": sparse if sparse and sparse.get("status") != "crashed" else None,
+           "data": data, "optimizers": optimizer_availability(), "wall_min": (time.perf_counter() - started) / 60,
+           "minutes": recipe.distill.max_train_minutes, "gates": [g.model_dump() for g in report.gates]}
     (out / "results.json").write_text(json.dumps(ctx, indent=1, default=str))
     body = write_report(ctx)
     if args.no_write:
@@ -451,9 +403,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) > 2 and sys.argv[1] == "--distill-child":
-        distill_child(sys.argv[2])
-    elif len(sys.argv) > 4 and sys.argv[1] == "--sparse-child":
+    if len(sys.argv) > 4 and sys.argv[1] == "--sparse-child":
         sparse_child(sys.argv[2], sys.argv[3], sys.argv[4])
     else:
         main()

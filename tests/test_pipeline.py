@@ -202,3 +202,29 @@ def test_a_narrower_student_is_compared_by_task_metric_and_its_int8_against_it(t
     assert 56 <= distill["metrics"]["train_texts"] <= 56 + 10 and distill["metrics"]["held_out_pairs"] == 4
     md = (tmp_path / "report.md").read_text()
     assert "compared by task metric only" in md and "int8 vs compressed-fp32" in md
+
+
+def test_distill_data_missing_or_empty_is_one_line_before_any_training(tiny_bert_dir, small_sentences, tmp_path):
+    from edgepack.errors import BadInputError
+
+    def recipe(path: Path) -> dict:
+        return tiny_recipe(tiny_bert_dir, small_sentences, data={"n_calibration": 24},
+                           distill={"enabled": True, "keep_layers": [0], "data": {"path": str(path)}},
+                           bundle={"enabled": False})
+
+    with pytest.raises(BadInputError, match=r"none.txt: file not found"):
+        run_recipe(parse_recipe(recipe(tmp_path / "none.txt")), tmp_path / "a")
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n")
+    with pytest.raises(BadInputError, match=r"empty.txt: no samples"):
+        run_recipe(parse_recipe(recipe(empty)), tmp_path / "b")
+    # text that is all in the evaluation split leaves nothing to train on: said, not trained on the test set
+    from edgepack.calibration_data import read_samples, split_samples
+
+    split = split_samples(read_samples(small_sentences, pair_field="paraphrase"), n_calibration=24, n_evaluation=8,
+                          seed=0, source="x")
+    held = tmp_path / "held.txt"
+    held.write_text("\n".join(s.text for s in split.evaluation) + "\n")
+    with pytest.raises(BadInputError, match=r"held.txt: no training text left after holding out the evaluation"):
+        run_recipe(parse_recipe(recipe(held)), tmp_path / "c")
+    assert not list((tmp_path / "c").glob("distill-*"))

@@ -3,6 +3,8 @@ and on all-MiniLM-L6-v2 with a classification head (slow): export, metric, quant
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import onnxruntime as ort
 import pytest
@@ -107,3 +109,22 @@ def test_minilm_with_a_classification_head(minilm_path, labelled_sentences, tmp_
     assert fp32["accuracy"] >= 0.9
     assert int8["top1_agreement"] >= 0.95 and int8["cosine_mean"] >= 0.99
     assert report.variants["int8"].size_bytes < 0.3 * report.variants["fp32"].size_bytes
+
+
+def test_quantize_and_validate_from_the_command_line(tiny_classifier_dir, labelled_sentences, tmp_path, capsys):
+    """The README's classifier commands: export, quantize (no --tokenizer: the folder carries it), validate."""
+    from edgepack.cli import main
+
+    assert main(["export", str(tiny_classifier_dir), "--out", str(tmp_path / "cls"), "--data",
+                 str(labelled_sentences)]) == 0
+    assert main(["quantize", str(tmp_path / "cls" / "model.onnx"), "--calibration", str(labelled_sentences),
+                 "--samples", "32", "--out", str(tmp_path / "cls-int8")]) == 0
+    capsys.readouterr()
+    assert main(["validate", str(tmp_path / "cls-int8" / "model.onnx"), "--reference",
+                 str(tmp_path / "cls" / "model.onnx"), "--data", str(labelled_sentences), "--label-field", "label",
+                 "--samples", "30", "--runs", "3", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    model = report["variants"]["model"]
+    assert report["model"]["family"] == FAMILY and model["compared_to"] == "reference"
+    assert model["providers"]["cpu"]["metrics"]["top1_agreement"] >= 0.9
+    assert model["providers"]["cpu"]["metrics"]["accuracy"] >= 0.85
