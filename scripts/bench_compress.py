@@ -234,8 +234,9 @@ def write_report(ctx: dict[str, Any]) -> str:
         "## Compression: distillation + structured pruning + INT8 (all-MiniLM-L6-v2)",
         "",
         f"Machine: {machine_line()}. Run by `python scripts/bench_compress.py`, which runs "
-        f"`edgepack run recipes/minilm-small.yaml` and adds the teacher's INT8, {ctx['wall_min']:.0f} minutes in all. "
-        "Other engineers were using the same 2 cores.",
+        f"`edgepack run recipes/minilm-small.yaml` and adds the teacher's INT8, {ctx['wall_min']:.0f} minutes in all"
+        + (f" (reusing {', '.join(ctx['reused_stages'])} from an earlier run of the recipe in the same folder)"
+           if ctx.get("reused_stages") else "") + ". Other engineers were using the same 2 cores.",
         "",
         f"Student: teacher layers {KEEP_LAYERS} copied, FFN 1536 -> 768 and hidden 384 -> 256 (8 heads of 32) kept by "
         f"activation importance; {d['teacher_params']:,} -> {d['student_params']:,} parameters. Distilled on "
@@ -392,7 +393,8 @@ def main() -> None:
     ctx = {"distill": distill, "results": results, "int8_method": "edgepack static INT8 (the recipe's quantize stage)",
            "memory": memory, "ddp": ddp, "sparse": sparse if sparse and sparse.get("status") != "crashed" else None,
            "data": data, "optimizers": optimizer_availability(), "wall_min": (time.perf_counter() - started) / 60,
-           "minutes": recipe.distill.max_train_minutes, "gates": [g.model_dump() for g in report.gates]}
+           "minutes": recipe.distill.max_train_minutes, "gates": [g.model_dump() for g in report.gates],
+           "reused_stages": [s.stage for s in report.stages if s.reused]}
     (out / "results.json").write_text(json.dumps(ctx, indent=1, default=str))
     body = write_report(ctx)
     if args.no_write:
