@@ -30,6 +30,7 @@ from edgepack.compress.prune import (
     transformer_layers,
 )
 from edgepack.errors import BadInputError
+from edgepack.families.hf_text import check_model_folder, load_tokenizer
 
 #: task -> transformers auto class that loads it
 TASK_CLASSES = {"sentence-embedding": "AutoModel", "sequence-classification": "AutoModelForSequenceClassification",
@@ -37,23 +38,8 @@ TASK_CLASSES = {"sentence-embedding": "AutoModel", "sequence-classification": "A
 #: files sentence-transformers reads besides the HF model (pooling head, normalisation), copied to the student
 SENTENCE_TRANSFORMERS_FILES = ("modules.json", "sentence_bert_config.json", "config_sentence_transformers.json",
                                "1_Pooling/config.json", "2_Normalize")
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 #: config fields a smaller student config may lower (never raise)
 SHRINKABLE = ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads")
-
-
-def refuse_pickle(folder: Path) -> None:
-    """Weights load from safetensors only: a folder with only pickled weights is refused, naming the file."""
-    if list(folder.glob("*.safetensors")):
-        return
-    pickled = sorted(p for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES) if folder.is_dir() else []
-    if pickled:
-        raise BadInputError(f"refusing pickle checkpoint {pickled[0]}; convert it to safetensors "
-                            "(load it once in a trusted session and `save_pretrained(..., safe_serialization=True)`)")
-    if not (folder / "config.json").is_file():
-        raise BadInputError(f"{folder} is not a Hugging Face model folder (no config.json); pass the folder that "
-                            "`save_pretrained` wrote")
-    raise BadInputError(f"{folder} has no *.safetensors weights; save the model with `save_pretrained`")
 
 
 def load_pretrained(folder: Path, *, task: str) -> Any:
@@ -63,19 +49,9 @@ def load_pretrained(folder: Path, *, task: str) -> Any:
     if task not in TASK_CLASSES:
         raise BadInputError(f"distill.task '{task}' is not one of {', '.join(TASK_CLASSES)}")
     folder = Path(folder)
-    refuse_pickle(folder)
+    check_model_folder(folder)
     auto = getattr(transformers, TASK_CLASSES[task])
     return auto.from_pretrained(folder, local_files_only=True, use_safetensors=True, attn_implementation="eager")
-
-
-def load_tokenizer(folder: Path) -> Any:
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(folder, local_files_only=True)
-    except (OSError, ValueError) as err:
-        raise BadInputError(f"{folder}: no usable tokenizer ({err.__class__.__name__}); save the tokenizer into the "
-                            "model folder with `tokenizer.save_pretrained`") from None
 
 
 def check_same_tokenizer(teacher: Any, student: Any, *, student_source: str) -> None:
@@ -199,4 +175,4 @@ def save_student(model: nn.Module, out_dir: Path, *, tokenizer: Any, source_dir:
 
 
 __all__ = ["StudentSpec", "build_student", "check_same_tokenizer", "evenly_spaced", "load_pretrained",
-           "load_tokenizer", "refuse_pickle", "save_student", "set_dropout"]
+           "load_tokenizer", "save_student", "set_dropout"]

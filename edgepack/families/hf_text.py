@@ -26,16 +26,23 @@ ENCODER_TYPES = frozenset({"bert", "roberta", "distilbert", "xlm-roberta", "mpne
 TEXT_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 
 
+#: weight files that are pickles: edgepack never loads them (a pickle runs code when it is read)
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
 def check_model_folder(path: Path) -> None:
-    """An HF folder must have its config and safetensors weights (never only a pickle)."""
+    """An HF folder must have its config and safetensors weights; a folder with only pickled weights is refused."""
+    if list(path.glob("*.safetensors")) and (path / "config.json").is_file():
+        return
+    pickled = sorted(p for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES) if path.is_dir() else []
+    if pickled:
+        raise BadInputError(f"refusing pickle checkpoint {pickled[0]}; convert it to safetensors "
+                            "(load it once in a trusted session and `save_pretrained(..., safe_serialization=True)`)")
     if not (path / "config.json").is_file():
         raise BadInputError(f"{path} is not a Hugging Face model folder (no config.json); pass the folder that "
                             "`save_pretrained` wrote, or an import path `pkg.module:factory` for a plain nn.Module")
-    if not list(path.glob("*.safetensors")):
-        pickled = sorted(p.name for p in path.glob("*") if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
-        hint = f" (found {pickled[0]}: edgepack never unpickles weights)" if pickled else ""
-        raise BadInputError(f"{path} has config.json but no *.safetensors weights{hint}; save the model with "
-                            "`save_pretrained(..., safe_serialization=True)`")
+    raise BadInputError(f"{path} has config.json but no *.safetensors weights; save the model with "
+                        "`save_pretrained(..., safe_serialization=True)`")
 
 
 def load_tokenizer(folder: Path) -> Any:
