@@ -17,7 +17,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 from edgepack.errors import BadInputError, EdgepackError
 from edgepack.runtime import PROVIDERS, ProbeOptions, cosine_rows, fidelity, get_provider, measure, parse_providers
-from edgepack.runtime.probe import MEMORY_METHOD, _child_env, _run_child, _write_request
+from edgepack.runtime.devices import CHILD_FILE
+from edgepack.runtime.probe import MEMORY_METHOD, _run_child, _write_request
 from edgepack.runtime.providers import HOW_VALUES
 
 FAST = ProbeOptions(warmup=3, runs=20, timeout_s=60)
@@ -176,23 +177,30 @@ def test_missing_model_and_bad_options_are_input_errors(tmp_path):
         ProbeOptions(runs=0)
 
 
-def test_probe_child_does_not_import_torch(tmp_path):
+def test_probe_child_is_one_standalone_file_that_imports_no_torch(tmp_path):
     model = _matmul_add(tmp_path / "m.onnx")
     plan = get_provider("cpu").session_plan(cache_dir=tmp_path)
     request = _write_request(model, plan, latency_feed=_feed(1, 0),
                              evaluation_feeds=[_feed(2, 1)], probe_dir=tmp_path, options=FAST)
-    result = tmp_path / "result.json"
-    # Run the child module as __main__ (what `python -m` does), then look at what it imported.
+    # The file alone, copied away from the package, in isolated mode (-I: no PYTHONPATH, no cwd on sys.path):
+    # what a remote device runs. Then look at what it imported.
+    alone = tmp_path / "elsewhere" / "probe_child.py"
+    alone.parent.mkdir()
+    alone.write_text(CHILD_FILE.read_text())
     script = ("import runpy, sys\n"
-              f"sys.argv = ['probe', {str(request)!r}, {str(result)!r}]\n"
-              "try:\n    runpy.run_module('edgepack.runtime.probe', run_name='__main__')\n"
+              f"sys.argv = ['probe_child.py', {str(request)!r}, 'result.json']\n"
+              "try:\n    runpy.run_path(sys.argv[0], run_name='__main__')\n"
               "except SystemExit:\n    pass\n"
-              "print(sorted(m for m in ('torch', 'transformers', 'onnx') if m in sys.modules))\n")
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=_child_env(),
-                          timeout=60, check=True)
-    assert json.loads(result.read_text())["status"] == "ok"
+              "print(sorted(m for m in ('torch', 'transformers', 'onnx', 'edgepack') if m in sys.modules))\n")
+    done = subprocess.run([sys.executable, "-I", "-c", script], capture_output=True, text=True, timeout=60,
+                          cwd=alone.parent, check=True)
+    assert json.loads((alone.parent / "result.json").read_text())["status"] == "ok"
     assert done.stdout.strip() == "[]"
-    assert done.stderr == ""  # nothing on stderr: no runpy double-import warning either
+    assert done.stderr == ""
+    facts = json.loads(subprocess.run([sys.executable, "-I", str(alone), "--facts"], capture_output=True, text=True,
+                                      timeout=60, check=True).stdout)
+    assert facts["onnxruntime"] == ort.__version__ and "CPUExecutionProvider" in facts["ort_providers"]
+    assert facts["cpu"] and facts["int8_isa"] and facts["memory_available_mb"] > 0
 
 
 # -------------------------------------------------------------------------------------------------- metrics

@@ -1,7 +1,8 @@
 """Measure one ONNX model on one execution provider in a fresh subprocess: latency, memory, coverage, outputs.
 
 Memory is per process, so every measurement starts a new Python that imports only numpy and onnxruntime
-(never torch, transformers or onnx) and reads its own VmRSS / VmHWM from /proc/self/status. ONNX Runtime does
+(never torch, transformers or onnx) and reads its own VmRSS / VmHWM from /proc/self/status. The child is one
+standalone file (`probe_child.py`), so the same measurement runs on a remote device (`devices.py`: SSH, adb). ONNX Runtime does
 the inference and the partitioning; the phases, timing and the parent/child protocol are ours, because ORT has
 no per-session memory figure and a crashing EP must not take the caller down with it.
 
@@ -9,16 +10,13 @@ Protocol (all files in a fresh folder under `workdir`):
     parent prepares the model the EP needs (fixed shapes, fp16, ORT format: `fixed_shape.py`), pads the
                    evaluation feeds to a fixed shape, and writes latency.npz, evaluation.npz (keys
                    `f0003__input_ids`: feed 3, input `input_ids`) and request.json (with the provider's SessionPlan)
-    parent runs    [sys.executable, "-m", "edgepack.runtime.probe", request.json, result.json] with a timeout
+    device runs    [python, probe_child.py, request.json, result.json] with a timeout (`ProbeOptions.device`:
+                   this machine, or a remote device the folder and model are copied to)
     child writes   result.json (status, latency_ms, memory_mb, coverage, allocator) and outputs.npz
 The .npz files and prepared model copies are deleted once read; the two .json files stay for inspection.
 Static-analysis providers (NNAPI / CoreML where this runtime lacks them) start no child: `static_analysis.py`.
 
-Child order: imports -> read request and latency feed -> baseline -> InferenceSession (timed: load_ms) ->
-after_session -> first run -> after_first_run -> warm-up and timed runs -> peak (VmHWM) -> coverage ->
-only then the evaluation feeds, so evaluation data never inflates the memory figures -> last, for CPU EPs, a
-second session with ORT's profiler on, whose per-node figures split the memory (weights read unpacked,
-prepacked copies, activations).
+The child's order of phases is in `probe_child.py`.
 
 >>> result = measure(Path("model.onnx"), latency_feed=feed, evaluation_feeds=[feed],   # doctest: +SKIP
 ...                  workdir=Path("runs/probe"), options=ProbeOptions(provider="cpu"))
@@ -29,27 +27,24 @@ prepacked copies, activations).
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import tempfile
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import onnxruntime as ort
 
 from edgepack.errors import BadInputError
-from edgepack.runtime.coverage import coverage_from_assignment, session_assignment
-from edgepack.runtime.providers import ExecutionProvider, SessionPlan, apply_plan, get_provider
+from edgepack.runtime.devices import LocalDevice, get_device
+from edgepack.runtime.probe_child import MEMORY_METHOD, load_indexed, one_line
+from edgepack.runtime.providers import ExecutionProvider, SessionPlan, get_provider
+from edgepack.runtime.quiet import ort_log_severity
 
 if TYPE_CHECKING:
     from edgepack.calibration_data import Feed
 
-MEMORY_METHOD = "VmRSS/VmHWM of a fresh process; baseline after importing onnxruntime+numpy"
+__all__ = ["MEMORY_METHOD", "ProbeOptions", "ProbeResult", "measure", "memory_breakdown"]
 _MIB = 2**20
 
 
@@ -64,6 +59,8 @@ class ProbeOptions:
     timeout_s: float = 600
     #: Where EP caches live across runs (TensorRT engines); None: next to the probe folders in `workdir`.
     cache_dir: Path | None = None
+    #: Where the child runs: "local", "ssh://user@host[:port]", "adb://serial" (`runtime/devices.py`).
+    device: str = "local"
 
     def __post_init__(self) -> None:
         checks = (("intra_op_threads", self.intra_op_threads >= 0, ">= 0 (0 = ONNX Runtime's default)"),
@@ -116,7 +113,8 @@ def measure(model_path: Path, *, latency_feed: Feed, evaluation_feeds: Sequence[
     preparing the model, the session or a run fails, or the child crashes or times out.
     """
     provider = _one_provider(options.provider)
-    reason = provider.availability()
+    device = get_device(options.device)
+    reason = device.availability(provider)
     if reason is not None:
         return ProbeResult(status="unavailable", how=provider.how, error=reason)
     model_path = Path(model_path).resolve()
@@ -159,7 +157,7 @@ def _static(model_path: Path, provider: ExecutionProvider, *, latency_feed: Feed
     except BadInputError:
         raise
     except Exception as error:  # an invalid graph is this row's result, not a crash of the whole validation
-        return ProbeResult(status="failed", how=provider.how, error=_one_line(error))
+        return ProbeResult(status="failed", how=provider.how, error=one_line(error))
     return ProbeResult(status="ok", how=provider.how, coverage=coverage)
 
 
@@ -171,12 +169,12 @@ def _measure_in_child(model_path: Path, provider: ExecutionProvider, *, latency_
         raise
     except Exception as error:
         return ProbeResult(status="failed", how=provider.how,
-                           error=f"preparing the model for {provider.key} failed: {_one_line(error)}")
+                           error=f"preparing the model for {provider.key} failed: {one_line(error)}")
     feeds, lengths = _fit_feeds(evaluation_feeds, prepared.shapes)
     plan = provider.session_plan(cache_dir=options.cache_dir or probe_dir.parent)
     request = _write_request(prepared.path, plan, latency_feed=latency_feed, evaluation_feeds=feeds,
                              probe_dir=probe_dir, options=options)
-    failure = _run_child(request, probe_dir / "result.json", timeout_s=options.timeout_s)
+    failure = get_device(options.device).run_probe(request, probe_dir / "result.json", timeout_s=options.timeout_s)
     if failure is not None:
         return ProbeResult(status="failed", how=provider.how, error=failure)
     result, allocator = _read_result(probe_dir / "result.json", probe_dir / "outputs.npz", how=provider.how)
@@ -233,18 +231,21 @@ def _weights_mb(onnx_path: Path) -> float:
 
 def _write_request(model_path: Path, plan: SessionPlan, *, latency_feed: Feed, evaluation_feeds: Sequence[Feed],
                    probe_dir: Path, options: ProbeOptions) -> Path:
-    """Write the feeds and request.json for one child run into `probe_dir`; returns request.json's path."""
+    """Write the feeds and request.json for one child run into `probe_dir`; returns request.json's path.
+
+    Paths other than the model's are relative to `probe_dir`, so a device can get the folder as it is."""
     request = {
         "model": str(model_path),
+        "ort_log_severity": ort_log_severity(),
         "plan": plan.to_json(),
         "intra_op_threads": plan.threads if plan.threads is not None else options.intra_op_threads,
         "warmup": options.warmup,
         "runs": options.runs,
-        "latency_feed": str(_save_feeds(probe_dir / "latency.npz", [latency_feed])),
-        "evaluation_feeds": str(_save_feeds(probe_dir / "evaluation.npz", evaluation_feeds)),
+        "latency_feed": _save_feeds(probe_dir / "latency.npz", [latency_feed]).name,
+        "evaluation_feeds": _save_feeds(probe_dir / "evaluation.npz", evaluation_feeds).name,
         "evaluation_count": len(evaluation_feeds),
-        "outputs": str(probe_dir / "outputs.npz"),
-        "profile_prefix": str(probe_dir / "ort-profile"),
+        "outputs": "outputs.npz",
+        "profile_prefix": "ort-profile",
     }
     path = probe_dir / "request.json"
     path.write_text(json.dumps(request, indent=1))
@@ -258,37 +259,9 @@ def _save_feeds(path: Path, feeds: Sequence[Feed]) -> Path:
     return path
 
 
-def _load_indexed(path: Path, count: int) -> list[dict[str, np.ndarray]]:
-    """Inverse of `_save_feeds`: `count` dicts, in order (a feed with no arrays comes back empty)."""
-    found: list[dict[str, np.ndarray]] = [{} for _ in range(count)]
-    with np.load(path, allow_pickle=False) as data:
-        for key in data.files:
-            index, name = key.split("__", 1)  # "f0003__input_ids" -> ("f0003", "input_ids")
-            found[int(index[1:])][name] = data[key]
-    return found
-
-
-def _child_env() -> dict[str, str]:
-    """The caller's environment, with the folder that holds `edgepack` first on PYTHONPATH (works uninstalled)."""
-    root = str(Path(__file__).resolve().parents[2])
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(part for part in (root, env.get("PYTHONPATH")) if part)
-    return env
-
-
 def _run_child(request: Path, result: Path, *, timeout_s: float) -> str | None:
-    """Run the child; None when it wrote a result, else a one-line reason (last line of its stderr)."""
-    command = [sys.executable, "-m", "edgepack.runtime.probe", str(request), str(result)]
-    try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s, env=_child_env(),
-                              stdin=subprocess.DEVNULL, check=False)
-    except subprocess.TimeoutExpired:
-        return f"the probe process did not finish within {timeout_s:g} s and was killed"
-    if done.returncode == 0 and result.is_file():
-        return None
-    lines = [line.strip() for line in done.stderr.splitlines() if line.strip()]
-    last = lines[-1] if lines else "no message on stderr"
-    return f"the probe process exited with code {done.returncode}: {last}"
+    """Run the child on this machine; None when it wrote a result, else a one-line reason."""
+    return LocalDevice().run_probe(request, result, timeout_s=timeout_s)
 
 
 def _read_result(result_path: Path, outputs_path: Path, *, how: str) -> tuple[ProbeResult, dict[str, float] | None]:
@@ -296,7 +269,7 @@ def _read_result(result_path: Path, outputs_path: Path, *, how: str) -> tuple[Pr
     payload = json.loads(result_path.read_text())
     if payload["status"] != "ok":
         return ProbeResult(status="failed", how=how, error=payload["error"]), None
-    outputs = _load_indexed(outputs_path, payload["evaluation_count"])
+    outputs = load_indexed(outputs_path, payload["evaluation_count"])
     result = ProbeResult(status="ok", how=how, latency_ms=payload["latency_ms"], memory_mb=payload["memory_mb"],
                          coverage=payload["coverage"], outputs=outputs)
     return result, payload.get("allocator")
@@ -336,177 +309,3 @@ def memory_breakdown(memory: dict[str, Any], *, weights_mb: float, allocator: di
                     "prepacked": method if allocator else "not available (no CPU arena, or not a CPU EP)",
                     "activations": method, "other": "RSS after session creation minus the above"},
     }
-
-
-def _one_line(error: BaseException) -> str:
-    return " ".join(f"{type(error).__name__}: {error}".split())
-
-
-# ----------------------------------------------------------------------------------------------------- child
-
-
-def _memory_mb() -> tuple[float, float, str]:
-    """(current RSS, peak RSS, method) of this process, in MiB.
-
-    Linux: VmRSS and VmHWM from /proc/self/status. Elsewhere psutil's RSS, and the OS's peak (Windows'
-    peak working set, or getrusage's ru_maxrss, which macOS reports in bytes and others in KiB).
-    """
-    status = Path("/proc/self/status")
-    if status.is_file():
-        fields = dict(line.split(":", 1) for line in status.read_text().splitlines() if ":" in line)
-        rss_kib, hwm_kib = (float(fields[key].split()[0]) for key in ("VmRSS", "VmHWM"))  # "  51234 kB"
-        return rss_kib / 1024, hwm_kib / 1024, MEMORY_METHOD
-    import psutil  # only off Linux: not needed (or installed) on the usual host
-
-    info = psutil.Process().memory_info()
-    peak_bytes = getattr(info, "peak_wset", None)
-    if peak_bytes is None:
-        import resource
-
-        max_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        peak_bytes = max_rss if sys.platform == "darwin" else max_rss * 1024
-    method = "psutil RSS and the OS's peak RSS of a fresh process; baseline after importing onnxruntime+numpy"
-    return info.rss / 2**20, peak_bytes / 2**20, method
-
-
-def _session_options(request: dict[str, Any], *, profile: bool = False) -> ort.SessionOptions:
-    plan = request["plan"]
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = request["intra_op_threads"]
-    options.inter_op_num_threads = 1
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.log_severity_level = 3  # errors only; we report the exception text ourselves
-    # Which node runs where, after fusions: the coverage figures. `session.disable_cpu_ep_fallback` is left
-    # off on purpose: the nodes an NPU rejects must run on the CPU so we can count them.
-    options.add_session_config_entry("session.record_ep_graph_assignment_info", "1")
-    if plan["lean_memory"]:
-        # Memory-lean, as on a phone: no arena (frees return to the OS), no pre-planned activation block,
-        # no prepacked weight copies (at the price of repacking per run).
-        options.enable_cpu_mem_arena = False
-        options.enable_mem_pattern = False
-        options.add_session_config_entry("session.disable_prepacking", "1")
-    if profile:
-        options.enable_profiling = True
-        options.profile_file_prefix = request["profile_prefix"]
-    return options
-
-
-def _session(request: dict[str, Any], options: ort.SessionOptions) -> ort.InferenceSession:
-    plan = SessionPlan.from_json(request["plan"])
-    providers = apply_plan(plan, options)  # registers a plugin EP (QNN) in this process when the plan has one
-    session = ort.InferenceSession(request["model"], sess_options=options, providers=providers)
-    if plan.expect_ep not in session.get_providers():
-        # ORT falls back to the CPU with only a log warning; a CPU figure labelled as another EP would be a lie.
-        raise RuntimeError(f"ONNX Runtime did not apply {plan.expect_ep}; the session got {session.get_providers()}")
-    return session
-
-
-def _runner(session: ort.InferenceSession, feed: Feed, device: str | None) -> Callable[[], object]:
-    """One inference as a callable; with IO binding, inputs are copied to `device` once, outputs stay there."""
-    if device is None:
-        return lambda: session.run(None, feed)
-    binding = session.io_binding()
-    for name, value in feed.items():
-        binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(value, device, 0))
-    for output in session.get_outputs():
-        binding.bind_output(output.name, device)
-
-    def run() -> None:
-        session.run_with_iobinding(binding)
-        binding.synchronize_outputs()  # the GPU runs asynchronously; time until the results exist
-
-    return run
-
-
-def _latency(run: Callable[[], object], feed: Feed, request: dict[str, Any]) -> dict[str, Any]:
-    """Warm-up, then `runs` timed runs with perf_counter; percentiles and spread in ms."""
-    for _ in range(request["warmup"]):
-        run()
-    times_ms = np.empty(request["runs"])
-    for index in range(request["runs"]):
-        start = time.perf_counter()
-        run()
-        times_ms[index] = (time.perf_counter() - start) * 1e3
-    p50, p90, p99 = (float(p) for p in np.percentile(times_ms, [50, 90, 99]))
-    spread = {"mean": float(times_ms.mean()), "std": float(times_ms.std()), "min": float(times_ms.min()),
-              "max": float(times_ms.max())}
-    return {"p50": p50, "p90": p90, "p99": p99, **spread, "runs": request["runs"], "warmup": request["warmup"],
-            "threads": request["intra_op_threads"], "shape": {name: list(a.shape) for name, a in feed.items()}}
-
-
-def _allocator_profile(request: dict[str, Any], feed: Feed) -> dict[str, float] | None:
-    """ORT profiler figures for one run of a fresh session (MiB), or None when it reports no memory.
-
-    ORT >= 1.2x writes, per node event, parameter_size (the initializers the node reads as stored, so a
-    weight ORT replaced by a prepacked copy no longer counts) and the CPU arena's mem_bytes_in_use /
-    mem_in_use_peak / mem_arena_held; a session without an arena (the lean profile) writes no memory figures.
-    """
-    session = _session(request, _session_options(request, profile=True))
-    session.run(None, feed)
-    path = Path(session.end_profiling())
-    try:
-        events = [e for e in json.loads(path.read_text()) if e.get("cat") == "Node"
-                  and "mem_bytes_in_use" in e.get("args", {})]
-    finally:
-        path.unlink(missing_ok=True)
-    if not events:
-        return None
-    first = min(events, key=lambda e: e["ts"])["args"]
-    before = int(first["mem_bytes_in_use"]) - int(first["mem_in_use_delta"])  # held before the first node ran
-    peak = max(int(e["args"]["mem_in_use_peak"]) for e in events)
-    return {"parameters": sum(int(e["args"].get("parameter_size", 0)) for e in events) / _MIB,
-            "activations": (peak - before) / _MIB, "in_use_before_run": before / _MIB,
-            "arena_held": max(int(e["args"]["mem_arena_held"]) for e in events) / _MIB}
-
-
-def _evaluate(session: ort.InferenceSession, request: dict[str, Any]) -> None:
-    names = [output.name for output in session.get_outputs()]
-    outputs: dict[str, np.ndarray] = {}
-    for index, feed in enumerate(_load_indexed(Path(request["evaluation_feeds"]), request["evaluation_count"])):
-        for name, value in zip(names, session.run(names, feed), strict=True):
-            outputs[f"f{index:04d}__{name}"] = np.asarray(value)
-    np.savez(request["outputs"], **outputs)
-
-
-def _probe(request: dict[str, Any]) -> dict[str, Any]:
-    plan = request["plan"]
-    (latency_feed,) = _load_indexed(Path(request["latency_feed"]), 1)
-    baseline, _, method = _memory_mb()
-    start = time.perf_counter()
-    session = _session(request, _session_options(request))
-    load_ms = (time.perf_counter() - start) * 1e3
-    after_session, _, _ = _memory_mb()
-    run = _runner(session, latency_feed, plan["io_binding_device"])
-    start = time.perf_counter()
-    run()
-    first_run_ms = (time.perf_counter() - start) * 1e3
-    after_first_run, _, _ = _memory_mb()
-    latency = _latency(run, latency_feed, request)
-    _, peak, _ = _memory_mb()
-    assignment = session_assignment(session)
-    coverage = {} if assignment is None else coverage_from_assignment(assignment, target=plan["expect_ep"])
-    # Evaluation data is read only now, after the peak, so it does not count as the model's memory.
-    _evaluate(session, request)
-    allocator = _allocator_profile(request, latency_feed) if plan["profile_memory"] else None
-    memory = {"baseline": baseline, "after_session": after_session, "after_first_run": after_first_run,
-              "peak": peak, "method": method}
-    return {"status": "ok", "latency_ms": {**latency, "first_run_ms": first_run_ms, "load_ms": load_ms},
-            "memory_mb": memory, "coverage": coverage, "allocator": allocator,
-            "evaluation_count": request["evaluation_count"]}
-
-
-def _child_main(request_path: Path, result_path: Path) -> int:
-    request = json.loads(request_path.read_text())
-    try:
-        result = _probe(request)
-    except Exception as error:  # an ORT rejection is the measurement's result, reported as "failed"
-        result = {"status": "failed", "error": _one_line(error)}
-    # Write then rename: a crash mid-write must not leave a result.json that looks complete.
-    partial = result_path.with_suffix(".partial")
-    partial.write_text(json.dumps(result, indent=1))
-    partial.replace(result_path)
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(_child_main(Path(sys.argv[1]), Path(sys.argv[2])))

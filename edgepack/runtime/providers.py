@@ -32,6 +32,7 @@ import onnxruntime as ort
 
 from edgepack.errors import BadInputError, EdgepackError
 from edgepack.registry import Registry
+from edgepack.runtime.probe_child import _REGISTERED_PLUGINS, apply_plan_json
 
 #: How a figure was obtained: on the real device, on an emulator (QNN HTP on x86), or by static analysis.
 HOW_VALUES = ("device", "emulated", "static-analysis")
@@ -91,27 +92,15 @@ class SessionPlan:
         return cls(**{**data, "plugin": plugin, "providers": providers})
 
 
-_REGISTERED_PLUGINS: set[str] = set()
-
-
 def apply_plan(plan: SessionPlan, options: ort.SessionOptions) -> list[Any] | None:
     """Put the plan's EP into `options`; returns what to pass as `InferenceSession(providers=...)`.
 
     A plugin EP is registered (once per process: ORT refuses a second registration) and added with
     `add_provider_for_devices`; it must not also be named in `providers=`, so None comes back. Naming a plugin
-    EP in `providers=` without this would not fail: ORT would silently run everything on the CPU.
+    EP in `providers=` without this would not fail: ORT would silently run everything on the CPU. The probe child
+    does the same from the plan's JSON (`probe_child.apply_plan_json`, the one implementation).
     """
-    if plan.plugin is None:
-        return list(plan.providers)
-    plugin = plan.plugin
-    if plugin.registration_name not in _REGISTERED_PLUGINS:
-        ort.register_execution_provider_library(plugin.registration_name, plugin.library_path)
-        _REGISTERED_PLUGINS.add(plugin.registration_name)
-    devices = [device for device in ort.get_ep_devices() if device.ep_name == plugin.ep_name]
-    if not devices:
-        raise RuntimeError(f"{plugin.library_path} registered, but {plugin.ep_name} reports no device")
-    options.add_provider_for_devices(devices, dict(plan.plugin_options))
-    return None
+    return apply_plan_json(plan.to_json(), options)
 
 
 class ExecutionProvider(ABC):
