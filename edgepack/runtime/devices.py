@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import shlex
 import shutil
 import subprocess
@@ -183,9 +184,8 @@ class RemoteDevice(Device):
             self._checked(f"mkdir -p {shlex.quote(run)}")
             files = [remote_request, *(request.parent / payload[k] for k in ("latency_feed", "evaluation_feeds"))]
             self._push([*files, CHILD_FILE], run)
-            done = self._shell(f"cd {shlex.quote(run)} && {shlex.quote(self.python)} probe_child.py "
-                               "request.remote.json result.json", timeout_s=timeout_s)
-            if done.code == 124 or done.code < 0:
+            done = self._shell(self._probe_command(run, timeout_s), timeout_s=timeout_s + 60)
+            if done.code in (124, 137) or done.code < 0:
                 return f"the probe process on {self.label} did not finish within {timeout_s:g} s and was killed"
             problem = self._connection_problem(done)
             if problem is not None:
@@ -197,6 +197,14 @@ class RemoteDevice(Device):
         finally:
             self._shell(f"rm -rf {shlex.quote(run)}", timeout_s=self.command_timeout_s)
             remote_request.unlink(missing_ok=True)
+
+    def _probe_command(self, run: str, timeout_s: float) -> str:
+        """The child, killed on the device itself after `timeout_s` (coreutils / toybox `timeout`, where there is
+        one), so a hung run does not outlive its connection; the local limit is a minute longer."""
+        child = f"{shlex.quote(self.python)} probe_child.py request.remote.json result.json"
+        limit = max(1, math.ceil(timeout_s))
+        return (f"cd {shlex.quote(run)} && if command -v timeout >/dev/null 2>&1; then exec timeout -k 5 {limit} "
+                f"{child}; else exec {child}; fi")
 
     def _checked(self, command: str) -> _Done:
         done = self._shell(command, timeout_s=self.command_timeout_s)
