@@ -41,6 +41,10 @@ def build_parser() -> argparse.ArgumentParser:
             edgepack export ./my-bert --out exported/
             edgepack quantize exported/model.onnx --calibration sentences.txt --out int8/
             edgepack validate int8/model.onnx --reference exported/model.onnx --data sentences.txt
+            edgepack validate other-tool.onnx --ep cpu     # no data: inputs generated from the signature
+            edgepack validate int8/model.onnx --device ssh://user@host --out runs/remote
+            edgepack compare runs/old/report.json runs/new/report.json --max-latency-regression 5%
+            edgepack doctor                                # this machine, its int8 ISA, which EPs run here
             edgepack bundle int8/model.onnx --out bundle/ --data sentences.txt
             edgepack verify bundle/
             edgepack families                              # the model families and what each supports
@@ -118,12 +122,24 @@ def build_parser() -> argparse.ArgumentParser:
                         "sensitive layers fall back to float until it holds (exit 3 if it cannot); -1 disables")
     _add_common(p, json_flag=False)
 
-    p = add("validate", cmd_validate, "measure latency, memory and fidelity of ONNX models on execution providers",
+    p = add("validate", cmd_validate, "measure latency, memory and fidelity of ONNX models on execution providers, "
+            "here or on a remote device; without --data, on inputs generated from the model's signature",
             "edgepack validate int8/model.onnx --reference exported/model.onnx --data sentences.jsonl\n"
-            "edgepack validate model.onnx --data inputs.npz --ep cpu --json")
+            "edgepack validate model.onnx --data inputs.npz --ep cpu --json\n"
+            "edgepack validate other-tool.onnx --ep cpu --dim batch=1,sequence=128        # no data needed\n"
+            "edgepack validate cnn.onnx --shape pixel_values=1x3x224x224 --out runs/cnn\n"
+            "edgepack validate int8/model.onnx --device ssh://pi@raspberrypi.local --out runs/pi")
     p.add_argument("model", type=Path, help=".onnx model to validate")
     p.add_argument("--reference", type=Path, help="reference .onnx (fidelity is measured against it)")
-    p.add_argument("--data", required=True, help="evaluation data: .txt, .jsonl, .csv or .npz")
+    p.add_argument("--data", help="evaluation data: .txt, .jsonl, .csv or .npz (default: none; inputs are generated "
+                   "from the model's signature and fidelity says 'no reference data')")
+    p.add_argument("--shape", action="append", default=[], metavar="INPUT=DxD...",
+                   help="without --data: the shape of one generated input, e.g. pixel_values=1x3x224x224 (repeatable)")
+    p.add_argument("--dim", metavar="NAME=N[,NAME=N]", help="without --data: sizes of symbolic dims by name, e.g. "
+                   "batch=1,sequence=128 (default: leading dims 1, sequence-like dims --sequence-length)")
+    p.add_argument("--device", default="local", help="where to measure: local (default), ssh://user@host[:port]"
+                   "[?python=/path/to/python3&identity=KEY], adb://SERIAL (docs/devices.md); the device needs Python "
+                   "with onnxruntime and numpy only")
     p.add_argument("--tokenizer", help="HF folder whose tokenizer turns text into inputs (only for an ONNX file "
                    "that does not carry one)")
     p.add_argument("--ep", default="cpu", help="comma-separated execution providers (default cpu): cpu, "
@@ -138,6 +154,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--emulated-samples", type=int, default=4,
                    help="evaluation samples on emulated EPs such as qnn-htp on x86 (default 4; the simulator is slow)")
     p.add_argument("--out", type=Path, help="write the measurement folder and report.json/md/html here")
+    _add_common(p)
+
+    p = add("compare", cmd_compare, "compare two reports run against run: p50, p90, peak memory and metrics per "
+            "variant x EP with a noise band from the runs' spread; exit 3 when a threshold is crossed",
+            "edgepack compare runs/main/report.json runs/pr/report.json\n"
+            "edgepack compare old/ new/ --max-latency-regression 5% --max-memory-regression 3% "
+            "--max-metric-drop 0.005")
+    p.add_argument("old", type=Path, help="report.json (or its run folder) of the baseline run")
+    p.add_argument("new", type=Path, help="report.json (or its run folder) of the run to check")
+    p.add_argument("--max-latency-regression", metavar="PCT", help="fail (exit 3) when a p50 grows by more than "
+                   "this (5%% or 0.05) and by more than its noise band")
+    p.add_argument("--max-memory-regression", metavar="PCT", help="fail when a peak memory grows by more than this")
+    p.add_argument("--max-metric-drop", type=float, metavar="X", help="fail when a fidelity or task metric gets "
+                   "worse by more than X (absolute, e.g. 0.005 of cosine)")
+    p.add_argument("--json", action="store_true", help="print the comparison as JSON")
+    _add_common(p, json_flag=False)
+
+    p = add("doctor", cmd_doctor, "what this machine (or a remote device) is and which execution providers run "
+            "there, each checked with a one-node model; the same block heads every report",
+            "edgepack doctor\nedgepack doctor --device ssh://pi@raspberrypi.local --json")
+    p.add_argument("--device", default="local", help="local (default), ssh://user@host[:port][?python=...] or "
+                   "adb://SERIAL")
     _add_common(p)
 
     p = add("bundle", cmd_bundle, "build an app/firmware bundle: .ort model, reduced-operator config, "
@@ -344,23 +382,99 @@ def _print_quantize(result: Any, out: Path, args: argparse.Namespace) -> None:
 
 def cmd_validate(args: argparse.Namespace) -> int:
     from edgepack.pipeline import validate_files
+    from edgepack.runtime.devices import get_device
     from edgepack.runtime.harness import ValidationSettings
     from edgepack.runtime.providers import parse_providers
 
     providers = parse_providers(args.ep)
+    get_device(args.device)  # a malformed device URL fails before the model is read
     family = _open(args.model, args.tokenizer)
     if args.reference is not None:
         _open(args.reference, None)  # a bad reference file fails before any measuring
-    samples = _samples(args.data, field=args.field, pair_field=args.pair_field,
-                       label_field=args.label_field)[: args.samples]
+    samples, generated = _validation_inputs(args, family)
     # NPU models are fixed to sequence_length and evaluation samples are padded up to it, so they must not be longer.
     settings = ValidationSettings(sequence_length=args.sequence_length, max_length=args.sequence_length,
-                                  runs=args.runs, emulated_samples=args.emulated_samples)
+                                  runs=args.runs, emulated_samples=args.emulated_samples, device=args.device)
     with tempfile.TemporaryDirectory(prefix="edgepack-validate-") as scratch:
         out = args.out or Path(scratch)
         report = validate_files(args.model, family, reference=args.reference, samples=samples, providers=providers,
-                                settings=settings, out=out, data_path=args.data, write=args.out is not None)
+                                settings=settings, out=out, data_path=args.data, write=args.out is not None,
+                                generated=generated)
         return _finish(report, args, args.out)
+
+
+def _validation_inputs(args: argparse.Namespace, family: Any) -> tuple[list[Any], Any]:
+    """(samples, None) from --data, or ([], inputs generated from the model's signature) without it."""
+    from edgepack.families.generated import InputSizes, parse_dim_overrides, parse_shape_overrides
+
+    if args.data is not None:
+        if args.shape or args.dim:
+            raise BadInputError("--shape / --dim size generated inputs; with --data the data sets the shapes "
+                                "(--sequence-length the latency input's): drop them or drop --data")
+        samples = _samples(args.data, field=args.field, pair_field=args.pair_field, label_field=args.label_field)
+        return samples[: args.samples], None
+    sizes = InputSizes(shapes=parse_shape_overrides(args.shape), dims=parse_dim_overrides(args.dim),
+                       sequence_length=args.sequence_length)
+    generated = family.generated_inputs(args.model, sizes=sizes)
+    for name, how in generated.description.items():
+        get_reporter().info(f"- no --data: {name} {how}")
+    return [], generated
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from edgepack.report.compare import (
+        CompareThresholds,
+        compare_reports,
+        comparison_json,
+        load_report,
+        parse_fraction,
+    )
+
+    thresholds = CompareThresholds(
+        max_latency_regression=parse_fraction(args.max_latency_regression, option="--max-latency-regression"),
+        max_memory_regression=parse_fraction(args.max_memory_regression, option="--max-memory-regression"),
+        max_metric_drop=args.max_metric_drop)
+    old, new = load_report(args.old), load_report(args.new)
+    comparison = compare_reports(old, new, thresholds, names=(str(args.old), str(args.new)))
+    if args.json:
+        print(json.dumps(comparison_json(comparison), indent=2))
+    else:
+        _print_comparison(comparison, args)
+    if not comparison.passed:
+        first = comparison.failed[0]
+        raise GateFailedError(f"{len(comparison.failed)} row(s) crossed a threshold; first: {first.key}: "
+                              f"{first.failures[0]}")
+    return 0
+
+
+def _print_comparison(comparison: Any, args: argparse.Namespace) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from edgepack.report.compare import COMPARE_COLUMNS, comparison_rows
+
+    console = Console(width=None if sys.stdout.isatty() else 200)
+    table = Table(*COMPARE_COLUMNS, title=f"edgepack compare: {args.old} → {args.new}")
+    for row in comparison_rows(comparison):
+        table.add_row(*row)
+    console.print(table)
+    for note in comparison.notes:
+        console.print(f"note: {note}")
+    for label, keys in (("only in OLD", comparison.only_old), ("only in NEW", comparison.only_new)):
+        if keys:
+            console.print(f"{label}: {', '.join(keys)}")
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from edgepack.runtime.doctor import device_lines, doctor
+
+    block = doctor(args.device)
+    if args.json:
+        print(json.dumps(block, indent=2))
+    else:
+        for line in device_lines(block):
+            print(line)
+    return 0
 
 
 def cmd_bundle(args: argparse.Namespace) -> int:
@@ -407,6 +521,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     set_reporter(Reporter(quiet=getattr(args, "json", False)))
+    from edgepack.runtime.quiet import set_ort_logging
+
+    set_ort_logging(debug=args.debug)  # ONNX Runtime's warnings (graph.cc floods) only with --debug
     try:
         return args.handler(args)
     except EdgepackError as err:

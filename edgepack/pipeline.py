@@ -20,7 +20,15 @@ from edgepack.errors import BadInputError
 from edgepack.families import FAMILIES, ModelFamily, open_model
 from edgepack.recipe import Recipe
 from edgepack.report import evaluate_gates, write_reports
-from edgepack.report.model import BundleInfo, DataInfo, QuantizationSummary, Report, StageSummary, Variant
+from edgepack.report.model import (
+    BundleInfo,
+    DataInfo,
+    DeviceInfo,
+    QuantizationSummary,
+    Report,
+    StageSummary,
+    Variant,
+)
 from edgepack.reporter import get_reporter
 from edgepack.runner import StageResult, run_stage
 from edgepack.runtime.harness import ValidationSettings
@@ -132,7 +140,10 @@ def stage_compress(ctx: RunContext) -> ModelFamily | None:
 
 
 def _check_recipe(recipe: Recipe) -> list[Any]:
+    from edgepack.runtime.devices import get_device
+
     providers = parse_providers(",".join(recipe.validate_.providers))  # fail on a bad EP name before any work
+    get_device(recipe.validate_.device)  # and on a malformed device URL
     if recipe.data.n_evaluation < 1:
         raise BadInputError("data.n_evaluation is 0; validation needs evaluation samples (e.g. 100)")
     return providers
@@ -186,12 +197,13 @@ def run_recipe(recipe: Recipe, out: Path) -> Report:
     variants, compared, last_family = _variants(ctx)
     v = recipe.validate_
     settings = ValidationSettings(sequence_length=v.sequence_length, max_length=recipe.data.max_length,
-                                  threads=v.threads, warmup=v.warmup, runs=v.runs)
+                                  threads=v.threads, warmup=v.warmup, runs=v.runs, device=v.device)
     validated = ctx.record(stages.validate(variants, last_family, samples=ctx.split.evaluation, providers=providers,
                                            settings=settings, compared_to=compared, root=out,
                                            cache_dir=out / "ep-cache"))
     report = Report(
-        edgepack_version=__version__, recipe=recipe.dump(), model=family.describe(),
+        edgepack_version=__version__, recipe=recipe.dump(), device=_device_info(validated.metrics),
+        model=_model_record(family, variants["fp32"]),
         data=DataInfo(path=recipe.data.path, n_calibration=len(ctx.split.calibration),
                       n_evaluation=len(ctx.split.evaluation), hash=stages.samples_hash(ctx.split.evaluation)),
         reference="fp32", primary_output=family.primary_output, passed=True,
@@ -216,6 +228,18 @@ def run_recipe(recipe: Recipe, out: Path) -> Report:
     return report
 
 
+def _device_info(metrics: dict[str, Any]) -> DeviceInfo | None:
+    """The validate stage's device block (None in a folder written before edgepack recorded it)."""
+    return DeviceInfo.model_validate(metrics["device"]) if metrics.get("device") else None
+
+
+def _model_record(family: ModelFamily, reference: Path) -> dict[str, Any]:
+    """The family's description plus the reference graph's signature (`edgepack compare` matches reports by it)."""
+    from edgepack.families.onnx_model import graph_signature
+
+    return {**family.describe(), "signature": graph_signature(reference)}
+
+
 def _report_variants(variants: dict[str, Path], results: dict[str, Any], out: Path) -> dict[str, Variant]:
     rows = {}
     for name, path in variants.items():
@@ -227,23 +251,27 @@ def _report_variants(variants: dict[str, Path], results: dict[str, Any], out: Pa
 
 
 def validate_files(model: Path, family: ModelFamily, *, reference: Path | None, samples: list[Any],
-                   providers: list[Any], settings: ValidationSettings, out: Path, data_path: str,
-                   write: bool) -> Report:
-    """`edgepack validate`: the validate stage on ONNX files (a model, optionally against a reference)."""
+                   providers: list[Any], settings: ValidationSettings, out: Path, data_path: str | None,
+                   write: bool, generated: Any = None) -> Report:
+    """`edgepack validate`: the validate stage on ONNX files (a model, optionally against a reference); without
+    data, on `generated` inputs (`families.generated.GeneratedInputs`)."""
     variants = {"reference": Path(reference).resolve(), "model": Path(model).resolve()} if reference else \
         {"model": Path(model).resolve()}
     compared: dict[str, str | None] = {"reference": None, "model": "reference"} if reference else {"model": None}
     out.mkdir(parents=True, exist_ok=True)
     result = stages.validate(variants, family, samples=samples, providers=providers, settings=settings,
-                             compared_to=compared, root=out.resolve(), cache_dir=out.resolve() / "ep-cache")
+                             compared_to=compared, root=out.resolve(), cache_dir=out.resolve() / "ep-cache",
+                             generated=generated)
     name = next(iter(variants))
+    data = DataInfo(path=data_path, n_calibration=0, n_evaluation=len(samples), hash=stages.samples_hash(samples)) \
+        if generated is None else DataInfo(path="none: inputs generated from the model's signature", n_calibration=0,
+                                           n_evaluation=0, generated=generated.description)
     report = Report(
         edgepack_version=__version__,
         recipe={"name": "validate", "validate": {"sequence_length": settings.sequence_length,
                                                  "threads": settings.threads, "warmup": settings.warmup,
-                                                 "runs": settings.runs}},
-        model=family.describe(), data=DataInfo(path=data_path, n_calibration=0, n_evaluation=len(samples),
-                                               hash=stages.samples_hash(samples)),
+                                                 "runs": settings.runs, "device": settings.device}},
+        device=_device_info(result.metrics), model=_model_record(family, variants[name]), data=data,
         reference=name, primary_output=family.primary_output, passed=True,
         variants=_report_variants(variants, result.metrics["variants"], out.resolve()),
         validation_folder=result.folder.name, stages=[stage_summary(result)])

@@ -130,6 +130,8 @@ class ValidateSection(_Section):
     threads: int = Field(2, ge=1)
     warmup: int = Field(10, ge=0)
     runs: int = Field(50, ge=1)
+    #: where to measure: local, ssh://user@host[:port][?python=...], adb://serial (docs/devices.md)
+    device: str = "local"
 
 
 class BundleSection(_Section):

@@ -146,23 +146,30 @@ def quantize(fp32: Path, family: ModelFamily, *, calibration: Sequence[Sample], 
 
 def validate(variants: Mapping[str, Path], family: ModelFamily, *, samples: Sequence[Sample],
              providers: Sequence[Any], settings: Any, compared_to: Mapping[str, str | None],
-             root: Path | None = None, folder: Path | None = None, cache_dir: Path | None = None) -> StageResult:
-    """Every variant x EP in fresh processes (`runtime.harness`); the manifest's metrics hold the report entries."""
+             root: Path | None = None, folder: Path | None = None, cache_dir: Path | None = None,
+             generated: Any = None) -> StageResult:
+    """Every variant x EP in fresh processes (`runtime.harness`) on `settings.device`; the manifest's metrics hold
+    the report entries and the device block. `generated` (`families.generated.GeneratedInputs`): measure without
+    samples, on inputs made from the model's signature."""
+    from edgepack.runtime.doctor import device_block
     from edgepack.runtime.harness import validate_variants
 
-    if not samples:
+    if not samples and generated is None:
         raise BadInputError("validation needs evaluation samples (data.n_evaluation / --samples is 0)")
+    # The device first: an unreachable host or one without onnxruntime is one line before any folder is made.
+    device = device_block(settings.device, providers=providers, threads=settings.threads)
     hashes = {name: sha256_file(path) for name, path in variants.items()}
     config = {**asdict(settings), "providers": [p.key for p in providers], "compared_to": dict(compared_to)}
-    inputs = {**hashes, "data": samples_hash(samples)}
+    inputs = {**hashes, "data": samples_hash(samples) if generated is None else samples_hash([generated.feed])}
 
     def work(tmp: Path) -> dict[str, Any]:
         results = validate_variants(variants, family=family, samples=samples, providers=providers, workdir=tmp,
                                     settings=settings, compared_to=compared_to,
-                                    cache_dir=cache_dir or tmp.parent / "ep-cache")
+                                    cache_dir=cache_dir or tmp.parent / "ep-cache",
+                                    generated=None if generated is None else generated.feed)
         for name, path in variants.items():
             results[name].update(size_bytes=model_bytes(path), sha256=hashes[name])
-        return {"variants": results}
+        return {"variants": results, "device": device}
 
     return run_stage("validate", config, inputs, work, **_where(root, folder))
 

@@ -172,7 +172,7 @@ def test_debug_shows_traceback(tmp_path):
     assert proc.returncode != 0 and "Traceback" in proc.stderr
 
 
-@pytest.mark.parametrize("command", ["run", "demo", "families", "export", "quantize", "validate", "bundle", "verify"])
+@pytest.mark.parametrize("command", ["run", "demo", "families", "export", "quantize", "validate", "compare", "doctor", "bundle", "verify"])
 def test_every_command_has_help_with_examples(command):
     proc = subprocess.run([sys.executable, "-m", "edgepack.cli", command, "--help"], capture_output=True, text=True,
                           cwd=REPO)

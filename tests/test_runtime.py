@@ -52,7 +52,7 @@ def _feed(batch: int, seed: int) -> dict[str, np.ndarray]:
 
 
 def test_every_provider_is_usable_or_says_why_in_one_line():
-    assert PROVIDERS.names() == ["coreml", "cpu", "cuda", "mobile-cpu", "nnapi", "qnn-htp", "tensorrt", "xnnpack"]
+    assert PROVIDERS.names() == ["coreml", "cpu", "cuda", "mobile-cpu", "nnapi", "qnn-htp", "tensorrt", "webgpu", "xnnpack"]
     for name in PROVIDERS:
         provider = get_provider(name)
         info = provider.info()
@@ -284,7 +284,7 @@ def test_harness_rows_and_an_ep_failure_does_not_stop_the_others(tmp_path):
     assert cpu["metrics"]["cosine_min"] == 1.0 and cpu["evaluation_samples"] == 5  # the reference vs itself
     assert lean["metrics"]["cosine_min"] == pytest.approx(1.0) and lean["latency_ms"]["threads"] == 1
     assert cpu["coverage"]["nodes_on_ep"] == cpu["coverage"]["nodes_total"] > 0
-    assert (nnapi["status"], nnapi["how"], set(nnapi)) == ("ok", "static-analysis", {"status", "how", "coverage"})
+    assert (nnapi["status"], nnapi["how"], set(nnapi)) == ("ok", "static-analysis", {"status", "how", "coverage", "device"})
     for key in ("cpu", "mobile-cpu/t1-lean", "nnapi"):
         row = report["broken"]["providers"][key]
         assert row["status"] == "failed" and "\n" not in row["error"]

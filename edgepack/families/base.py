@@ -23,7 +23,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, ValidationError
@@ -31,6 +31,9 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from edgepack.calibration_data import Feed, Sample
 from edgepack.errors import BadInputError, did_you_mean
 from edgepack.registry import Registry
+
+if TYPE_CHECKING:
+    from edgepack.families.generated import GeneratedInputs, InputSizes
 
 #: What a model source is, before any family looks at it.
 SourceKind = Literal["hf-folder", "onnx", "import-path", "folder", "file"]
@@ -186,6 +189,19 @@ class ModelFamily(ABC):
     def latency_feed(self, samples: Sequence[Sample], *, sequence_length: int) -> Feed:
         """One batch-1 feed at a stated size, for latency measurement."""
         return next(self.feeds(samples[:1], batch_size=1, max_length=sequence_length))
+
+    def vocab_size(self) -> int | None:
+        """The token-id range of a text model's inputs (generated ids stay inside it); None: not known here."""
+        return None
+
+    def generated_inputs(self, model: Path, *, sizes: InputSizes, seed: int = 0) -> GeneratedInputs:
+        """Inputs made up from `model`'s graph signature, to measure without data (`edgepack validate` without
+        --data): token ids within `vocab_size()` (else the graph's embedding table), masks of ones, images in the
+        preprocessing range, other floats standard normal (`families/generated.py`). A family whose inputs need
+        other values overrides this."""
+        from edgepack.families.generated import generate_inputs
+
+        return generate_inputs(model, sizes=sizes, vocab_size=self.vocab_size(), seed=seed)
 
     # --------------------------------------------------------------------------------------------- scoring
 

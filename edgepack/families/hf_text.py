@@ -92,6 +92,11 @@ class HFTextFamily(ModelFamily):
     def config(self) -> dict[str, Any]:
         return dict(self.source.config or {})
 
+    def vocab_size(self) -> int | None:
+        """The config's vocab_size (the embedding rows), else the tokenizer's size with its added tokens."""
+        size = self.config.get("vocab_size")
+        return int(size) if size else len(self.tokenizer)
+
     def text_inputs(self) -> list[str]:
         names = list(self.tokenizer.model_input_names)
         return [n for n in TEXT_INPUTS if n in names]

@@ -49,6 +49,14 @@ def graph_io(path: Path) -> ModelIO:
     return ModelIO(inputs, outputs, primary_output="sentence_embedding" if "sentence_embedding" in names else names[0])
 
 
+def graph_signature(path: Path) -> dict[str, Any]:
+    """{"inputs": {name: {"dims", "dtype"}}, "outputs": {...}} of an ONNX file: what makes two models the same
+    model to `edgepack compare` (an INT8 and its FP32 share it)."""
+    io = graph_io(path)
+    return {kind: {t.name: {"dims": list(t.dims), "dtype": t.dtype} for t in specs}
+            for kind, specs in (("inputs", io.inputs), ("outputs", io.outputs))}
+
+
 @register_family
 class OnnxModel(ModelFamily):
     name = "onnx"
@@ -79,6 +87,14 @@ class OnnxModel(ModelFamily):
                                     "folder), or give arrays in an .npz named after the model inputs")
             self._tokenizer = load_tokenizer(folder)
         return self._tokenizer
+
+    def vocab_size(self) -> int | None:
+        """The carried or named tokenizer's size; None without one (generated ids then follow the graph's
+        embedding table, `families/generated.py`)."""
+        folder = Path(self.options.tokenizer) if self.options.tokenizer else self.source.folder
+        if folder is None or not (folder / "tokenizer_config.json").is_file():
+            return None
+        return len(self.tokenizer)
 
     def artifact_files(self) -> list[tuple[Path, str]]:
         """The tokenizer's files, when one was named: a model written from this one then carries them."""

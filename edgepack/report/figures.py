@@ -4,7 +4,8 @@ Three figures, each with a caption that says how its numbers were obtained (on t
 by static analysis), because an emulated latency or a static coverage must never pass for a device figure:
 - trade-off: accuracy (cosine vs the reference) against latency (device rows) and against size (all rows);
 - memory: per-row breakdown (runtime baseline, weights, prepacked weights, activations, other);
-- coverage: share of nodes on each EP, with partitions and MatMul counts.
+- coverage: share of nodes on each EP, with partitions and MatMul counts;
+- sensitivity: the quantize stage's per-layer ranking (when it ranked layers).
 
 >>> [figure.name for figure in report_figures(report)]          # doctest: +SKIP
 ['tradeoff', 'memory', 'coverage']
@@ -23,7 +24,7 @@ from matplotlib.figure import Figure
 from edgepack.report.model import ProviderResult, Report
 
 HOW_TEXT = {
-    "device": "measured on this device",
+    "device": "measured on the device",
     "emulated": "emulated (QNN HTP simulator on an x86 host: numerics and node assignment are real, "
                 "timings are NOT device timings)",
     "static-analysis": "static analysis (ONNX Runtime's usability checker: partitions from op support lists, "
@@ -173,7 +174,52 @@ def coverage_figure(report: Report) -> ReportFigure | None:
     return ReportFigure("coverage", _png(figure), caption)
 
 
+def sensitivity_figure(report: Report) -> ReportFigure | None:
+    """The quantize stage's per-layer ranking: output cosine with that one layer kept in float, and its gain."""
+    quantization = report.quantization.model_dump() if report.quantization is not None else {}
+    ranked = list(quantization.get("sensitivity_top") or [])
+    if not ranked:
+        return None
+    budget = quantization.get("budget") or {}
+    baseline = (budget.get("check_fidelity") or {}).get("cosine_mean")
+    figure = Figure(figsize=(10, 0.32 * len(ranked) + 1.6), layout="constrained")
+    axes = figure.subplots()
+    gains = [float(layer["gain"]) for layer in ranked]
+    axes.barh(range(len(ranked)), gains, color=["C3" if gain > 0 else "C7" for gain in gains])
+    for index, layer in enumerate(ranked):
+        axes.text(max(gains[index], 0), index, f" cosine {layer['cosine_mean']:.4f}", va="center", fontsize=7)
+    axes.set_yticks(range(len(ranked)), [_layer_label(str(layer["node"])) for layer in ranked], fontsize=7)
+    axes.invert_yaxis()
+    axes.set(xlabel="gain in mean output cosine vs FP32 with this layer alone in float",
+             title="per-layer INT8 sensitivity (most sensitive first)")
+    axes.margins(x=0.25)
+    samples = budget.get("check_samples")
+    caption = ("Leave-one-out sensitivity from the quantize stage: each quantized layer kept in float on its own, the "
+               f"rest INT8, scored by mean cosine of the primary output vs FP32 on {samples or 'the'} calibration "
+               "samples; the bar is the gain over the all-INT8 model"
+               + (f" (cosine {baseline:.4f})" if baseline is not None else "") +
+               ". Static measurement on this host's CPU EP; the layers an accuracy budget would keep in float first.")
+    return ReportFigure("sensitivity", _png(figure), caption)
+
+
+def _layer_label(node: str) -> str:
+    """'/encoder/layer.3/attention/self/query/MatMul_quant' -> 'layer.3/attention/self/query/MatMul_quant'."""
+    parts = [part for part in node.split("/") if part and part not in ("encoder", "model")]
+    label = "/".join(parts) or node
+    return label if len(label) <= 60 else "…" + label[-59:]
+
+
 def report_figures(report: Report) -> list[ReportFigure]:
     """Every figure the report has data for, in reading order."""
-    figures = (tradeoff_figure(report), memory_figure(report), coverage_figure(report))
-    return [figure for figure in figures if figure is not None]
+    figures = (tradeoff_figure(report), memory_figure(report), coverage_figure(report), sensitivity_figure(report))
+    where = device_sentence(report)
+    return [ReportFigure(f.name, f.png, f.caption + where) for f in figures if f is not None]
+
+
+def device_sentence(report: Report) -> str:
+    """' Device: ssh://pi@host (raspberrypi, Cortex-A76, int8 ISA ARM dot-product, onnxruntime 1.22).'"""
+    device = report.device
+    if device is None:
+        return ""
+    return (f" Device: {device.label} ({device.hostname}, {device.cpu}, int8 ISA {device.int8_isa}, onnxruntime "
+            f"{device.onnxruntime}).")

@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-SCHEMA_VERSION = 2  # 1: the untyped dicts of edgepack 0.1
+SCHEMA_VERSION = 3  # 1: the untyped dicts of edgepack 0.1; 3: device block, device per row, generated data
 
 
 class _Closed(BaseModel):
@@ -55,6 +55,9 @@ class Coverage(_Open):
 class ProviderResult(_Closed):
     status: Literal["ok", "unavailable", "failed"]
     how: Literal["device", "emulated", "static-analysis"]
+    #: where the row was measured: "local" or the device's URL (ssh://user@host:port, adb://serial); its facts
+    #: are the report's `device` block
+    device: str | None = None
     error: str | None = None
     latency_ms: Latency | None = None
     memory_mb: Memory | None = None
@@ -99,6 +102,34 @@ class DataInfo(_Closed):
     n_calibration: int
     n_evaluation: int
     hash: str | None = None
+    #: without data: input name -> how it was generated ("int64 [1, 128]: token ids uniform in [0, 30522)")
+    generated: dict[str, str] | None = None
+
+
+class DeviceInfo(_Closed):
+    """The machine the figures come from (`edgepack doctor` prints the same block); read on the device itself."""
+
+    label: str  # "local", or ssh://user@host:port, adb://serial
+    hostname: str
+    os: str
+    machine: str
+    cpu: str
+    #: int8 dot-product instructions: VNNI / AMX on x86, dot-product / i8mm on ARM, or "none (AVX2 multiply-add)"
+    int8_isa: str
+    cores: int | None = None
+    usable_cores: int | None = None  # this process's CPU affinity
+    cpu_quota: float | None = None  # CPUs the cgroup allows, if limited
+    memory_total_mb: float | None = None
+    memory_available_mb: float | None = None  # MemAvailable
+    memory_limit_mb: float | None = None  # cgroup memory limit, if any
+    python: str
+    onnxruntime: str
+    numpy: str
+    ort_providers: list[str] = Field(default_factory=list)
+    #: ONNX Runtime intra-op threads the measurements used
+    threads: int | None = None
+    #: edgepack EP -> "available" or why not (`edgepack doctor` also runs each available EP once)
+    providers: dict[str, str] = Field(default_factory=dict)
 
 
 class BundleInfo(_Closed):
@@ -116,7 +147,10 @@ class Report(_Closed):
     schema_version: int = SCHEMA_VERSION
     edgepack_version: str
     recipe: dict[str, Any]
-    #: the family's description of the model (family, task, source, family options)
+    #: where the figures were measured (host, CPU, int8 ISA, memory, runtime versions)
+    device: DeviceInfo | None = None
+    #: the family's description of the model (family, task, source, family options; `signature`: the reference
+    #: graph's inputs and outputs, which `edgepack compare` matches)
     model: dict[str, Any]
     data: DataInfo
     reference: str

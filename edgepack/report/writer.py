@@ -60,6 +60,8 @@ def results_rows(report: Report) -> list[list[str]]:
 
 
 def _fidelity_lines(report: Report) -> list[str]:
+    if report.data.generated:
+        return [f"- {report.reference}: measured on generated inputs; no fidelity figures (no reference data)"]
     pairs = [f"{name} vs {v.compared_to}" for name, v in report.variants.items() if v.compared_to]
     notes = sorted({f"{name}: {e.fidelity_note}" for name, v in report.variants.items()
                     for e in v.providers.values() if e.fidelity_note})
@@ -74,10 +76,10 @@ def render_markdown(report: Report) -> str:
     lines = [
         f"# edgepack report: {recipe.get('name', 'edgepack')}",
         "",
+        *device_markdown(report),
         f"- model: `{report.model.get('source')}` (family {report.model.get('family')}, task "
         f"{report.model.get('task')})",
-        f"- data: `{data.path}`: {data.n_calibration} calibration, {data.n_evaluation} evaluation samples "
-        "(disjoint)",
+        *_data_lines(data),
         f"- latency: batch 1, sequence {v.get('sequence_length')}, {v.get('threads')} threads, {v.get('warmup')} "
         f"warm-up + {v.get('runs')} timed runs, fresh process per row",
         *_fidelity_lines(report),
@@ -107,6 +109,25 @@ def render_markdown(report: Report) -> str:
                                              for s in report.stages)]
     lines += ["", "Memory: " + _memory_method(report), ""]
     return "\n".join(lines)
+
+
+def device_markdown(report: Report) -> list[str]:
+    """The device block that heads the report (the lines `edgepack doctor` prints), EP lines left to the table."""
+    if report.device is None:
+        return []
+    from edgepack.runtime.doctor import device_lines
+
+    block = report.device.model_dump()
+    block["providers"] = {}
+    return [f"- {line}" for line in device_lines(block)]
+
+
+def _data_lines(data: Any) -> list[str]:
+    if data.generated:
+        made = "; ".join(f"`{name}` {how}" for name, how in data.generated.items())
+        return [f"- data: none, inputs generated from the model's signature ({made}); fidelity: no reference data"]
+    return [f"- data: `{data.path}`: {data.n_calibration} calibration, {data.n_evaluation} evaluation samples "
+            "(disjoint)"]
 
 
 def _short(tensor: str) -> str:

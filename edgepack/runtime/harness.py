@@ -9,6 +9,10 @@ Emulated EPs (QNN HTP on an x86 host) run a simulator that takes seconds to a mi
 see the first `emulated_samples` evaluation samples only, with `emulated_runs` timed runs and no warm-up; the
 reference is then re-run on the CPU on exactly those samples, so fidelity still compares like with like, and
 the row's `evaluation_samples` says how many samples its metrics cover. Static-analysis rows carry coverage only.
+
+Every row runs on `settings.device` ("local", ssh://..., adb://...: `devices.py`) and carries its label. Without
+data (`generated`, a feed made from the model's signature) rows get latency, memory and coverage, and a
+`fidelity_note` saying there is no reference data instead of a fidelity figure.
 """
 
 from __future__ import annotations
@@ -26,6 +30,10 @@ from edgepack.reporter import get_reporter
 from edgepack.runtime.probe import ProbeOptions, ProbeResult, measure
 from edgepack.runtime.providers import ExecutionProvider, get_provider
 
+#: the fidelity_note of a row measured on generated inputs
+NO_REFERENCE_DATA = ("no reference data: inputs generated from the model's signature, so no fidelity figure; pass "
+                     "--data for fidelity against the reference")
+
 
 @dataclass(frozen=True)
 class ValidationSettings:
@@ -38,6 +46,7 @@ class ValidationSettings:
     emulated_samples: int = 4  # evaluation samples an emulated EP sees (a simulator is slow)
     emulated_runs: int = 1  # timed runs on an emulated EP (its timings are not device timings anyway)
     emulated_timeout_s: float = 3600
+    device: str = "local"  # where the probe children run (`runtime/devices.py`)
 
     def __post_init__(self) -> None:
         for name in ("sequence_length", "max_length", "runs", "emulated_samples", "emulated_runs"):
@@ -55,11 +64,14 @@ class _Run:
     """State of one validation: the evaluation sets, and each variant's CPU outputs on each of them."""
 
     def __init__(self, family: ModelFamily, variants: Mapping[str, Path], samples: Sequence[Sample],
-                 settings: ValidationSettings, workdir: Path, cache_dir: Path) -> None:
+                 settings: ValidationSettings, workdir: Path, cache_dir: Path, generated: Feed | None) -> None:
         self.family, self.variants, self.settings, self.workdir = family, variants, settings, workdir
         self.cache_dir = cache_dir  # outside the hashed stage folder, so TensorRT engines survive reruns
-        self.full = _EvalSet(samples, family.evaluation_feeds(samples, max_length=settings.max_length))
-        self.latency_feed = family.latency_feed(samples, sequence_length=settings.sequence_length)
+        if generated is not None:  # data-free: latency, memory and coverage only
+            self.full, self.latency_feed = _EvalSet([], []), generated
+        else:
+            self.full = _EvalSet(samples, family.evaluation_feeds(samples, max_length=settings.max_length))
+            self.latency_feed = family.latency_feed(samples, sequence_length=settings.sequence_length)
         self._cpu_outputs: dict[tuple[str, int], list[Any]] = {}
 
     def eval_set(self, provider: ExecutionProvider) -> _EvalSet:
@@ -72,9 +84,9 @@ class _Run:
         s = self.settings
         if provider.how == "emulated":
             return ProbeOptions(provider=provider.key, intra_op_threads=s.threads, warmup=0, runs=s.emulated_runs,
-                                timeout_s=s.emulated_timeout_s, cache_dir=self.cache_dir)
+                                timeout_s=s.emulated_timeout_s, cache_dir=self.cache_dir, device=s.device)
         return ProbeOptions(provider=provider.key, intra_op_threads=s.threads, warmup=s.warmup, runs=s.runs,
-                            timeout_s=s.timeout_s, cache_dir=self.cache_dir)
+                            timeout_s=s.timeout_s, cache_dir=self.cache_dir, device=s.device)
 
     def cpu_outputs(self, variant: str, eval_set: _EvalSet) -> list[Any]:
         """`variant`'s CPU outputs on `eval_set` (the yardstick of the variants compared to it); a subset costs one
@@ -82,7 +94,7 @@ class _Run:
         count = len(eval_set.samples)
         if (variant, count) not in self._cpu_outputs:
             options = ProbeOptions(provider="cpu", intra_op_threads=self.settings.threads, warmup=0, runs=1,
-                                   timeout_s=self.settings.timeout_s)
+                                   timeout_s=self.settings.timeout_s, device=self.settings.device)
             result = measure(self.variants[variant], latency_feed=self.latency_feed, evaluation_feeds=eval_set.feeds,
                              workdir=self.workdir / f"reference-{variant}-{count}", options=options)
             self.remember(variant, result, count)
@@ -97,13 +109,15 @@ class _Run:
 
 def validate_variants(variants: Mapping[str, Path], *, family: ModelFamily, samples: Sequence[Sample],
                       providers: Sequence[ExecutionProvider], workdir: Path, settings: ValidationSettings,
-                      compared_to: Mapping[str, str | None], cache_dir: Path) -> dict[str, Any]:
+                      compared_to: Mapping[str, str | None], cache_dir: Path,
+                      generated: Feed | None = None) -> dict[str, Any]:
     """Measure each variant on each provider; return {variant: report.json's variant entry (providers filled)}.
 
     `compared_to[v]` names the variant whose CPU outputs v's fidelity is measured against (None: none, e.g. the
     reference itself is compared to itself). Every CPU row of a variant others are compared to runs before them.
     A variant whose inputs do not fit the data is a BadInputError before anything runs; an EP that rejects a
     variant is that row's "failed" status (with ONNX Runtime's message), and the other rows still run.
+    `generated`: the latency feed when there are no samples (rows then carry no fidelity, see NO_REFERENCE_DATA).
     """
     for name, parent in compared_to.items():
         if parent is not None and parent not in variants:
@@ -113,13 +127,14 @@ def validate_variants(variants: Mapping[str, Path], *, family: ModelFamily, samp
     order = [(v, cpu) for v in variants] + [(v, p) for v in variants for p in providers if p.key != "cpu"]
     reported = {p.key for p in providers}
     report: dict[str, Any] = {name: {"providers": {}, "compared_to": compared_to.get(name)} for name in variants}
-    run = _Run(family, variants, samples, settings, workdir, cache_dir=cache_dir)
+    run = _Run(family, variants, samples, settings, workdir, cache_dir=cache_dir, generated=generated)
     for name, path in variants.items():
         check_inputs_fit(path, run.latency_feed, variant=name)
     for variant, provider in get_reporter().track(order, total=len(order), title="validate variants x EPs"):
         label = f"{variant}-{provider.key.replace('/', '_')}"
         entry = _measure_row(run, variant, provider, parent=compared_to.get(variant) or variant,
                              workdir=workdir / label)
+        entry["device"] = settings.device.split("?", 1)[0]  # the URL without its options (key paths)
         if provider.key in reported:
             report[variant]["providers"][provider.key] = entry
         write_json(workdir / f"{label}.json", entry)
@@ -135,6 +150,8 @@ def _measure_row(run: _Run, variant: str, provider: ExecutionProvider, *, parent
         run.remember(variant, result, len(eval_set.samples))
     if result.status != "ok" or result.how == "static-analysis":
         return provider_entry(result, {})
+    if not eval_set.samples:
+        return {**provider_entry(result, {}), "evaluation_samples": 0, "fidelity_note": NO_REFERENCE_DATA}
     reference_outputs = run.cpu_outputs(parent, eval_set)
     metrics, note = _fidelity(run.family, reference_outputs, result.outputs, parent=parent)
     metrics.update(run.family.task_metrics(result.outputs, eval_set.samples))

@@ -133,7 +133,7 @@ ASSIGNMENT_METHOD = "onnxruntime graph assignment (session.record_ep_graph_assig
 #: the subgraph count says nothing about partitions. Compiling EPs (QNN, TensorRT, NNAPI, CoreML) list one
 #: subgraph per compiled partition.
 KERNEL_EPS = frozenset({"CPUExecutionProvider", "CUDAExecutionProvider", "ROCMExecutionProvider",
-                        "DmlExecutionProvider", "XnnpackExecutionProvider"})
+                        "DmlExecutionProvider", "XnnpackExecutionProvider", "WebGpuExecutionProvider"})
 #: (EP name, op types of the nodes in that subgraph), one item per assigned subgraph, in ORT's order.
 Assignment = Sequence[tuple[str, Sequence[str]]]
 
@@ -204,6 +204,8 @@ def apply_plan_json(plan: dict[str, Any], options: Any) -> list[Any] | None:
     plugin = plan.get("plugin")
     if not plugin:
         return [tuple(p) if isinstance(p, list) else p for p in plan.get("providers", ())]
+    # Read by the plugin when it is registered and when it picks an adapter (WebGPU's software-adapter switch).
+    os.environ.update(plan.get("plugin_env") or {})
     if plugin["registration_name"] not in _REGISTERED_PLUGINS:
         ort.register_execution_provider_library(plugin["registration_name"], plugin["library_path"])
         _REGISTERED_PLUGINS.add(plugin["registration_name"])

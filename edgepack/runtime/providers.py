@@ -74,6 +74,8 @@ class SessionPlan:
     providers: tuple[Any, ...] = ()  # InferenceSession(providers=...) for EPs built into onnxruntime
     plugin: PluginLibrary | None = None
     plugin_options: dict[str, str] = field(default_factory=dict)
+    #: environment the plugin reads when it is registered (set in the child before registration)
+    plugin_env: dict[str, str] = field(default_factory=dict)
     threads: int | None = None  # None: the probe's intra_op_threads; a mobile-cpu profile pins its own
     #: enable_cpu_mem_arena=False, enable_mem_pattern=False, session.disable_prepacking=1
     lean_memory: bool = False
@@ -113,7 +115,8 @@ class ExecutionProvider(ABC):
 
     name: ClassVar[str]
     ort_name: ClassVar[str]
-    how: ClassVar[str]
+    #: the class's default; a profile may change it per instance (webgpu/software is emulated)
+    how: str
     #: pip extra of edgepack that installs this EP (`pip install 'edgepack[gpu]'`), or None when there is none.
     extra: ClassVar[str | None] = None
     #: Why it is missing and how to get it, when no extra installs it.
@@ -363,6 +366,64 @@ class QNNHTPProvider(ExecutionProvider):
         library, htp = _qnn_paths()
         plugin = PluginLibrary(registration_name=self.ort_name, library_path=library, ep_name=self.ort_name)
         return SessionPlan(expect_ep=self.ort_name, plugin=plugin, plugin_options=self._backend_options(htp))
+
+
+@_provider
+class WebGPUProvider(ExecutionProvider):
+    """WebGPU (Dawn over Vulkan, Metal or D3D12), a plugin EP from the `onnxruntime-ep-webgpu` package
+    (`edgepack[webgpu]`, ONNX Runtime >= 1.24.4), registered like qnn-htp and run node by node on the GPU.
+
+    Profiles: `webgpu` (the model as it is, fp32), `webgpu/fp16` (converted to float16, float32 inputs and outputs
+    kept, as for CUDA); `-software` (`webgpu/software`, `webgpu/fp16-software`) also lets Dawn take a software
+    Vulkan adapter (Mesa's lavapipe: ORT_WEBGPU_EP_ALLOW_SOFTWARE_ADAPTER=1 in the probe child), which runs the
+    same GPU code path on the CPU: numerics and node assignment are real, timings are not a GPU's (how = emulated).
+    Without a GPU or an adapter Dawn accepts, session creation fails with "Failed to get a WebGPU adapter: No
+    supported adapters": that row is "failed" with the message (Mesa 22.3's lavapipe is refused: it lacks
+    shaderUniform*ArrayDynamicIndexing; Mesa 25.0 from bookworm-backports is accepted).
+    """
+
+    name = "webgpu"
+    ort_name = "WebGpuExecutionProvider"
+    how = "device"
+    extra = "webgpu"
+    profile_pattern = r"fp16|software|fp16-software"
+    profile_help = "write webgpu, webgpu/fp16, webgpu/software or webgpu/fp16-software"
+    minimum_ort = (1, 24, 4)
+    software_env = {"ORT_WEBGPU_EP_ALLOW_SOFTWARE_ADAPTER": "1"}
+
+    def __init__(self, profile: str = "") -> None:
+        super().__init__(profile)
+        self.fp16 = self.profile.startswith("fp16")
+        self.software = self.profile.endswith("software")
+        self.how = "emulated" if self.software else "device"
+
+    def availability(self) -> str | None:
+        if importlib.util.find_spec("onnxruntime_ep_webgpu") is None:
+            return f"onnxruntime-ep-webgpu is not installed; pip install 'edgepack[{self.extra}]'"
+        version = tuple(int(part) for part in re.findall(r"\d+", ort.__version__)[:3])
+        if version < self.minimum_ort or not hasattr(ort, "register_execution_provider_library"):
+            return (f"onnxruntime {ort.__version__} cannot load the WebGPU plugin EP; pip install -U "
+                    f"'onnxruntime>={'.'.join(map(str, self.minimum_ort))}'")
+        library, _ = _webgpu_library()
+        if not Path(library).is_file():
+            return f"onnxruntime-ep-webgpu ships no {Path(library).name} for this platform ({platform.machine()})"
+        return None
+
+    def model_prep(self) -> ModelPrep:
+        return ModelPrep(fp16=self.fp16)
+
+    def session_plan(self, *, cache_dir: Path) -> SessionPlan:
+        library, ep_name = _webgpu_library()
+        plugin = PluginLibrary(registration_name="webgpu", library_path=library, ep_name=ep_name)
+        return SessionPlan(expect_ep=ep_name, plugin=plugin,
+                           plugin_env=dict(self.software_env) if self.software else {})
+
+
+def _webgpu_library() -> tuple[str, str]:
+    """(plugin EP library, its EP name) from the onnxruntime_ep_webgpu package (its __init__ loads no native code)."""
+    import onnxruntime_ep_webgpu
+
+    return str(onnxruntime_ep_webgpu.get_library_path()), onnxruntime_ep_webgpu.get_ep_name()
 
 
 def _qnn_paths() -> tuple[str, str]:
