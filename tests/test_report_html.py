@@ -53,6 +53,28 @@ def _report(**changes: object) -> Report:
         **changes})
 
 
+DEVICE = {"label": "ssh://pi@board", "hostname": "board", "os": "Linux 6.1", "machine": "aarch64",
+          "cpu": "Cortex-A76", "int8_isa": "ARM dot-product", "cores": 4, "usable_cores": 4, "python": "3.11.2",
+          "onnxruntime": "1.32.0", "numpy": "2.4.6", "threads": 2, "memory_total_mb": 8000.0,
+          "providers": {"cpu": "available", "xnnpack": "not in this build"}}
+QUANTIZATION = {"stage": "quantize-abc", "budget": {"max_cosine_drop": 0.005, "met": True, "check_samples": 32,
+                                                    "check_fidelity": {"cosine_mean": 0.9962}, "fallback_nodes": []},
+                "sensitivity_top": [{"node": f"/encoder/layer.{i}/output/dense/MatMul", "cosine_mean": 0.9962 + g,
+                                     "gain": g} for i, g in enumerate((0.0021, 0.0009, 0.0004, -0.0001))]}
+
+
+def test_device_block_per_ep_tables_and_the_sensitivity_chart(tmp_path):
+    report = _report(device=DEVICE, quantization=QUANTIZATION)
+    figures = {figure.name: figure for figure in report_figures(report)}
+    assert list(figures) == ["tradeoff", "memory", "coverage", "sensitivity"]
+    assert "Device: ssh://pi@board (board, Cortex-A76, int8 ISA ARM dot-product" in figures["memory"].caption
+    assert "32 calibration samples" in figures["sensitivity"].caption
+    page = write_html(report, tmp_path).read_text()
+    assert 'id="device"' in page and "ARM dot-product" in page and "EP xnnpack" in page
+    assert [ep for ep in re.findall(r'<h3 id="ep-([^"]+)"', page)] == ["cpu", "nnapi", "qnn-htp", "xnnpack"]
+    assert 'id="fig-sensitivity"' in page and "accuracy budget (max cosine drop 0.005)" in page
+
+
 def test_figures_captions_say_how_each_number_was_obtained():
     figures = {figure.name: figure for figure in report_figures(_report())}
     assert list(figures) == ["tradeoff", "memory", "coverage"]
@@ -75,14 +97,15 @@ def test_html_is_self_contained_and_escaped(tmp_path):
 
 @pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (apt-get install chromium)")
 def test_html_renders_in_headless_chromium_with_every_figure(tmp_path):
-    page = write_html(_report(), tmp_path / "run")
+    page = write_html(_report(device=DEVICE, quantization=QUANTIZATION), tmp_path / "run")
     flags = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
              "--disable-background-networking", "--disable-component-update", "--disable-sync",
              f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1200,3000"]
     dom = subprocess.run([*flags, "--dump-dom", page.as_uri()], capture_output=True, text=True, timeout=90,
                          check=True).stdout
     images = re.findall(r'<img alt="(\w+)" src="data:image/png;base64,([A-Za-z0-9+/=]+)"', dom)
-    assert [name for name, _ in images] == ["tradeoff", "memory", "coverage"]
+    assert [name for name, _ in images] == ["tradeoff", "memory", "coverage", "sensitivity"]
+    assert "Cortex-A76" in dom and dom.count("<table>") == 5  # the device card is a list, the 4 EPs and the gates
     for _, data in images:
         pixels = imread(io.BytesIO(base64.b64decode(data)), format="png")  # (H, W, 4) floats in [0, 1]
         assert pixels.shape[0] > 200 and pixels[..., :3].std() > 0.05  # a drawn figure, not a blank canvas

@@ -222,8 +222,13 @@ class RemoteDevice(Device):
                            timeout_s=self.command_timeout_s)
         if have.stdout.strip().endswith("have"):
             return digest
+        files = [model, *model_companions(model)]
+        from edgepack.reporter import get_reporter
+
+        size_mb = sum(path.stat().st_size for path in files) / 1e6
+        get_reporter().info(f"- copying {model.name} ({size_mb:.1f} MB) to {self.label} (once per model)")
         self._checked(f"mkdir -p {shlex.quote(folder)}")
-        self._push([model, *model_companions(model)], folder)
+        self._push(files, folder)
         self._checked(f"touch {shlex.quote(marker)}")
         return digest
 
