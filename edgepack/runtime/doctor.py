@@ -31,9 +31,15 @@ def device_block(device: str = "local", *, providers: Sequence[ExecutionProvider
     target = get_device(device)
     facts = dict(target.facts())
     chosen = list(providers) if providers is not None else registered_providers()
-    facts["providers"] = {p.key: target.availability(p) or AVAILABLE for p in chosen}
+    facts["providers"] = {p.key: _state(target.availability(p), p) for p in chosen}
     facts["threads"] = threads
     return facts
+
+
+def _state(reason: str | None, provider: ExecutionProvider) -> str:
+    if reason is not None:
+        return reason
+    return f"static analysis only ({provider.missing_hint})" if provider.static_only else AVAILABLE
 
 
 def _tiny_model(folder: Path) -> Path:
