@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 import shlex
 import shutil
 import subprocess
@@ -142,8 +143,9 @@ class RemoteDevice(Device):
         problem = self._connection_problem(done)
         if problem is not None:
             raise BadInputError(f"{self.label}: {problem}")
-        if "edgepack-probe: missing Python package" in done.stderr:
-            raise BadInputError(f"{self.label}: {self.python} there lacks {_tail(done.stderr).split(': ', 2)[1]}; "
+        missing = re.search(r"edgepack-probe: missing Python package (\S+):", done.stderr)
+        if missing:
+            raise BadInputError(f"{self.label}: {self.python} there lacks the Python package {missing.group(1)}; "
                                 f"install it there (`{self.python} -m pip install {DEVICE_PACKAGES}`) or point "
                                 "?python= at a Python that has them")
         if done.code != 0:
