@@ -15,6 +15,7 @@ its peak memory within 3 % of the local path's.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import tempfile
@@ -90,6 +91,7 @@ def main() -> None:
     feed = ctx.family.latency_feed(samples, sequence_length=128)
     feeds = ctx.family.evaluation_feeds(samples[:4], max_length=128)
     results: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="bench-device-") as scratch, \
             local_sshd(Path(scratch) / "same", python=Path(sys.executable)) as server, \
             local_sshd(Path(scratch) / "minimal", python=venv) as minimal:
@@ -105,9 +107,10 @@ def main() -> None:
                         _measure(model, spec, feed=feed, feeds=feeds, workdir=workdir, runs=args.runs))
                     print(f"round {round_ + 1} {variant} {name}: p50 {results[(variant, name)][-1]['p50']:.2f} ms, "
                           f"peak {results[(variant, name)][-1]['peak']:.1f} MiB", flush=True)
+    load = f"load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after (2 cores)"
     header = ["variant", "path", "p50 ms, best round", "vs local", "p50 ms, median round", "vs local",
               "p50 range over rounds", "local noise (± half range / median)", "baseline MiB", "peak MiB (median)",
-              "peak vs local", "max |out - local|"]
+              "peak vs local", "max abs diff of outputs vs local"]
     table = markdown_table(header, _rows(results, list(paths), list(variants)))
     write_section("device", "## Local vs SSH measurement (same host, loopback)\n\n"
                   f"`python scripts/bench_device.py --prepare && flock /work/bench.lock nice -n 0 python "
@@ -115,7 +118,7 @@ def main() -> None:
                   f"all-MiniLM-L6-v2 FP32 and edgepack INT8, CPU EP, 2 threads, batch 1, sequence 128, 10 warm-up + "
                   f"{args.runs} timed runs per fresh process, {args.rounds} rounds interleaved (local, ssh same "
                   "Python, ssh minimal venv; the order rotated each round). The machine's noise is the local path's "
-                  "own p50 spread over the rounds (shared cores: other jobs run beside the benchmark); the best "
+                  f"own p50 spread over the rounds (shared cores: other jobs run beside the benchmark, {load}); the best "
                   "round is the least disturbed one. The SSH rows ran through an OpenSSH server on 127.0.0.1: the model and "
                   "the standalone probe copied once, the child started by sshd, result.json and outputs copied back. "
                   "`ssh, minimal venv`: a venv holding onnxruntime and numpy only (the same versions): its baseline "
