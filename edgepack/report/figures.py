@@ -25,8 +25,8 @@ from edgepack.report.model import ProviderResult, Report
 
 HOW_TEXT = {
     "device": "measured on the device",
-    "emulated": "emulated (QNN HTP simulator on an x86 host: numerics and node assignment are real, "
-                "timings are NOT device timings)",
+    "emulated": "emulated (a simulator or software device: QNN HTP's simulator on an x86 host, WebGPU on a "
+                "software Vulkan adapter; numerics and node assignment are real, timings are NOT device timings)",
     "static-analysis": "static analysis (ONNX Runtime's usability checker: partitions from op support lists, "
                        "nothing was run)",
 }

@@ -53,9 +53,10 @@ def results_rows(report: Report) -> list[list[str]]:
                 continue
             lat, met = entry.latency_ms, entry.metrics
             mark = "*" if entry.how == "emulated" else ""  # not a device timing; see the note under the table
+            task = "no reference data" if not met and entry.evaluation_samples == 0 else _task(met)
             rows.append([*head, _fmt(lat.p50, ".2f") + mark, _fmt(lat.p90, ".2f") + mark,
                          _fmt(entry.memory_mb.peak, ".0f"), _fmt(met.get("cosine_mean"), ".4f"),
-                         _fmt(met.get("cosine_min"), ".4f"), _task(met), *_coverage(entry)])
+                         _fmt(met.get("cosine_min"), ".4f"), task, *_coverage(entry)])
     return rows
 
 
@@ -166,9 +167,9 @@ def _quantization_lines(q: dict[str, Any] | None) -> list[str]:
 
 
 HOW_NOTES = {
-    "emulated": "emulated rows (*): the QNN HTP backend is a simulator on this x86 host; numerics and node "
-                "assignment are real, timings are NOT device timings, and fidelity covers the first "
-                "`evaluation_samples` samples only",
+    "emulated": "emulated rows (*): a simulator or software device (the QNN HTP backend's simulator on this x86 "
+                "host, WebGPU on a software Vulkan adapter); numerics and node assignment are real, timings are NOT "
+                "device timings, and fidelity covers the first `evaluation_samples` samples only",
     "static-analysis": "static-analysis rows: partitions from ONNX Runtime's usability checker (op support lists); "
                        "nothing was run, so there is no latency, memory or fidelity",
 }
