@@ -451,3 +451,9 @@ def test_threaded_folding_equals_serial_updates_and_reports_the_bad_sample(tmp_p
     feeds[2]["x"][0, 1] = 0.0
     with pytest.raises(BadInputError, match=r"tensor 'y' holds NaN or Inf at calibration sample 2"):
         collect_tensor_ranges(model, iter(feeds), tensors=["y"], calibrator=make_calibrator("minmax"))
+
+
+def test_collect_tensor_ranges_of_no_tensors_runs_nothing(tmp_path: Path) -> None:
+    model_path = tmp_path / "mlp.onnx"
+    tiny_mlp(model_path)
+    assert collect_tensor_ranges(model_path, mlp_feeds(), tensors=[], calibrator=make_calibrator("minmax")) == {}

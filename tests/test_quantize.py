@@ -72,3 +72,17 @@ def test_an_unmeetable_budget_exits_3_naming_the_best_and_the_layers_tried(tiny_
     assert "max_cosine_drop 0.0 not met: best cosine" in message and "tried: " in message
     assert message.count("/") >= 2  # two node names were tried
     assert not (tmp_path / "q.onnx").exists()
+
+
+def test_a_graph_with_nothing_the_recipe_quantizes_is_one_line_naming_the_recipe(tmp_path, capsys):
+    """A pooled embedding lookup (Gather, Mul, ReduceMean) has no weight layer for the generic recipe."""
+    from edgepack.cli import main
+    from tests.test_generated import foreign_encoder
+
+    model = foreign_encoder(tmp_path / "m.onnx")
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "cal.npz", input_ids=rng.integers(0, 1000, (8, 16)), attention_mask=np.ones((8, 16), np.int64))
+    assert main(["quantize", str(model), "--calibration", str(tmp_path / "cal.npz"), "--out", str(tmp_path / "q")]) == 2
+    err = capsys.readouterr().err
+    assert "the generic (detected) quantization recipe finds no layer to quantize" in err and "Gather" in err
+    assert "internal error" not in err and not (tmp_path / "q").exists()

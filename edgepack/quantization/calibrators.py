@@ -557,6 +557,8 @@ def collect_tensor_ranges(model_path: Path, feeds: Iterable[Feed], *, tensors: S
     model_path = Path(model_path)
     model = onnx.load(str(model_path))  # also loads external data, so the copy is self-contained
     names = list(dict.fromkeys(tensors))  # (K,) unique, order kept
+    if not names:  # session.run([]) would return every graph output
+        return calibrator.ranges()
     _check_tensor_names(model, names, model_path)
     initializers = {tensor.name for tensor in model.graph.initializer}
     input_names = [value.name for value in model.graph.input if value.name not in initializers]

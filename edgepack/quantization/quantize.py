@@ -259,6 +259,7 @@ def quantize_static(model_path: Path, out_path: Path, *, calibration_feeds: Call
     model = onnx.load(str(model_path))
     _check_excluded_exist(model, options.exclude_nodes)
     plan = plan_quantization(model, family=options.family, exclude=options.exclude_nodes)
+    _check_something_to_quantize(plan, model, model_path)
     _check_sample_count(n_calibration, {options.calibrator, *plan.range_methods.values()})
     with tempfile.TemporaryDirectory(prefix="edgepack-quantize-", dir=out_path.parent) as tmp:
         workdir = Path(tmp)
@@ -316,6 +317,16 @@ def _move_model(src: Path, dst: Path) -> None:
     model = onnx.load(str(src))  # > 2 GB: rewrite so the .onnx names its own external data file
     onnx.save_model(model, str(dst), save_as_external_data=True, all_tensors_to_one_file=True,
                     location=dst.name + ".data", size_threshold=0)
+
+
+def _check_something_to_quantize(plan: QuantPlan, model: onnx.ModelProto, model_path: Path) -> None:
+    """A plan that selects no node is a user-facing dead end, not an empty list (ORT reads [] as "every node")."""
+    if plan.nodes_to_quantize is not None and not plan.nodes_to_quantize:
+        ops = sorted({n.op_type for n in model.graph.node})
+        raise BadInputError(f"{model_path}: the {plan.notes[0].removeprefix('family: ')} quantization recipe finds no "
+                            f"layer to quantize: it takes {', '.join(plan.op_types_to_quantize)} nodes with constant "
+                            f"weights and the graph has ops {', '.join(ops)}; name another recipe (--recipe / "
+                            "quantize.recipe; transformer-encoder also quantizes embedding Gathers) or ship it in FP32")
 
 
 def _check_sample_count(n_calibration: int, methods: Iterable[str]) -> None:
