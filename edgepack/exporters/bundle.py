@@ -496,6 +496,8 @@ def validated_from_report(report_path: Path, model_path: Path) -> dict:
         if isinstance(variant, dict) and variant.get("sha256") == sha256:
             providers = {ep: {k: v for k, v in entry.items() if k in ("status", "how", "metrics", "coverage")}
                          for ep, entry in variant.get("providers", {}).items()}
-            return {"report": str(report_path), "variant": name, "providers": providers}
+            # the report by name and content, not by path: bundle.json says nothing about where it was built
+            return {"report": {"name": Path(report_path).name, "sha256": sha256_file(Path(report_path))},
+                    "variant": name, "providers": providers}
     raise BadInputError(f"--validation-report {report_path}: no variant has the sha256 of {model_path} "
                         f"({sha256[:12]}…); pass the report of the run that produced this model")

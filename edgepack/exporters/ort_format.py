@@ -9,7 +9,8 @@ ONNX Runtime's own tools do the work, called in-process:
 - `onnxruntime.tools.onnx_model_utils.make_dim_param_fixed` / `fix_output_shapes` pin symbolic dims for NPUs.
 - `onnxruntime.tools.reduced_build_config_parser.parse_config` reads a config back (as ORT's build.py does).
 
-What we add: the target platform is explicit (ORT's default, None, means "x86 but without NCHWc", which is neither
+What we add: the .ort is made byte-identical run to run (`ort_canonical`: ORT writes part of it in hash-map
+order), the target platform is explicit (ORT's default, None, means "x86 but without NCHWc", which is neither
 a phone nor a PC), ORT's stdout chatter is captured (library code never prints), the config header names the
 bundle's file instead of our scratch path, and a failed conversion becomes one BadInputError naming the operators.
 """
@@ -31,6 +32,7 @@ import onnx
 import onnxruntime as ort
 
 from edgepack.errors import BadInputError, did_you_mean
+from edgepack.exporters.ort_canonical import canonicalize_ort
 
 if TYPE_CHECKING:
     from edgepack.runtime.providers import ExecutionProvider
@@ -84,6 +86,7 @@ def convert_to_ort(onnx_path: Path, out_dir: Path, *, optimization_style: str = 
         model = out_dir / "model.ort"
         config = out_dir / OPERATOR_CONFIG
         shutil.move(_only(scratch, "*.ort"), model)
+        canonicalize_ort(model)  # ORT lays out part of the file in hash-map order: see ort_canonical
         _write_config(_only(scratch, "*.config"), config, optimization_style=optimization_style)
     except BadInputError:
         raise
