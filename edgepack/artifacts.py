@@ -2,7 +2,9 @@
 
 A stage writes into `.tmp-<name>-<pid>` beside its final folder and renames it when complete, so a crash
 never leaves a folder that looks finished. A folder counts as complete only when its manifest lists files
-whose sha256 still match.
+whose sha256 still match. Before the rename every output and the manifest are fsynced, and the parent folder
+after it, so the rename is durable too. What a killed process leaves (`.tmp-*` of a dead pid, an `.old-*`
+folder moved aside mid-swap) is cleared by the next run of that stage (`clear_interrupted`).
 """
 
 from __future__ import annotations
@@ -42,17 +44,40 @@ def content_hash(payload: Any, *, length: int = 12) -> str:
 
 
 def tool_versions() -> dict[str, str]:
+    """Versions of the tools that made an artifact; a module not imported yet is looked up in its package's
+    metadata rather than imported (importing torch for its version costs seconds)."""
+    import importlib.metadata
+    import sys
+
     versions = {"edgepack": __version__, "python": platform.python_version()}
     for module in ("onnx", "onnxruntime", "torch", "transformers", "numpy"):
-        with contextlib.suppress(ImportError):
-            versions[module] = __import__(module).__version__
+        if module in sys.modules:
+            versions[module] = sys.modules[module].__version__
+            continue
+        try:
+            versions[module] = importlib.metadata.version(module)
+        except importlib.metadata.PackageNotFoundError:  # e.g. onnxruntime from the onnxruntime-gpu package
+            with contextlib.suppress(ImportError):
+                versions[module] = __import__(module).__version__
     return versions
 
 
 def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode())
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write to `.<name>.tmp-<pid>`, fsync, rename over `path`: readers see the old file or the new, never part."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def write_json(path: Path, payload: Any) -> None:
@@ -128,6 +153,7 @@ def stage_folder(final: Path, record: StageRecord) -> Iterator[Path]:
     complete folder or the new one under `final`, never a partial one (temporary names start with a dot)."""
     final = Path(os.path.abspath(final))  # "." or "out/" have no usable name to put a sibling beside
     final.parent.mkdir(parents=True, exist_ok=True)
+    clear_interrupted(final)
     tmp = final.with_name(f".tmp-{final.name}-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
@@ -154,7 +180,9 @@ def stage_folder(final: Path, record: StageRecord) -> Iterator[Path]:
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
         write_json(tmp / MANIFEST, manifest)
+        _fsync_files(tmp)
         swap_in(tmp, final)
+        _fsync_dir(final.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -177,6 +205,67 @@ def swap_in(tmp: Path, final: Path) -> None:
         shutil.rmtree(old)
     else:
         old.unlink()
+
+
+def _fsync_files(folder: Path) -> None:
+    """Outputs on disk before the rename that publishes them (a power cut then leaves old or new, not holes)."""
+    for path in folder.rglob("*"):
+        if path.is_file():
+            with open(path, "rb") as handle:
+                os.fsync(handle.fileno())
+    _fsync_dir(folder)
+
+
+def _fsync_dir(folder: Path) -> None:
+    with contextlib.suppress(OSError):  # some filesystems cannot open or sync a directory
+        descriptor = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(descriptor)
+        finally:
+            os.close(descriptor)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def interrupted_leftovers(final: Path) -> list[tuple[str, Path]]:
+    """("tmp" | "old", path) of what killed processes left beside `final`: their pid is in the name and is dead.
+
+    A live pid's folders are another run in progress (or a reused pid): left alone."""
+    found = []
+    for kind in ("tmp", "old"):
+        for path in final.parent.glob(f".{kind}-{final.name}-*"):
+            pid = path.name.rsplit("-", 1)[-1]
+            if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+                found.append((kind, path))
+    return sorted(found)
+
+
+def clear_interrupted(final: Path) -> int:
+    """Clear what an interrupted run left beside `final`; return the bytes removed.
+
+    `.tmp-*` folders are partial: removed. An `.old-*` folder is the previous complete folder that a swap moved
+    aside just before it was killed: it goes back to `final` when `final` is missing, else it is removed.
+    """
+    final = Path(os.path.abspath(final))
+    removed = 0
+    for kind, path in interrupted_leftovers(final):
+        if kind == "old" and not final.exists() and read_manifest(path) is not None:
+            os.rename(path, final)
+            continue
+        removed += sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else 0
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+    return removed
 
 
 def peak_rss_mb() -> float:

@@ -1,12 +1,20 @@
 """ONNX files: loading user-supplied ones with one-line errors, and the one 2 GiB external-data rule for saving.
 
+An ONNX file names its external data files itself (`location` of each external tensor), so a file from elsewhere
+could make ONNX Runtime read any file the user can: `check_external_data` refuses, before ORT or onnx open a
+data file, a location that is absolute, climbs out with '..', is (or passes through) a symlink, or is not a
+regular file inside the model's folder, and data ranges past the end of their file (a truncated copy).
+onnx >= 1.16 and onnxruntime >= 1.19 check some of this themselves, with other messages; ours holds whatever
+versions are installed and names the tensor and the fix.
+
 No torch import: bundles and probes use it too.
 """
 
 from __future__ import annotations
 
 import os
-from pathlib import Path
+from collections.abc import Iterator
+from pathlib import Path, PurePosixPath, PureWindowsPath
 
 import onnx
 
@@ -27,7 +35,103 @@ def load_onnx_checked(path: Path) -> onnx.ModelProto:
         reason = str(err).splitlines()[0][:120] if str(err) else type(err).__name__
         raise BadInputError(f"{path} is not a valid ONNX model ({reason}); the file may be truncated — "
                             "re-export it with `edgepack export`") from None
+    check_external_data(model, path)
     return model
+
+
+def check_onnx_file(path: Path) -> None:
+    """The external-data check for an ONNX file that is not otherwise loaded here (the graph is parsed, no
+    weights read): every path into ORT goes through this or `load_onnx_checked` first."""
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception:  # not parseable: the loaders downstream say so in their own words
+        return
+    check_external_data(model, path)
+
+
+def check_external_data(model: onnx.ModelProto, path: Path) -> None:
+    """Refuse external-data locations outside the folder of `path` (see the module docstring)."""
+    folder = Path(path).resolve().parent
+    for tensor in _all_tensors(model):
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        info = {entry.key: entry.value for entry in tensor.external_data}
+        location = info.get("location", "")
+        where = f"{path}: tensor '{tensor.name}' keeps its data in '{location}'"
+        fix = "keep the data files in the model's folder, named relative to it (onnx.save_model(..., " \
+              "save_as_external_data=True))"
+        _check_location(location, folder, where=where, fix=fix)
+        _check_range(folder / location, info, where=where)
+
+
+def _check_location(location: str, folder: Path, *, where: str, fix: str) -> None:
+    if not location:
+        raise BadInputError(f"{where}: an external tensor without a location; {fix}")
+    parts = PureWindowsPath(location).parts + PurePosixPath(location).parts
+    if PurePosixPath(location).is_absolute() or PureWindowsPath(location).is_absolute() or \
+            PureWindowsPath(location).drive or ".." in parts or "\x00" in location:
+        raise BadInputError(f"{where}, which is outside the model's folder (absolute or '..'); refusing to read "
+                            f"it; {fix}")
+    target = folder / location
+    step = folder
+    for part in PurePosixPath(location).parts:
+        step = step / part
+        if step.is_symlink():
+            raise BadInputError(f"{where}, and {step} is a symbolic link (to {os.path.realpath(step)}); refusing "
+                                f"to follow it; copy the data file into the folder instead; {fix}")
+    if not target.resolve().is_relative_to(folder):
+        raise BadInputError(f"{where}, which resolves outside the model's folder; refusing to read it; {fix}")
+    if not target.is_file():
+        state = "does not exist" if not target.exists() else "is not a regular file"
+        raise BadInputError(f"{where}, which {state}; copy the model's .data file beside it")
+
+
+def _check_range(target: Path, info: dict[str, str], *, where: str) -> None:
+    try:
+        offset = int(info.get("offset", "0") or 0)
+        length = int(info["length"]) if info.get("length") else None
+    except ValueError:
+        raise BadInputError(f"{where} with a non-numeric offset or length; re-save the model") from None
+    size = target.stat().st_size
+    if offset < 0 or (length is not None and length < 0) or offset + (length or 0) > size:
+        raise BadInputError(f"{where} at bytes {offset}..{offset + (length or 0)}, but the file has {size} bytes "
+                            "(truncated or another file); copy the complete .data file")
+
+
+def _all_tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
+    """Every tensor a model can carry: initializers, sparse ones, Constant attributes, in every subgraph and
+    function (what onnx.external_data_helper walks, without its private helpers)."""
+    graphs = [model.graph, *(node_graph for function in model.functions for node in function.node
+                             for node_graph in _attribute_graphs(node))]
+    while graphs:
+        graph = graphs.pop()
+        yield from graph.initializer
+        for sparse in graph.sparse_initializer:
+            yield from (sparse.values, sparse.indices)
+        for node in graph.node:
+            yield from _attribute_tensors(node)
+            graphs.extend(_attribute_graphs(node))
+    for function in model.functions:
+        for node in function.node:
+            yield from _attribute_tensors(node)
+
+
+def _attribute_tensors(node: onnx.NodeProto) -> Iterator[onnx.TensorProto]:
+    for attribute in node.attribute:
+        if attribute.HasField("t"):
+            yield attribute.t
+        yield from attribute.tensors
+        if attribute.HasField("sparse_tensor"):
+            yield from (attribute.sparse_tensor.values, attribute.sparse_tensor.indices)
+        for sparse in attribute.sparse_tensors:
+            yield from (sparse.values, sparse.indices)
+
+
+def _attribute_graphs(node: onnx.NodeProto) -> Iterator[onnx.GraphProto]:
+    for attribute in node.attribute:
+        if attribute.HasField("g"):
+            yield attribute.g
+        yield from attribute.graphs
 
 
 def external_data_threshold() -> int:
@@ -68,6 +172,32 @@ def externalize_if_large(path: Path) -> None:
     if path.stat().st_size < external_data_threshold() or path.with_name(path.name + ".data").exists():
         return
     save_onnx(onnx.load(str(path)), path)
+
+
+def external_data_files(path: Path) -> list[Path]:
+    """The external data files `path` names (checked: inside its folder), sorted, without duplicates."""
+    model = onnx.load(str(path), load_external_data=False)
+    check_external_data(model, path)
+    names = {entry.value for tensor in _all_tensors(model) if tensor.data_location == onnx.TensorProto.EXTERNAL
+             for entry in tensor.external_data if entry.key == "location"}
+    return [Path(path).parent / name for name in sorted(names)]
+
+
+def model_digest(path: Path) -> str:
+    """sha256 of a model *with its weights*: of the .onnx alone when it has no external data (so it equals the
+    file's sha256), else of the .onnx's and each data file's sha256. A model saved with external data keeps only
+    offsets in the .onnx: two models that differ in weights alone have the same .onnx bytes, so cache keys and
+    input hashes use this, never the .onnx's sha256 alone."""
+    import hashlib
+
+    from edgepack.artifacts import sha256_file
+
+    own = sha256_file(Path(path))
+    files = external_data_files(Path(path))
+    if not files:
+        return own
+    text = "\n".join([own, *(f"{f.name}:{sha256_file(f)}" for f in files)])
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def model_bytes(path: Path) -> int:

@@ -20,7 +20,14 @@ from pathlib import Path
 from typing import Any
 
 from edgepack import __version__
-from edgepack.artifacts import StageRecord, content_hash, is_artifact_folder, read_manifest, stage_folder
+from edgepack.artifacts import (
+    StageRecord,
+    clear_interrupted,
+    content_hash,
+    is_artifact_folder,
+    read_manifest,
+    stage_folder,
+)
 from edgepack.errors import BadInputError
 from edgepack.reporter import get_reporter
 
@@ -57,6 +64,9 @@ def run_stage(name: str, config: Mapping[str, Any], inputs: Mapping[str, Any], f
         raise ValueError("run_stage needs exactly one of root= or folder=")
     key = stage_key(name, config, inputs)
     target = Path(folder) if folder is not None else Path(root) / f"{name}-{key}"  # type: ignore[arg-type]
+    freed = clear_interrupted(target)  # a folder a killed swap moved aside comes back before the reuse check
+    if freed:
+        get_reporter().info(f"[dim]removed {freed / 1e6:.1f} MB left by an interrupted {name} stage[/dim]")
     manifest = read_manifest(target)
     if manifest is not None and manifest.get("key") == key:
         get_reporter().info(f"[dim]reusing {target.name} (same config and inputs)[/dim]")

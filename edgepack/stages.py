@@ -21,7 +21,7 @@ from edgepack.artifacts import content_hash, sha256_file
 from edgepack.calibration_data import Feed, Sample, TextSample
 from edgepack.errors import BadInputError
 from edgepack.families import ModelFamily
-from edgepack.onnx_files import model_bytes
+from edgepack.onnx_files import model_bytes, model_digest
 from edgepack.recipe import BundleSection, ExportSection, QuantizeSection
 from edgepack.reporter import get_reporter
 from edgepack.runner import StageResult, run_stage
@@ -44,8 +44,7 @@ def model_fingerprint(family: ModelFamily) -> str:
     source = family.source
     path = source.path
     if source.kind == "onnx" and path is not None:
-        data = path.with_name(path.name + ".data")
-        return content_hash([sha256_file(path), sha256_file(data) if data.exists() else None])
+        return model_digest(path)  # the .onnx and the external data files it names
     if path is not None and path.is_dir():
         return content_hash({str(p.relative_to(path)): sha256_file(p) for p in sorted(path.rglob("*")) if p.is_file()})
     return content_hash(source.text)
@@ -79,7 +78,10 @@ def export(family: ModelFamily, *, check_samples: Sequence[Sample], options: Exp
 
     if not check_samples:
         raise BadInputError("export needs at least one sample for the ONNX Runtime vs PyTorch check")
-    config = {"model": family.describe(), **options.model_dump(), "max_length": max_length}
+    # the model by content (fingerprint), not by where it lies: the same model and recipe give the same folder
+    # name in any run folder, on any machine (a student's path is inside the run folder)
+    described = {k: v for k, v in family.describe().items() if k != "source"}
+    config = {"model": described, **options.model_dump(), "max_length": max_length}
     inputs = {"model": model_fingerprint(family), "data": samples_hash(check_samples)}
     feeds = list(family.feeds(check_samples[: options.check_samples], batch_size=1, max_length=max_length))
 
@@ -117,7 +119,7 @@ def quantize(fp32: Path, family: ModelFamily, *, calibration: Sequence[Sample], 
                                 per_channel=options.per_channel, activation_type=options.activation_type,
                                 weight_type=options.weight_type, exclude_nodes=tuple(options.exclude_nodes))
     config = {**options.model_dump(), "recipe": recipe, "max_length": max_length, "padding": padding}
-    inputs = {"model": sha256_file(fp32), "data": samples_hash(calibration)}
+    inputs = {"model": model_digest(fp32), "data": samples_hash(calibration)}
     key = calibration_key(family, calibration, max_length=max_length, padding=padding)
 
     def calibration_feeds() -> Iterator[Feed]:
@@ -160,7 +162,8 @@ def validate(variants: Mapping[str, Path], family: ModelFamily, *, samples: Sequ
     device = device_block(settings.device, providers=providers, threads=settings.threads)
     hashes = {name: sha256_file(path) for name, path in variants.items()}
     config = {**asdict(settings), "providers": [p.key for p in providers], "compared_to": dict(compared_to)}
-    inputs = {**hashes, "data": samples_hash(samples) if generated is None else samples_hash([generated.feed])}
+    inputs = {**{name: model_digest(path) for name, path in variants.items()},
+              "data": samples_hash(samples) if generated is None else samples_hash([generated.feed])}
 
     def work(tmp: Path) -> dict[str, Any]:
         results = validate_variants(variants, family=family, samples=samples, providers=providers, workdir=tmp,

@@ -64,7 +64,7 @@ from edgepack.exporters.ort_format import (
     read_operator_config,
 )
 from edgepack.exporters.verify import DESCRIPTION, KIND, max_error, read_tensors, verify_bundle
-from edgepack.onnx_files import load_onnx_checked
+from edgepack.onnx_files import load_onnx_checked, model_digest
 from edgepack.reporter import get_reporter
 from edgepack.runner import StageResult, run_stage
 
@@ -130,7 +130,7 @@ def make_bundle(model_path: Path, out_dir: Path | None = None, *, feeds: Sequenc
     feeds_key = content_hash([{k: [str(v.dtype), list(v.shape), hashlib.sha256(np.ascontiguousarray(v)).hexdigest()]
                                for k, v in sorted(f.items())} for f in feeds])
     config = {**asdict(options), "validated": dict(validated or {})}
-    inputs = {"model": sha256_file(model_path), "feeds": feeds_key}
+    inputs = {"model": model_digest(model_path), "feeds": feeds_key}
     return run_stage("bundle", config, inputs,
                      lambda tmp: _summary(build_bundle(model_path, tmp, feeds=feeds, options=options,
                                                        validated=validated)),

@@ -294,6 +294,10 @@ def open_model(text: str, *, family: str = "auto", options: Mapping[str, Any] | 
 
         text = default_model_path()
     source = inspect_source(text)
+    if source.kind == "onnx" and source.path is not None:
+        from edgepack.onnx_files import check_onnx_file
+
+        check_onnx_file(source.path)  # external data outside the model's folder: refused before anything reads it
     cls = _choose_family(source, family, where=where)
     merged = dict((source.artifact or {}).get("options") or {}) if source.artifact else {}
     merged.update(options or {})

@@ -22,10 +22,10 @@ from typing import Any
 import numpy as np
 import onnx
 
-from edgepack.artifacts import content_hash, sha256_file, write_json
+from edgepack.artifacts import content_hash, write_json
 from edgepack.calibration_data import Feed
 from edgepack.errors import BadInputError, did_you_mean
-from edgepack.onnx_files import needs_external_data, save_onnx
+from edgepack.onnx_files import model_digest, needs_external_data, save_onnx
 from edgepack.quantization.calibrators import CALIBRATORS, RangeCalibrator, collect_tensor_ranges, make_calibrator
 from edgepack.quantization.recipes import BranchPoint, QuantPlan, plan_quantization
 from edgepack.quantization.sensitivity import QuantBudget, fit_budget, raise_unmet
@@ -167,7 +167,7 @@ class RangeCache:
     data_key: str
 
     def path(self, model_path: Path, options: QuantizeOptions, plan: QuantPlan) -> Path:
-        key = content_hash({"model": sha256_file(model_path), "data": self.data_key, "calibrator": options.calibrator,
+        key = content_hash({"model": model_digest(model_path), "data": self.data_key, "calibrator": options.calibrator,
                             "smoothquant": options.smoothquant, "methods": plan.range_methods,
                             "nodes": plan.nodes_to_quantize, "exclude": plan.nodes_to_exclude,
                             "points": [[p.tensor, list(p.matmuls), p.alpha] for p in plan.branch_points],

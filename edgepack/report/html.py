@@ -14,7 +14,7 @@ import html
 from pathlib import Path
 from typing import Any
 
-from edgepack.artifacts import atomic_write_text
+from edgepack.artifacts import atomic_write_bytes, atomic_write_text
 from edgepack.report.figures import HOW_TEXT, ReportFigure, report_figures
 from edgepack.report.model import ProviderResult, Report
 
@@ -223,7 +223,7 @@ def write_html(report: Report, out_dir: Path) -> Path:
     figures = report_figures(report)
     (out_dir / "figures").mkdir(parents=True, exist_ok=True)
     for figure in figures:
-        (out_dir / "figures" / f"{figure.name}.png").write_bytes(figure.png)
+        atomic_write_bytes(out_dir / "figures" / f"{figure.name}.png", figure.png)
     path = out_dir / "report.html"
     atomic_write_text(path, render_html(report, figures))
     return path

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 from pathlib import Path
 from typing import Any
 
-from edgepack.artifacts import atomic_write_text, write_json
+from edgepack.artifacts import atomic_write_text, clear_interrupted, write_json
 from edgepack.report.model import ProviderResult, Report
 
 COLUMNS = ("variant", "EP", "how", "size MB", "size ×", "p50 ms", "p90 ms", "peak RSS MB", "cosine mean",
@@ -190,10 +192,28 @@ def _memory_method(report: Report) -> str:
 
 
 def write_reports(report: Report, out: Path) -> None:
-    """report.json (validated: the model is built before anything is written), report.md, report.html."""
+    """report.json (validated: the model is built before anything is written), report.md, report.html.
+
+    Like a stage, the report is written into `.tmp-report-<pid>` first; then the figures, report.md and
+    report.html are renamed into `out`, and report.json last: a killed run leaves the previous report.json (or
+    none) and only complete files, and a leftover `.tmp-report-*` is cleared by the next report.
+    """
     from edgepack.report.html import write_html  # matplotlib is imported only when a report is written
 
     report = Report.model_validate(report.model_dump())  # re-check what was assigned after construction
-    write_json(out / "report.json", report.model_dump(mode="json", exclude_none=False))
-    atomic_write_text(out / "report.md", render_markdown(report))
-    write_html(report, out)
+    out.mkdir(parents=True, exist_ok=True)
+    clear_interrupted(out / "report")
+    staging = out / f".tmp-report-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    try:
+        write_json(staging / "report.json", report.model_dump(mode="json", exclude_none=False))
+        atomic_write_text(staging / "report.md", render_markdown(report))
+        write_html(report, staging)
+        for path in sorted(staging.rglob("*"), key=lambda p: p.name == "report.json"):
+            if path.is_file():
+                target = out / path.relative_to(staging)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(path, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
