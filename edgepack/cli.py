@@ -312,11 +312,16 @@ def _open(path: Path | str, tokenizer: str | None, *, family: str = "auto",
 
 
 def _samples(data: str | None, *, field: str = "text", pair_field: str | None = None,
-             label_field: str | None = None) -> list[Any]:
-    from edgepack.calibration_data import read_samples, resolve_data_path
+             label_field: str | None = None, limit: int | None = None) -> list[Any]:
+    """The first `limit` samples of the file (all without a limit), read no further than that."""
+    from edgepack.calibration_data import iter_samples, resolve_data_path
+    from edgepack.errors import BadInputError
 
-    return read_samples(resolve_data_path(data or "bundled:sentences.jsonl"), field=field, pair_field=pair_field,
-                        label_field=label_field)
+    path = resolve_data_path(data or "bundled:sentences.jsonl")
+    samples = list(iter_samples(path, field=field, pair_field=pair_field, label_field=label_field, limit=limit))
+    if not samples:
+        raise BadInputError(f"{path}: no samples (the file is empty, blank, or has no data rows); add at least one")
+    return samples
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -331,7 +336,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         raise BadInputError("a torch-module export needs --data (an .npz with one array per input) for the check")
     if args.task is not None and args.task not in family.tasks:
         raise BadInputError(f"--task {args.task}: family {family.name} supports {', '.join(family.tasks)}")
-    result = stages.export(family, check_samples=_samples(args.data)[:8], options=ExportSection(opset=args.opset),
+    result = stages.export(family, check_samples=_samples(args.data, limit=8), options=ExportSection(opset=args.opset),
                            max_length=128, folder=_out_folder(args.out))
     print(f"wrote {result.folder / 'model.onnx'} (family {family.name})")
     print(f"next: edgepack quantize {result.folder / 'model.onnx'} --calibration <data> --out int8/")
@@ -348,7 +353,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         raise BadInputError(f"--sensitivity {args.sensitivity}: give the number of layers to list (0 = none)")
     if args.samples < 1:
         raise BadInputError(f"--samples {args.samples}: calibrate on at least 1 sample")
-    samples = _samples(args.calibration, field=args.field)
+    samples = _samples(args.calibration, field=args.field, limit=args.samples)
     if len(samples) < args.samples:
         get_reporter().info(f"- {args.calibration}: {len(samples)} samples, fewer than --samples {args.samples}: "
                             f"calibrating on all {len(samples)}")
@@ -411,8 +416,9 @@ def _validation_inputs(args: argparse.Namespace, family: Any) -> tuple[list[Any]
         if args.shape or args.dim:
             raise BadInputError("--shape / --dim size generated inputs; with --data the data sets the shapes "
                                 "(--sequence-length the latency input's): drop them or drop --data")
-        samples = _samples(args.data, field=args.field, pair_field=args.pair_field, label_field=args.label_field)
-        return samples[: args.samples], None
+        samples = _samples(args.data, field=args.field, pair_field=args.pair_field, label_field=args.label_field,
+                           limit=max(args.samples, 0))  # read no further than the samples measured
+        return samples, None
     sizes = InputSizes(shapes=parse_shape_overrides(args.shape), dims=parse_dim_overrides(args.dim),
                        sequence_length=args.sequence_length)
     generated = family.generated_inputs(args.model, sizes=sizes)
@@ -487,9 +493,10 @@ def cmd_bundle(args: argparse.Namespace) -> int:
                             target_platform=args.target_platform, alignment=args.alignment,
                             fixed_shapes=parse_fixed_shapes(args.fixed_shape))
     validated = validated_from_report(args.validation_report, args.model) if args.validation_report else None
-    result = stages.bundle(args.model, family, samples=_samples(args.data, field=args.field), options=options,
-                           max_length=args.max_length, validated=validated, symbol_prefix=args.symbol_prefix,
-                           folder=_out_folder(args.out), force=args.force)
+    samples = _samples(args.data, field=args.field, limit=args.samples)
+    result = stages.bundle(args.model, family, samples=samples, options=options, max_length=args.max_length,
+                           validated=validated, symbol_prefix=args.symbol_prefix, folder=_out_folder(args.out),
+                           force=args.force)
     description = json.loads((result.folder / "bundle.json").read_text())
     for name, entry in description["files"].items():
         if not name.rsplit("/", 1)[-1].startswith(("input_", "output_")):

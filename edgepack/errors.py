@@ -13,9 +13,22 @@ class EdgepackError(Exception):
 
 
 class BadInputError(EdgepackError):
-    """The user's input is wrong: a path, a recipe key, a data file, an EP name (exit 2)."""
+    """The user's input is wrong: a path, a recipe key, a data file, an EP name (exit 2).
+
+    The message is one line whatever it quotes: a control or other unprintable character from the input (a key
+    with a newline, a NUL from a binary file) is shown escaped (`\\n`, `\\x00`)."""
 
     exit_code = 2
+
+    def __init__(self, message: str = "") -> None:
+        super().__init__(one_line(str(message)))
+
+
+def one_line(text: str) -> str:
+    """`text` with every unprintable character (newlines, NUL, U+2028, ...) escaped, so it prints as one line."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
 
 
 class GateFailedError(EdgepackError):

@@ -30,13 +30,25 @@ def load_onnx_checked(path: Path) -> onnx.ModelProto:
                             "(edgepack export writes one)")
     try:
         model = onnx.load(str(path), load_external_data=False)
-        onnx.checker.check_model(model)
     except Exception as err:  # protobuf's DecodeError and onnx's ValidationError share no useful base
-        reason = str(err).splitlines()[0][:120] if str(err) else type(err).__name__
-        raise BadInputError(f"{path} is not a valid ONNX model ({reason}); the file may be truncated — "
-                            "re-export it with `edgepack export`") from None
-    check_external_data(model, path)
+        raise _invalid(path, err) from None
+    check_external_data(model, path)  # before onnx's checker opens any data file
+    try:
+        # with external data the checker must know the model's folder (in memory it looks in the cwd)
+        onnx.checker.check_model(str(path) if _has_external_data(model) else model)
+    except Exception as err:
+        raise _invalid(path, err) from None
     return model
+
+
+def _invalid(path: Path, err: Exception) -> BadInputError:
+    reason = str(err).splitlines()[0][:120] if str(err) else type(err).__name__
+    return BadInputError(f"{path} is not a valid ONNX model ({reason}); the file may be truncated — "
+                         "re-export it with `edgepack export`")
+
+
+def _has_external_data(model: onnx.ModelProto) -> bool:
+    return any(t.data_location == onnx.TensorProto.EXTERNAL for t in _all_tensors(model))
 
 
 def check_onnx_file(path: Path) -> None:
@@ -168,10 +180,92 @@ def save_onnx(model: onnx.ModelProto, path: Path) -> Path:
 
 
 def externalize_if_large(path: Path) -> None:
-    """Rewrite a saved model with external data when it is over the threshold (torch.onnx writes one file)."""
-    if path.stat().st_size < external_data_threshold() or path.with_name(path.name + ".data").exists():
+    """After torch.onnx: `<name>.data` holds the weights when the model is over the threshold.
+
+    Below 2 GB torch.onnx writes one file: over the (lowered) threshold it is rewritten with external data. Over
+    2 GB it writes one file per weight beside the model (`onnx__MatMul_55`, ...): they are gathered into
+    `<name>.data` by `consolidate_external_data`, a tensor at a time.
+    """
+    model = onnx.load(str(path), load_external_data=False)
+    if _has_external_data(model):
+        consolidate_external_data(model, path)
         return
-    save_onnx(onnx.load(str(path)), path)
+    if path.stat().st_size >= external_data_threshold():
+        save_onnx(onnx.load(str(path)), path)
+
+
+def consolidate_external_data(model: onnx.ModelProto, path: Path, *, chunk: int = 1 << 24) -> None:
+    """Move every external tensor of `model` (saved at `path`) into `<name>.data`, in graph order, copying
+    `chunk` bytes at a time (memory stays at one chunk, whatever the model's size); the old files are removed."""
+    check_external_data(model, path)
+    folder = Path(path).parent
+    target = folder / (Path(path).name + ".data")
+    tmp = folder / f".{target.name}.tmp-{os.getpid()}"
+    sources: set[Path] = set()
+    with open(tmp, "wb") as out:
+        for tensor in _all_tensors(model):
+            if tensor.data_location != onnx.TensorProto.EXTERNAL:
+                continue
+            info = {entry.key: entry.value for entry in tensor.external_data}
+            source = folder / info["location"]
+            offset, length = int(info.get("offset") or 0), info.get("length")
+            start = out.tell()
+            with open(source, "rb") as handle:
+                handle.seek(offset)
+                remaining = int(length) if length else source.stat().st_size - offset
+                while remaining > 0:
+                    block = handle.read(min(chunk, remaining))
+                    if not block:
+                        raise BadInputError(f"{source}: ends before the {info.get('length')} bytes of tensor "
+                                            f"'{tensor.name}'; the export was cut short — export again")
+                    out.write(block)
+                    remaining -= len(block)
+            sources.add(source)
+            del tensor.external_data[:]
+            for key, value in (("location", target.name), ("offset", str(start)), ("length", str(out.tell() - start))):
+                entry = tensor.external_data.add()
+                entry.key, entry.value = key, value
+    onnx.save_model(model, str(path))
+    os.replace(tmp, target)
+    for source in sources - {target}:
+        source.unlink(missing_ok=True)
+
+
+def without_weights(model: onnx.ModelProto, *, keep_bytes: int = 4096) -> onnx.ModelProto:
+    """A copy of `model` whose initializers above `keep_bytes` keep their name, type and dims but no data.
+
+    For shape inference and graph analysis of a model over 2 GB: `onnx.shape_inference.infer_shapes(model)`
+    serializes its argument, and protobuf cannot serialize 2 GiB (EncodeError); type and shape inference read
+    only an initializer's dims (small shape constants are kept for data propagation). Nothing reads the data:
+    the stripped tensors point at an external location that does not exist."""
+    graph = model.graph  # every part but the initializers, copied without touching `model`
+    copy = onnx.helper.make_model(
+        onnx.helper.make_graph(graph.node, graph.name, graph.input, graph.output, value_info=graph.value_info,
+                               sparse_initializer=graph.sparse_initializer, doc_string=graph.doc_string),
+        opset_imports=model.opset_import, functions=model.functions, ir_version=model.ir_version,
+        producer_name=model.producer_name, producer_version=model.producer_version, domain=model.domain,
+        model_version=model.model_version, doc_string=model.doc_string)
+    copy.metadata_props.extend(model.metadata_props)
+    for tensor in model.graph.initializer:
+        size = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize * _count(tensor.dims) \
+            if tensor.data_type else 0
+        if size <= keep_bytes and tensor.data_location != onnx.TensorProto.EXTERNAL:
+            copy.graph.initializer.append(tensor)
+            continue
+        stub = copy.graph.initializer.add()
+        stub.name, stub.data_type = tensor.name, tensor.data_type
+        stub.dims.extend(tensor.dims)
+        stub.data_location = onnx.TensorProto.EXTERNAL
+        entry = stub.external_data.add()
+        entry.key, entry.value = "location", "edgepack-weights-not-loaded"
+    return copy
+
+
+def _count(dims: object) -> int:
+    total = 1
+    for dim in dims:  # type: ignore[attr-defined]
+        total *= int(dim)
+    return total
 
 
 def external_data_files(path: Path) -> list[Path]:

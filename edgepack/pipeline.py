@@ -15,7 +15,7 @@ import numpy as np
 
 from edgepack import __version__, stages
 from edgepack.artifacts import read_manifest
-from edgepack.calibration_data import DataSplit, TextSample, read_samples, resolve_data_path, split_samples
+from edgepack.calibration_data import DataSplit, TextSample, read_samples, read_split, resolve_data_path
 from edgepack.errors import BadInputError
 from edgepack.families import FAMILIES, ModelFamily, open_model
 from edgepack.recipe import Recipe
@@ -43,10 +43,10 @@ def open_recipe_model(recipe: Recipe) -> ModelFamily:
 def load_split(recipe: Recipe) -> DataSplit:
     data = recipe.data
     path = resolve_data_path(data.path)
-    samples = read_samples(path, format=data.format, field=data.field, pair_field=data.pair_field,
-                           label_field=data.label_field)
-    return split_samples(samples, n_calibration=data.n_calibration, n_evaluation=data.n_evaluation,
-                         seed=data.seed, source=str(path))
+    # streamed in two passes (a digest per record, then the chosen records): a 10 GB file is never held
+    return read_split(path, format=data.format, field=data.field, pair_field=data.pair_field,
+                      label_field=data.label_field, n_calibration=data.n_calibration,
+                      n_evaluation=data.n_evaluation, seed=data.seed, source=str(path))
 
 
 @dataclass
@@ -104,6 +104,25 @@ def distill_texts(ctx: RunContext) -> tuple[list[str], list[tuple[str, str]]]:
     return texts, eval_pairs
 
 
+def guard_training(name: str, section: Any, source: Path) -> None:
+    """Refuse distillation or pruning's recovery training that would not fit in memory (`memory_guard`)."""
+    from edgepack import memory_guard
+
+    if name == "distill":
+        layers = len(section.keep_layers) or section.num_layers
+        estimate = memory_guard.estimate_training(source, batch_size=section.batch_size,
+                                                  max_length=section.max_length, student_layers=layers,
+                                                  precision=section.precision,
+                                                  gradient_checkpointing=section.gradient_checkpointing)
+    elif section.recovery_steps:
+        estimate = memory_guard.estimate_training(source, batch_size=section.recovery_batch_size,
+                                                  max_length=section.max_length, student_layers=None,
+                                                  precision="fp32", gradient_checkpointing=False, step="prune")
+    else:
+        return
+    memory_guard.check(estimate)
+
+
 def stage_compress(ctx: RunContext) -> ModelFamily | None:
     """Distill and/or prune the model (HF folder in, HF folder out); the student as the same family, or None."""
     recipe, family = ctx.recipe, ctx.family
@@ -127,6 +146,7 @@ def stage_compress(ctx: RunContext) -> ModelFamily | None:
                   "data": stages.samples_hash([TextSample(t) for t in texts])}
 
         def work(tmp: Path, name: str = name, section: Any = section, src: Path = source) -> dict[str, Any]:
+            guard_training(name, section, src)
             if name == "distill":
                 return distill_model(src, tmp / "model", texts=texts, eval_pairs=eval_pairs, options=section)
             return prune_model(src, tmp / "model", texts=texts, options=section)

@@ -6,6 +6,7 @@ encoders, so the smallest recipe is `model: {path: ./my-model}`.
 
 from __future__ import annotations
 
+import reprlib
 import warnings
 from pathlib import Path
 from typing import Any, Literal
@@ -199,7 +200,7 @@ def _format_error(error: dict[str, Any], source: str) -> str:
     if error["type"] == "extra_forbidden":
         hint = did_you_mean(str(loc[-1]), _known_keys(Recipe, loc))
         return f"unknown key '{where}'{hint}"
-    return f"{where}: {error['msg']} (got {error.get('input')!r})"
+    return f"{where}: {error['msg']} (got {reprlib.repr(error.get('input'))})"  # bounded: the input may be huge
 
 
 def parse_recipe(data: Any, *, source: str = "recipe") -> Recipe:
@@ -212,6 +213,8 @@ def parse_recipe(data: Any, *, source: str = "recipe") -> Recipe:
     except ValidationError as err:
         problems = "; ".join(_format_error(e, source) for e in err.errors())
         raise BadInputError(f"{source}: {problems}; see recipes/minilm.yaml for every key") from None
+    except BadInputError as err:  # raised by a section's own check (model keys, family options): name the file
+        raise BadInputError(f"{source}: {err}") from None
 
 
 def load_recipe(path: str | Path) -> Recipe:
@@ -219,12 +222,43 @@ def load_recipe(path: str | Path) -> Recipe:
     if not path.is_file():
         raise BadInputError(f"recipe {path} does not exist; pass a YAML file such as recipes/minilm.yaml")
     try:
-        data = yaml.safe_load(path.read_text())
+        text = path.read_text(encoding="utf-8")
+        _check_expanded_size(yaml.compose(text, Loader=yaml.SafeLoader), path)
+        data = yaml.safe_load(text)
+    except UnicodeDecodeError as err:
+        raise BadInputError(f"{path}: not UTF-8 text (byte {err.start}); save the recipe as UTF-8") from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""
-        raise BadInputError(f"{path}:{where} is not valid YAML ({getattr(err, 'problem', err)}); fix the syntax") from None
+        problem = " ".join(str(getattr(err, "problem", None) or err).split())
+        raise BadInputError(f"{path}:{where} is not valid YAML ({problem}); fix the syntax") from None
+    except RecursionError:
+        raise BadInputError(f"{path}: nested too deeply to be a recipe; a recipe is a few levels of sections") from None
     return parse_recipe(data, source=str(path))
+
+
+#: values a recipe may expand to once YAML aliases are resolved (a real recipe has a few hundred)
+MAX_RECIPE_VALUES = 100_000
+
+
+def _check_expanded_size(root: yaml.Node | None, path: Path) -> None:
+    """Refuse a recipe whose aliases multiply it ("billion laughs": nine levels of ten aliases are 10^9 values,
+    which validation and error messages would walk). Counted on the composed graph, shared nodes once each."""
+    sizes: dict[int, int] = {}
+
+    def size(node: yaml.Node) -> int:
+        if id(node) in sizes:
+            return sizes[id(node)]
+        sizes[id(node)] = 1  # a node that contains itself (recursive alias) counts once
+        children = [n for pair in node.value for n in pair] if isinstance(node, yaml.MappingNode) else \
+            node.value if isinstance(node, yaml.SequenceNode) else []
+        total = 1 + sum(size(child) for child in children)
+        sizes[id(node)] = min(total, MAX_RECIPE_VALUES + 1)
+        return sizes[id(node)]
+
+    if root is not None and size(root) > MAX_RECIPE_VALUES:
+        raise BadInputError(f"{path}: expands to more than {MAX_RECIPE_VALUES:,} values once its YAML aliases are "
+                            "resolved (alias bomb?); write the recipe out without nested aliases")
 
 
 #: What `edgepack demo` runs; recipes/minilm.yaml spells out the same recipe (a test keeps them equal).

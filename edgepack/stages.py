@@ -133,14 +133,26 @@ def quantize(fp32: Path, family: ModelFamily, *, calibration: Sequence[Sample], 
         check = (list(family.feeds(calibration[: options.budget_samples], max_length=max_length)),
                  family.primary_output) if wants_check else None
         cache = RangeCache(cache_dir, key) if cache_dir is not None else None
+        estimate = _guard_calibration(fp32, family, calibration, max_length=max_length)
         metrics = quantize_static(fp32, tmp / "model.onnx", calibration_feeds=calibration_feeds,
                                   n_calibration=len(calibration), options=q_options, budget=budget, check=check,
                                   cache=cache, sensitivity_top=options.sensitivity_top)
         (tmp / "tensor_ranges.json").write_text(json.dumps(metrics.pop("tensor_ranges"), indent=1))
         carry_files(family, tmp)
-        return metrics
+        return {**metrics, "memory_estimate": estimate}
 
     return run_stage("quantize", config, inputs, work, model=family.artifact_record(), **_where(root, folder))
+
+
+def _guard_calibration(fp32: Path, family: ModelFamily, calibration: Sequence[Sample], *,
+                       max_length: int) -> dict[str, Any]:
+    """Refuse before calibrating when the estimated peak exceeds the memory available (`memory_guard`)."""
+    from edgepack import memory_guard
+
+    worst = next(family.feeds(calibration[:1], batch_size=1, max_length=max_length, padding="max_length"))
+    estimate = memory_guard.estimate_calibration(fp32, worst)
+    memory_guard.check(estimate)
+    return estimate.to_json()
 
 
 # ----------------------------------------------------------------------------------------------------- validate
@@ -166,13 +178,20 @@ def validate(variants: Mapping[str, Path], family: ModelFamily, *, samples: Sequ
               "data": samples_hash(samples) if generated is None else samples_hash([generated.feed])}
 
     def work(tmp: Path) -> dict[str, Any]:
+        from edgepack import memory_guard
+
+        worst = generated.feed if generated is not None else \
+            next(family.feeds(samples[:1], batch_size=1, padding="max_length",
+                              max_length=max(settings.sequence_length, settings.max_length)))
+        estimate = memory_guard.estimate_inference(list(variants.values()), worst)
+        memory_guard.check(estimate)
         results = validate_variants(variants, family=family, samples=samples, providers=providers, workdir=tmp,
                                     settings=settings, compared_to=compared_to,
                                     cache_dir=cache_dir or tmp.parent / "ep-cache",
                                     generated=None if generated is None else generated.feed)
         for name, path in variants.items():
             results[name].update(size_bytes=model_bytes(path), sha256=hashes[name])
-        return {"variants": results, "device": device}
+        return {"variants": results, "device": device, "memory_estimate": estimate.to_json()}
 
     return run_stage("validate", config, inputs, work, **_where(root, folder))
 

@@ -30,7 +30,9 @@ Sample = TextSample | ArraySample
 
 from edgepack.calibration_data.readers import (  # noqa: E402
     DataSplit,
+    iter_samples,
     read_samples,
+    read_split,
     sample_path,
     split_samples,
 )
@@ -51,7 +53,9 @@ __all__ = [
     "Sample",
     "TextSample",
     "array_batches",
+    "iter_samples",
     "read_samples",
+    "read_split",
     "resolve_data_path",
     "sample_path",
     "split_samples",

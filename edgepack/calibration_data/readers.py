@@ -3,6 +3,12 @@
 The standard library (`json`, `csv`) and numpy (`np.load`) do the parsing; what we add is the checking: every bad
 file raises one `BadInputError` line that names the file, the line / field / array, and the fix.
 
+Files are streamed, never read whole: text, JSONL and CSV a line at a time (`iter_samples`), an uncompressed
+.npz member memory-mapped (a compressed one is decompressed whole: numpy cannot map it). `read_split` draws the
+calibration / evaluation split in two passes over the file, keeping a 16-byte digest per record rather than the
+records (about 50 bytes a record at the peak, while the digests are sorted and the order drawn), and gives exactly
+what `split_samples(read_samples(...))` gives.
+
 >>> samples = read_samples(sample_path(), field="text", pair_field="paraphrase")
 >>> split = split_samples(samples, n_calibration=8, n_evaluation=4, seed=0, source="sentences.jsonl")
 >>> len(split.calibration), len(split.evaluation)
@@ -12,9 +18,12 @@ file raises one `BadInputError` line that names the file, the line / field / arr
 from __future__ import annotations
 
 import csv
+import hashlib
+import io
+import itertools
 import json
 import zipfile
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,8 +45,8 @@ class Fields:
     label: str | None = None
 
 
-#: A reader takes the file and the field options and returns the samples in file order.
-Reader = Callable[[Path, Fields], list[Sample]]
+#: A reader takes the file and the field options and yields the samples in file order, reading as it goes.
+Reader = Callable[[Path, Fields], Iterable[Sample]]
 data_formats: Registry[Reader] = Registry("data format")
 _SUFFIXES = {".txt": "text", ".jsonl": "jsonl", ".csv": "csv", ".npz": "npz"}
 
@@ -66,6 +75,20 @@ def read_samples(
     (a class index or name per record) apply to jsonl and csv only; a `pair_field` or `label_field` on a text or
     npz file is an error rather than silently ignored (an NPZ carries labels as its `labels` array).
     """
+    samples = list(iter_samples(path, format=format, field=field, pair_field=pair_field, label_field=label_field))
+    if not samples:
+        raise BadInputError(f"{path}: no samples (the file is empty, blank, or has no data rows); add at least one")
+    return samples
+
+
+def iter_samples(
+    path: str | Path, *, format: str = "auto", field: str = "text", pair_field: str | None = None,
+    label_field: str | None = None, limit: int | None = None,
+) -> Iterator[Sample]:
+    """The samples of `path` one at a time, in file order (`read_samples` without holding them); at most `limit`.
+
+    The path and options are checked before the first sample; a bad record raises when it is reached. An empty
+    file yields nothing (`read_samples` makes that an error)."""
     path = Path(path)
     if not path.exists():
         raise BadInputError(f"{path}: file not found; check the path (relative paths start at {Path.cwd()})")
@@ -77,10 +100,7 @@ def read_samples(
             raise BadInputError(f"{path}: {format} files carry no named fields; drop {option} or use a .jsonl / "
                                 ".csv file")
     reader = data_formats.get(format)
-    samples = reader(path, Fields(field, pair_field, label_field))
-    if not samples:
-        raise BadInputError(f"{path}: no samples (the file is empty, blank, or has no data rows); add at least one")
-    return samples
+    return itertools.islice(iter(reader(path, Fields(field, pair_field, label_field))), limit)
 
 
 def _resolve_format(path: Path, format: str) -> str:
@@ -101,22 +121,37 @@ def _resolve_format(path: Path, format: str) -> str:
     return format
 
 
-def _read_text_file(path: Path) -> str:
-    try:
-        return path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as err:
-        raise BadInputError(f"{path}: not UTF-8 text (byte {err.start}); save the file as UTF-8") from err
+def _lines(path: Path) -> Iterator[tuple[int, str]]:
+    """(line number, text) of each line, decoded one line at a time; a bad byte is named by its file offset.
+
+    Lines end at "\n" ("\r\n" keeps its "\r", which callers strip); a leading UTF-8 byte order mark is dropped."""
+    offset = 0
+    with path.open("rb") as handle:
+        for lineno, raw in enumerate(handle, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise BadInputError(f"{path}:{lineno}: not UTF-8 text (byte {offset + err.start}); save the file "
+                                    "as UTF-8") from err
+            if lineno == 1:
+                line = line.removeprefix("\ufeff")
+            offset += len(raw)
+            yield lineno, line
 
 
 @data_formats.register("text")
-def _read_text(path: Path, fields: Fields) -> list[Sample]:
-    return [TextSample(line.strip()) for line in _read_text_file(path).splitlines() if line.strip()]
+def _read_text(path: Path, fields: Fields) -> Iterator[Sample]:
+    for _, line in _lines(path):
+        # str.splitlines also breaks at \r, \v, \f, \x1c-\x1e, \x85, \u2028/9: as whole-file splitlines did
+        for piece in line.splitlines():
+            if piece.strip():
+                yield TextSample(piece.strip())
 
 
 @data_formats.register("jsonl")
-def _read_jsonl(path: Path, fields: Fields) -> list[Sample]:
-    samples: list[Sample] = []
-    for lineno, line in enumerate(_read_text_file(path).splitlines(), start=1):
+def _read_jsonl(path: Path, fields: Fields) -> Iterator[Sample]:
+    """One JSON object per "\n"-ended line (JSON Lines): a U+2028 inside a string is text, not a line break."""
+    for lineno, line in _lines(path):
         if not line.strip():
             continue
         try:
@@ -125,27 +160,28 @@ def _read_jsonl(path: Path, fields: Fields) -> list[Sample]:
             raise BadInputError(
                 f"{path}:{lineno}: not valid JSON ({err.msg} at column {err.colno}); write one JSON object per line"
             ) from err
+        except (RecursionError, ValueError) as err:  # nesting past the stack, an int of more than 4300 digits
+            raise BadInputError(f"{path}:{lineno}: JSON this reader cannot hold ({type(err).__name__}: "
+                                f"{str(err)[:80]}); write flat records like {{\"{fields.text}\": \"...\"}}") from None
         if not isinstance(record, dict):
             raise BadInputError(
                 f'{path}:{lineno}: expected a JSON object like {{"{fields.text}": "..."}}, got {type(record).__name__}'
             )
-        samples.append(_text_sample(record, path, lineno, fields, kind="field"))
-    return samples
+        yield _text_sample(record, path, lineno, fields, kind="field")
 
 
 @data_formats.register("csv")
-def _read_csv(path: Path, fields: Fields) -> list[Sample]:
-    with path.open(newline="", encoding="utf-8") as file:
+def _read_csv(path: Path, fields: Fields) -> Iterator[Sample]:
+    with path.open("rb") as raw, io.TextIOWrapper(raw, encoding="utf-8-sig", newline="") as file:
         rows = csv.DictReader(file)
         try:
-            samples: list[Sample] = [
-                _text_sample(row, path, rows.line_num, fields, kind="column") for row in rows
-            ]
+            for row in rows:
+                yield _text_sample(row, path, rows.line_num, fields, kind="column")
         except UnicodeDecodeError as err:
-            raise BadInputError(f"{path}: not UTF-8 text (byte {err.start}); save the file as UTF-8") from err
+            raise BadInputError(f"{path}:{rows.line_num + 1}: not UTF-8 text (byte {raw.tell() - len(err.object) + err.start} "
+                                "or near it); save the file as UTF-8") from err
         except csv.Error as err:
             raise BadInputError(f"{path}:{rows.line_num}: not valid CSV ({err}); fix the quoting on that line") from err
-    return samples
 
 
 def _text_sample(record: dict[str, Any], path: Path, lineno: int, fields: Fields, *, kind: str) -> TextSample:
@@ -188,10 +224,10 @@ def _text_value(record: dict[str, Any], path: Path, lineno: int, name: str, kind
 
 
 @data_formats.register("npz")
-def _read_npz(path: Path, fields: Fields) -> list[Sample]:
+def _read_npz(path: Path, fields: Fields) -> Iterator[Sample]:
     arrays = _load_npz(path)
     if not arrays:
-        return []
+        return
     for name, array in arrays.items():
         if array.ndim == 0:
             raise BadInputError(
@@ -204,26 +240,59 @@ def _read_npz(path: Path, fields: Fields) -> list[Sample]:
             f"{path}: arrays disagree on the sample count (first dimension): {listed}; "
             "save every array with the same number of samples first"
         )
-    n = next(iter(lengths.values()))
-    return [{name: array[i] for name, array in arrays.items()} for i in range(n)]
+    for i in range(next(iter(lengths.values()))):
+        yield {name: np.asarray(array[i]) for name, array in arrays.items()}
+
+
+_NPZ_FIX = "save the arrays with numpy.savez(path, input_ids=..., attention_mask=...)"
 
 
 def _load_npz(path: Path) -> dict[str, np.ndarray]:
-    fix = "save the arrays with numpy.savez(path, input_ids=..., attention_mask=...)"
+    """name -> array; an uncompressed member is memory-mapped where it lies in the zip (numpy.savez stores them
+    so), a compressed one (savez_compressed) is read whole. Never unpickled (allow_pickle=False)."""
     with path.open("rb") as file:
         magic = file.read(6)
     if magic.startswith(b"\x93NUMPY"):
-        raise BadInputError(f"{path}: holds a single .npy array, not an .npz archive; {fix}")
+        raise BadInputError(f"{path}: holds a single .npy array, not an .npz archive; {_NPZ_FIX}")
     # np.load treats anything that is neither zip nor .npy as a pickle; we never unpickle user files.
     if not magic.startswith((b"PK\x03\x04", b"PK\x05\x06")):
-        raise BadInputError(f"{path}: not a valid .npz archive (no zip header); {fix}")
+        raise BadInputError(f"{path}: not a valid .npz archive (no zip header); {_NPZ_FIX}")
     try:
-        with np.load(path, allow_pickle=False) as npz:
-            return {name: npz[name] for name in npz.files}
-    except (zipfile.BadZipFile, OSError, EOFError) as err:
-        raise BadInputError(f"{path}: not a valid .npz archive ({err}); {fix}") from err
-    except ValueError as err:  # object arrays need pickle
-        raise BadInputError(f"{path}: cannot read the arrays ({err}); store numeric arrays only, {fix}") from err
+        with zipfile.ZipFile(path) as archive:
+            members = [info for info in archive.infolist() if info.filename.endswith(".npy")]
+            return {info.filename.removesuffix(".npy"): _npz_member(path, archive, info) for info in members}
+    except (zipfile.BadZipFile, OSError, EOFError, NotImplementedError, RuntimeError) as err:
+        raise BadInputError(f"{path}: not a valid .npz archive ({err}); {_NPZ_FIX}") from err
+    except ValueError as err:  # object arrays need pickle; a bad .npy header
+        raise BadInputError(f"{path}: cannot read the arrays ({err}); store numeric arrays only, {_NPZ_FIX}") from err
+
+
+def _npz_member(path: Path, archive: zipfile.ZipFile, info: zipfile.ZipInfo) -> np.ndarray:
+    with archive.open(info) as member:
+        version = np.lib.format.read_magic(member)
+        if version not in ((1, 0), (2, 0)):
+            return _read_whole(archive, info)
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
+            np.lib.format.read_array_header_2_0
+        shape, fortran, dtype = read_header(member)  # numpy's own .npy header parser (size-limited)
+        header = member.tell()
+    if dtype.hasobject:
+        raise ValueError(f"array '{info.filename}' holds Python objects (dtype {dtype}), which need pickle")
+    if info.compress_type != zipfile.ZIP_STORED or fortran or not shape or 0 in shape:
+        return _read_whole(archive, info)
+    with path.open("rb") as handle:  # the member's data starts after its local header (30 bytes + name + extra)
+        handle.seek(info.header_offset + 26)
+        name_length, extra_length = np.frombuffer(handle.read(4), "<u2")
+    offset = info.header_offset + 30 + int(name_length) + int(extra_length) + header
+    count = int(np.prod(shape, dtype=np.int64))
+    if offset + count * dtype.itemsize > path.stat().st_size:
+        raise OSError(f"array '{info.filename}' is cut short (the file is truncated)")
+    return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=tuple(shape))
+
+
+def _read_whole(archive: zipfile.ZipFile, info: zipfile.ZipInfo) -> np.ndarray:
+    with archive.open(info) as member:
+        return np.load(member, allow_pickle=False)
 
 
 @dataclass(frozen=True)
@@ -268,14 +337,68 @@ def _drop_duplicates(samples: Sequence[Sample]) -> list[Sample]:
     return unique
 
 
-def _content_key(sample: Sample) -> Hashable:
-    """Text samples are equal by text; array samples by names, dtypes, shapes and bytes."""
+def _content_key(sample: Sample) -> bytes:
+    """A 16-byte digest of what makes samples equal: the text; or names, dtypes, shapes and bytes of the arrays.
+
+    A digest rather than the content, so the set of seen samples stays small (BLAKE2b-128: a collision, which
+    would drop a sample as a duplicate, is ~1e-20 likely for a billion samples)."""
+    digest = hashlib.blake2b(digest_size=16)
     if isinstance(sample, TextSample):
-        return ("text", sample.text)
-    return tuple(
-        (name, array.dtype.str, array.shape, np.ascontiguousarray(array).tobytes())
-        for name, array in sorted(sample.items())
-    )
+        digest.update(b"text\0" + sample.text.encode("utf-8", "surrogatepass"))
+        return digest.digest()
+    for name, array in sorted(sample.items()):
+        digest.update(f"{name}\0{array.dtype.str}\0{array.shape}\0".encode())
+        digest.update(np.ascontiguousarray(array).tobytes())
+    return digest.digest()
 
 
-__all__ = ["DataSplit", "Fields", "data_formats", "read_samples", "sample_path", "split_samples"]
+def read_split(
+    path: str | Path, *, n_calibration: int, n_evaluation: int, seed: int, source: str, format: str = "auto",
+    field: str = "text", pair_field: str | None = None, label_field: str | None = None,
+) -> DataSplit:
+    """`split_samples(read_samples(path, ...), ...)` in two streaming passes: the first keeps a digest per record
+    (to drop duplicates and count), the second keeps only the chosen records. Same result, same errors."""
+    options = {"format": format, "field": field, "pair_field": pair_field, "label_field": label_field}
+    if n_calibration < 1:
+        raise BadInputError(f"{source}: n_calibration is {n_calibration}; calibration needs at least 1 sample")
+    if n_evaluation < 0:
+        raise BadInputError(f"{source}: n_evaluation is {n_evaluation}; use 0 or more")
+    digests = _digests(iter_samples(path, **options))  # (records, 16) uint8: ~16 bytes a record
+    if not len(digests):
+        raise BadInputError(f"{path}: no samples (the file is empty, blank, or has no data rows); add at least one")
+    _, first = np.unique(digests.view(np.dtype((np.void, 16))).ravel(), return_index=True)
+    unique_positions = np.sort(first)  # file positions of the first copy of each sample, in file order
+    needed = n_calibration + n_evaluation
+    if len(unique_positions) < needed:
+        dropped = len(digests) - len(unique_positions)
+        note = f" ({dropped} duplicates dropped)" if dropped else ""
+        raise BadInputError(
+            f"{source}: {len(unique_positions)} unique samples{note}, but the recipe asks for {n_calibration} "
+            f"calibration + {n_evaluation} evaluation; lower data.n_calibration / data.n_evaluation or supply more "
+            "samples"
+        )
+    order = np.random.default_rng(seed).permutation(len(unique_positions))[:needed]
+    wanted = {int(unique_positions[i]): rank for rank, i in enumerate(order)}
+    chosen: list[Sample | None] = [None] * needed
+    for position, sample in enumerate(iter_samples(path, **options)):
+        if position in wanted:
+            chosen[wanted[position]] = sample
+    if any(sample is None for sample in chosen):
+        raise BadInputError(f"{path}: the file changed while it was read; read it again when it is complete")
+    return DataSplit(calibration=chosen[:n_calibration], evaluation=chosen[n_calibration:])  # type: ignore[arg-type]
+
+
+def _digests(samples: Iterable[Sample], *, block: int = 1 << 16) -> np.ndarray:
+    """(N, 16) uint8 digests, grown a block at a time."""
+    blocks, current = [], bytearray()
+    for sample in samples:
+        current += _content_key(sample)
+        if len(current) >= 16 * block:
+            blocks.append(np.frombuffer(bytes(current), np.uint8))
+            current = bytearray()
+    blocks.append(np.frombuffer(bytes(current), np.uint8))
+    return np.concatenate(blocks).reshape(-1, 16)
+
+
+__all__ = ["DataSplit", "Fields", "data_formats", "iter_samples", "read_samples", "read_split", "sample_path",
+           "split_samples"]

@@ -64,7 +64,7 @@ from edgepack.exporters.ort_format import (
     read_operator_config,
 )
 from edgepack.exporters.verify import DESCRIPTION, KIND, max_error, read_tensors, verify_bundle
-from edgepack.onnx_files import load_onnx_checked, model_digest
+from edgepack.onnx_files import external_data_files, load_onnx_checked, model_digest
 from edgepack.reporter import get_reporter
 from edgepack.runner import StageResult, run_stage
 
@@ -72,6 +72,8 @@ FORMAT_VERSION = 2  # 1: the description was manifest.json, with a creation time
 #: FlatBuffers addresses the .ort with 32-bit offsets: an ORT-format model holds at most 2 GiB (not the external
 #: data rule of `onnx_files`, which the .ort cannot use)
 ORT_FORMAT_LIMIT_BYTES = 2**31
+#: room for what the .ort adds around the weights (node and type tables, alignment)
+ORT_FORMAT_MARGIN_BYTES = 2**26
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _QUANT_OPS = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "MatMulNBits", "QAttention",
               "DynamicQuantizeMatMul", "QGemm", "QOrderedMatMul"}
@@ -171,7 +173,11 @@ def build_bundle(model_path: Path, folder: Path, *, feeds: Sequence[Feed], optio
 
 def fixed_text_shape(model_path: Path, fixed_shapes: Mapping[str, int]) -> tuple[int, int]:
     """(batch, sequence) of the first input once `fixed_shapes` are applied: text feeds are padded to it."""
-    fixed = make_shapes_fixed(load_onnx_checked(Path(model_path)), dict(fixed_shapes), label=str(model_path))
+    model = load_onnx_checked(Path(model_path))
+    # only the inputs matter here: a graph of them alone, so no weight (inline or external data) is touched
+    inputs = onnx.helper.make_model(onnx.helper.make_graph([], "inputs", _graph_inputs(model), []),
+                                    opset_imports=model.opset_import, ir_version=model.ir_version)
+    fixed = make_shapes_fixed(inputs, dict(fixed_shapes), label=str(model_path))
     value = _graph_inputs(fixed)[0]
     dims = value.type.tensor_type.shape.dim
     if len(dims) != 2 or not all(d.HasField("dim_value") for d in dims):
@@ -197,12 +203,22 @@ def _load_model(path: Path) -> onnx.ModelProto:
     from onnx.external_data_helper import load_external_data_for_model, uses_external_data
 
     model = load_onnx_checked(path)
+    # decided from the file sizes, before the weights are read into memory (a 10 GB model would be read for nothing)
+    on_disk = path.stat().st_size + sum(f.stat().st_size for f in external_data_files(path))
+    if on_disk >= ORT_FORMAT_LIMIT_BYTES - ORT_FORMAT_MARGIN_BYTES:
+        raise _too_large(path, on_disk)
     if any(uses_external_data(init) for init in model.graph.initializer):
         load_external_data_for_model(model, str(path.parent))
-    if model.ByteSize() >= ORT_FORMAT_LIMIT_BYTES:
-        raise BadInputError(f"{path}: {model.ByteSize() / 2**30:.1f} GB of weights; the ORT format holds at most "
-                            "2 GB — quantize the model first (edgepack quantize) or ship the .onnx instead")
+    if model.ByteSize() >= ORT_FORMAT_LIMIT_BYTES - ORT_FORMAT_MARGIN_BYTES:
+        raise _too_large(path, model.ByteSize())
     return model
+
+
+def _too_large(path: Path, size: int) -> BadInputError:
+    return BadInputError(f"{path}: {size / 2**30:.2f} GiB with its weights; an ORT format model is one FlatBuffer "
+                         "(32-bit offsets), at most 2 GiB, with no external data — quantize it first (edgepack "
+                         "quantize: INT8 weights are a quarter of FP32) or ship the .onnx with its .data file, "
+                         "which ONNX Runtime loads as it is")
 
 
 def _graph_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:

@@ -33,6 +33,8 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 def check_model_folder(path: Path) -> None:
     """An HF folder must have its config and safetensors weights; a folder with only pickled weights is refused."""
     if list(path.glob("*.safetensors")) and (path / "config.json").is_file():
+        for weights in sorted(path.glob("*.safetensors")):
+            check_safetensors(weights)
         return
     pickled = sorted(p for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES) if path.is_dir() else []
     if pickled:
@@ -43,6 +45,20 @@ def check_model_folder(path: Path) -> None:
                             "`save_pretrained` wrote, or an import path `pkg.module:factory` for a plain nn.Module")
     raise BadInputError(f"{path} has config.json but no *.safetensors weights; save the model with "
                         "`save_pretrained(..., safe_serialization=True)`")
+
+
+def check_safetensors(path: Path) -> None:
+    """The header of a .safetensors file parses (safetensors' own parser, header only): a truncated, foreign or
+    pickled file is one line here instead of a SafetensorError deep in from_pretrained."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="numpy") as handle:
+            handle.keys()
+    except (SafetensorError, OSError, ValueError) as err:
+        reason = str(err).splitlines()[0][:120] if str(err) else type(err).__name__
+        raise BadInputError(f"{path}: not a readable safetensors file ({reason}); the file may be truncated or "
+                            "something else renamed — save the model again with `save_pretrained`") from None
 
 
 def load_tokenizer(folder: Path) -> Any:

@@ -113,7 +113,8 @@ class SentenceEncoder(HFTextFamily):
         from transformers import AutoModel
 
         # Eager attention exports to plain MatMul/Softmax, which the INT8 recipes and mobile EPs understand.
-        encoder = AutoModel.from_pretrained(self.folder, local_files_only=True, attn_implementation="eager")
+        encoder = AutoModel.from_pretrained(self.folder, local_files_only=True, use_safetensors=True,
+                                            attn_implementation="eager")
         return _embedder(encoder, pooling=self.pooling, normalize=self.normalize, input_names=self.io.input_names)
 
     def evaluation_feeds(self, samples: Sequence[Sample], *, max_length: int) -> list[Feed]:

@@ -82,7 +82,7 @@ class SequenceClassifier(HFTextFamily):
             return super().load_torch()
         from transformers import AutoModelForSequenceClassification
 
-        model = AutoModelForSequenceClassification.from_pretrained(self.folder, local_files_only=True,
+        model = AutoModelForSequenceClassification.from_pretrained(self.folder, local_files_only=True, use_safetensors=True,
                                                                    attn_implementation="eager")
         return _classifier(model, self.io.input_names)
 

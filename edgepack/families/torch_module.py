@@ -8,6 +8,7 @@ Data comes as arrays (NPZ, one array per input). Fidelity is measured on the fir
 from __future__ import annotations
 
 import importlib
+import sys
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
@@ -45,6 +46,12 @@ def load_factory(source: str) -> Any:
     import torch
 
     module_name, _, attr = source.partition(":")
+    # an import path is code by design (the user's own factory); it never names the standard library, whose
+    # no-argument callables (os:fork, os:abort, antigravity on import) a recipe from elsewhere could aim at
+    if module_name.split(".")[0] in sys.stdlib_module_names or not attr.isidentifier() or attr.startswith("_"):
+        raise BadInputError(f"model '{source}': an import path names your own factory, `package.module:function` "
+                            "(not Python's standard library, not a private name); it is imported and called, so a "
+                            "recipe that names one is code: run only recipes you trust")
     try:
         module = importlib.import_module(module_name)
     except ImportError as err:
@@ -53,7 +60,11 @@ def load_factory(source: str) -> Any:
     factory = getattr(module, attr, None)
     if factory is None:
         raise BadInputError(f"module '{module_name}' has no '{attr}'; name a function or class that builds the model")
-    model = factory()
+    try:
+        model = factory()
+    except TypeError as err:  # a callable that wants arguments: not a factory
+        raise BadInputError(f"calling '{source}' failed ({err}); name a function that takes no arguments and "
+                            "returns the torch.nn.Module") from None
     if not isinstance(model, torch.nn.Module):
         raise BadInputError(f"'{source}' returned {type(model).__name__}, not a torch.nn.Module")
     return model.eval()

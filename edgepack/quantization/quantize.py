@@ -25,7 +25,7 @@ import onnx
 from edgepack.artifacts import content_hash, write_json
 from edgepack.calibration_data import Feed
 from edgepack.errors import BadInputError, did_you_mean
-from edgepack.onnx_files import model_digest, needs_external_data, save_onnx
+from edgepack.onnx_files import model_digest, needs_external_data, save_onnx, without_weights
 from edgepack.quantization.calibrators import CALIBRATORS, RangeCalibrator, collect_tensor_ranges, make_calibrator
 from edgepack.quantization.recipes import BranchPoint, QuantPlan, plan_quantization
 from edgepack.quantization.sensitivity import QuantBudget, fit_budget, raise_unmet
@@ -89,7 +89,7 @@ class PerTensorCalibrator(RangeCalibrator):
 
 def tensors_to_calibrate(model: onnx.ModelProto, plan: QuantPlan) -> list[str]:
     """Float activations entering or leaving the nodes the plan quantizes (what ORT's quantizer asks ranges for)."""
-    inferred = onnx.shape_inference.infer_shapes(model)
+    inferred = onnx.shape_inference.infer_shapes(without_weights(model))  # > 2 GB: protobuf cannot serialize it
     float_tensors = {vi.name for vi in [*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output]
                      if vi.type.tensor_type.elem_type == onnx.TensorProto.FLOAT}
     initializers = {init.name for init in model.graph.initializer}
