@@ -13,14 +13,15 @@ library predicts ONNX Runtime's or PyTorch's peak); its parts are:
   above the process's footprint on a 256 MB MLP, so 6 W; every calibrated tensor is a session output, alive for
   two samples while the next one runs (3 A);
 - validation runs each variant in a fresh process: ONNX Runtime's copy of the weights and its prepacked GEMM
-  weights (measured 1.3 W for FP32, 1.9 W for INT8 QDQ: 2 W) plus its arena (A) plus the interpreter and ORT
-  themselves (`_PROCESS_BASE`);
-- training: weights, gradients and the two AdamW moments of the student (4 W_s), the frozen teacher (W_t) and
-  the stored activations, s·b·h·(34 + 5·a·s/h) bytes per layer in 16-bit (Korthikanti et al. 2022, "Reducing
-  activation recomputation"), twice that in fp32, about s·b·h·4 per layer with gradient checkpointing.
+  weights (measured 1.2-1.3 W for FP32: 1.5 W; 1.9 W for INT8 QDQ: 2 W) plus its arena (A) plus the interpreter
+  and ORT themselves (`_PROCESS_BASE`);
+- training: weights, gradients and the two AdamW moments of the student (at most 4 W_t), the frozen teacher
+  (W_t), its hidden states for the losses, and twice the stored activations, s·b·h·(34 + 5·a·s/h) bytes per
+  layer in 16-bit (Korthikanti et al. 2022, "Reducing activation recomputation"), twice that in fp32, about
+  s·b·h·4 per layer plus one whole layer with gradient checkpointing.
 
-Measured against the stage manifests' peak RSS it is within a factor of two (docs/reliability.md has the table);
-it is a guard against the order-of-magnitude mistake, not a profiler. Available memory is the tighter of the
+Measured against real peaks it is within -15% .. +80% (docs/reliability.md has the table); it is a guard against
+the order-of-magnitude mistake, not a profiler. Available memory is the tighter of the
 cgroup limit (v2 `memory.max` - `memory.current`, v1 `limit_in_bytes` - `usage_in_bytes`) and /proc/meminfo's
 MemAvailable. EDGEPACK_MEMORY_LIMIT_BYTES lowers the available figure to
 your share of a shared machine; EDGEPACK_MEMORY_GUARD=off skips the check (the estimate is still recorded in the
@@ -137,6 +138,14 @@ def weight_bytes(model_path: Path) -> int:
     return sum(_tensor_bytes(t.data_type, t.dims) for t in model.graph.initializer)
 
 
+def _is_quantized(model_path: Path) -> bool:
+    import onnx
+
+    ops = {node.op_type for node in onnx.load(str(model_path), load_external_data=False).graph.node}
+    return any(op in ("QuantizeLinear", "DequantizeLinear", "MatMulNBits") or op.startswith("QLinear") or
+               op.endswith("Integer") for op in ops)
+
+
 def _tensor_bytes(elem_type: int, dims: Sequence[int]) -> int:
     import onnx
 
@@ -213,7 +222,10 @@ def estimate_inference(model_paths: Sequence[Path], feed: Mapping[str, np.ndarra
     for path in model_paths:
         weights = weight_bytes(path)
         activations, _ = activation_bytes(path, feed)
-        parts = {"process": _PROCESS_BASE, "weights x2": 2 * weights, "activations": activations}
+        # ORT keeps a float weight and its prepacked GEMM copy (measured 1.2-1.3 W); an INT8 QDQ weight also
+        # its dequantized or requantized form (measured 1.9 W)
+        factor = 2.0 if _is_quantized(path) else 1.5
+        parts = {"process": _PROCESS_BASE, f"weights x{factor:g}": int(factor * weights), "activations": activations}
         if worst is None or sum(parts.values()) > sum(worst[1].values()):
             worst = (sum(parts.values()), parts, Path(path).parent.name or Path(path).name)
     assert worst is not None
@@ -233,14 +245,18 @@ def estimate_training(teacher_dir: Path, *, batch_size: int, max_length: int, st
     layers = int(config.get("num_hidden_layers", config.get("n_layer", 12)))
     student = student_layers or layers
     s, b = max_length, batch_size
-    per_layer_16bit = s * b * hidden * (34 + 5 * heads * s / hidden)
-    stored = (s * b * hidden * 4 * student + per_layer_16bit * 2) if gradient_checkpointing else \
-        per_layer_16bit * (1 if precision in ("bf16", "fp16") else 2) * student
+    per_layer = s * b * hidden * (34 + 5 * heads * s / hidden) * (1 if precision in ("bf16", "fp16") else 2)
+    # checkpointing keeps each layer's input and recomputes one layer at a time during the backward pass
+    stored = (s * b * hidden * 4 * student + per_layer) if gradient_checkpointing else per_layer * student
+    teacher_states = (layers + 1) * s * b * hidden * 4  # the teacher's hidden states, kept for the losses
+    # x2: the backward pass's activation gradients, loss intermediates and allocator slack (measured 1.5-2.6x the
+    # formula alone on all-MiniLM-L6-v2 distilled to 3 layers; docs/reliability.md)
+    activations = 2 * stored + teacher_states
     return MemoryEstimate(
         f"{step} (teacher {teacher / 2**20:.0f} MB, {student} student layers, batch {b} x {s} tokens)",
         # the student is at most the teacher; its gradients and AdamW moments scale with the layers it trains
         {"teacher": teacher, "student": teacher, "grads and AdamW": 3 * teacher * student // max(layers, 1),
-         "activations": int(stored)},
+         "activations": int(activations)},
         f"lower {step}.batch_size or {step}.max_length, or set {step}.gradient_checkpointing: true"
         if step == "distill" else f"lower {step}.recovery_batch_size or {step}.max_length")
 

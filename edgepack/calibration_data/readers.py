@@ -6,8 +6,8 @@ file raises one `BadInputError` line that names the file, the line / field / arr
 Files are streamed, never read whole: text, JSONL and CSV a line at a time (`iter_samples`), an uncompressed
 .npz member memory-mapped (a compressed one is decompressed whole: numpy cannot map it). `read_split` draws the
 calibration / evaluation split in two passes over the file, keeping a 16-byte digest per record rather than the
-records (about 50 bytes a record at the peak, while the digests are sorted and the order drawn), and gives exactly
-what `split_samples(read_samples(...))` gives.
+records (measured: 82 MB above the interpreter for a 1.0 GB file of 1M records, ~80 bytes a record while the
+digests are sorted and the order drawn), and gives exactly what `split_samples(read_samples(...))` gives.
 
 >>> samples = read_samples(sample_path(), field="text", pair_field="paraphrase")
 >>> split = split_samples(samples, n_calibration=8, n_evaluation=4, seed=0, source="sentences.jsonl")
