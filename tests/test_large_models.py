@@ -81,6 +81,27 @@ def test_weights_in_other_data_files_are_gathered_into_one_a_tensor_at_a_time(tm
     assert np.array_equal(before, after)
 
 
+def test_calibration_plans_on_the_graph_without_serializing_the_weights(tmp_path, monkeypatch):
+    """The real 2.25 GiB model crashed in `tensors_to_calibrate` (EncodeError: protobuf cannot serialize 2 GiB):
+    shape inference now gets a weightless copy, whatever the model's size, and finds the same tensors."""
+    from edgepack.onnx_files import without_weights
+    from edgepack.quantization.quantize import tensors_to_calibrate
+    from edgepack.quantization.recipes import plan_quantization
+
+    model = onnx.load(str(make_onnx_mlp(tmp_path / "model.onnx", layers=3, width=512)))  # 3 MiB of weights
+    seen: list[int] = []
+    infer = onnx.shape_inference.infer_shapes
+
+    def spy(proto: onnx.ModelProto, *args: object, **kwargs: object) -> onnx.ModelProto:
+        seen.append(proto.ByteSize())
+        return infer(proto, *args, **kwargs)
+
+    monkeypatch.setattr(onnx.shape_inference, "infer_shapes", spy)
+    tensors = tensors_to_calibrate(model, plan_quantization(model, family="generic", exclude=()))
+    assert tensors == ["x", "m0", "r0", "m1", "r1", "m2"] and seen and max(seen) < 4096 < model.ByteSize() // 100
+    assert len(without_weights(model).graph.initializer) == 3 and model.ByteSize() > 3 * 2**20  # input untouched
+
+
 def test_the_bundle_refuses_over_the_ort_format_limit_before_reading_a_weight(tmp_path, monkeypatch):
     from edgepack.exporters import bundle
 
