@@ -26,6 +26,26 @@ def _check_ratio(section: str, name: str, value: float) -> float:
     return value
 
 
+class DistillCorpus(_Section):
+    """A broad corpus beside the task's text (`edgepack.calibration_data.corpus`): streamed, exact and near
+    duplicates dropped, every text resembling evaluation data (the data section's evaluation split and
+    evaluation_sets) dropped, then mixed with the task's texts so that they make up `task_share` of training."""
+
+    #: a .jsonl / .jsonl.gz / .txt / .txt.gz file, or `bundled:<name>` (bundled:distill-corpus-python.jsonl.gz)
+    path: str
+    field: str = "text"
+    #: a second text per record (a docstring's summary and its paragraph) that is trained on too
+    pair_field: str | None = None
+    #: at most this many records, the first ones kept after de-duplication
+    max_samples: int | None = Field(None, ge=1)
+    #: estimated Jaccard similarity (word 3-shingles, MinHash) at which a text is a near duplicate; null: exact only
+    near_duplicates: float | None = Field(0.7, gt=0, le=1)
+    #: fraction of the training texts that come from distill.data.path (repeated when too few): 0.2 = 1 in 5
+    task_share: float = Field(0.2, ge=0, lt=1)
+    #: pairs of the corpus (text, pair) held out for early stopping, beside the task's held-out pairs
+    validation_pairs: int = Field(0, ge=0)
+
+
 class DistillData(_Section):
     """Distillation's own training text (it needs no labels: the teacher's outputs are the targets).
 
@@ -43,6 +63,8 @@ class DistillData(_Section):
     max_samples: int | None = Field(None, ge=1)
     #: add this many "text_a text_b" pairs of random training texts (longer inputs from short sentences)
     combinations: int = Field(0, ge=0)
+    #: a broad corpus mixed with these texts (null: the task's texts only)
+    corpus: DistillCorpus | None = None
     seed: int = 0
 
 
@@ -93,6 +115,17 @@ class DistillSection(_Section):
                      "paraphrase_recall_at_1"] = "similarity_agreement"
     early_stop_patience: int | None = Field(3, ge=1)
     checkpoint_every: int = Field(0, ge=0)
+    #: run the teacher once per training text before training and read its outputs from memory at each step
+    #: (`compress.teacher_cache`), instead of a teacher forward per step
+    teacher_cache: bool = False
+    #: storage of the cached token-level outputs (hidden states, Q/K/V); float32 reproduces recomputed losses exactly
+    teacher_cache_dtype: Literal["float16", "bfloat16", "float32"] = "float16"
+    #: autocast of the cache's teacher pass (null: `precision`); bf16 runs on AMX / AVX-512 BF16 CPUs ~3x faster
+    teacher_precision: Literal["fp32", "bf16", "fp16"] | None = None
+    #: refuse a cache whose token-level outputs would need more memory than this (MB)
+    teacher_cache_max_mb: float = Field(3072, gt=0)
+    #: batches of texts of similar length (less padding per step)
+    length_bucketing: bool = False
     shard_teacher: bool = False
     #: torch intra-op threads while training (null: torch's default); one was faster than two on shared 2-core hosts
     threads: int | None = Field(None, ge=1)
@@ -136,4 +169,4 @@ class PruneSection(_Section):
         return _check_ratio("prune", getattr(info, "field_name", "ratio"), value)
 
 
-__all__ = ["DistillData", "DistillSection", "PruneSection"]
+__all__ = ["DistillCorpus", "DistillData", "DistillSection", "PruneSection"]

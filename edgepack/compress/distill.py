@@ -200,6 +200,31 @@ class SimilarityLoss(DistillLoss):
         return F.mse_loss(s @ s.T, t @ t.T)
 
 
+@LOSSES.register("contrastive")
+class ContrastiveAgreementLoss(DistillLoss):
+    """In-batch contrastive agreement with the teacher (InfoNCE, symmetric): the student's embedding of text i,
+    projected to the teacher's width, must pick the teacher's embedding of text i among the batch's teacher
+    embeddings, and the other way round.
+
+    What retrieval asks of an embedding (rank the right text first among many) asked directly; the projection is
+    the one `cosine` learns (a narrower student), temperature 0.05. Per micro-batch, like `similarity`.
+    """
+
+    needs = frozenset({"pooled"})
+    temperature = 0.05
+
+    def __init__(self, context: LossContext) -> None:
+        super().__init__(context)
+        self.projection = _projection(context)
+
+    def forward(self, student: Outputs, teacher: Outputs) -> torch.Tensor:
+        s = F.normalize(self.projection(_require(student.pooled, "contrastive", "pooled embedding").float()), dim=-1)
+        t = F.normalize(teacher.pooled.float(), dim=-1)
+        logits = s @ t.T / self.temperature  # (B, B): student i vs teacher j
+        target = torch.arange(len(s), device=s.device)
+        return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
+
+
 @LOSSES.register("hidden")
 class HiddenStateLoss(DistillLoss):
     """MSE of mapped hidden states over real tokens; a learned Linear(C_student, C_teacher) when widths differ."""
@@ -314,6 +339,7 @@ class DistillObjective(nn.Module):
         self.register_buffer("weights", torch.tensor(list(active.values())), persistent=False)
         self.needs = frozenset().union(*(loss.needs for loss in self.losses.values()))
         self.head = head
+        self.context = context
         teacher.eval().requires_grad_(False)
         self.__dict__["teacher"] = teacher  # not a submodule: frozen, outside state_dict / DDP / optimizer
 
@@ -321,9 +347,20 @@ class DistillObjective(nn.Module):
     def loss_names(self) -> list[str]:
         return list(self.losses)
 
+    def use_cache(self, cache: Any) -> None:
+        """Read the teacher's outputs from a `TeacherCache` (batches then carry `cache_index`, see `cached_collate`)
+        instead of running the teacher on every batch."""
+        self.__dict__["teacher_cache"] = cache
+
     def forward(self, **batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        with torch.no_grad():
-            teacher_out = self.head.run(self.__dict__["teacher"], batch, self.needs)
+        index = batch.pop("cache_index", None)  # (B,) example numbers, when the batch comes with a cache
+        cache = self.__dict__.get("teacher_cache")
+        if cache is not None and index is not None:
+            teacher_out = cache.outputs(index.tolist(), batch["attention_mask"])
+            teacher_out.labels = batch.get("labels")
+        else:
+            with torch.no_grad():
+                teacher_out = self.head.run(self.__dict__["teacher"], batch, self.needs)
         student_out = self.head.run(self.student, batch, self.needs)
         parts = torch.stack([loss(student_out, teacher_out) for loss in self.losses.values()])  # (losses,)
         return (parts * self.weights).sum(), parts.detach()
@@ -368,15 +405,24 @@ def tokenize_texts(tokenizer: Any, texts: Sequence[str], *, max_length: int,
 
 
 def pad_collate(examples: Sequence[Mapping[str, list[int]]], *, pad_id: int) -> Batch:
-    """Right-pad to the longest example: int64 (B, T) per input, labels (B,)."""
+    """Right-pad to the longest example: int64 (B, T) per input, labels (B,), cache_index (B,) when examples carry
+    their number (`number_examples`, for the teacher cache)."""
     from edgepack.calibration_data.tokenize import pad_examples
 
     longest = max(len(e["input_ids"]) for e in examples)
+    scalars = ("labels", "cache_index")
+    inputs = [{k: v for k, v in e.items() if k not in scalars} for e in examples]
     batch: Batch = {name: torch.from_numpy(rows)
-                    for name, rows in pad_examples([dict(e) for e in examples], length=longest, pad_id=pad_id).items()}
-    if "labels" in examples[0]:
-        batch["labels"] = torch.tensor([e["labels"][0] for e in examples])
+                    for name, rows in pad_examples(inputs, length=longest, pad_id=pad_id).items()}
+    for name in scalars:
+        if name in examples[0]:
+            batch[name] = torch.tensor([e[name][0] for e in examples])
     return batch
+
+
+def number_examples(examples: Sequence[dict[str, list[int]]]) -> list[dict[str, list[int]]]:
+    """Each example with its position as `cache_index`, so a batch can find its teacher outputs in the cache."""
+    return [{**e, "cache_index": [i]} for i, e in enumerate(examples)]
 
 
 # ------------------------------------------------------------------------------------------------- evaluation
@@ -429,5 +475,6 @@ def similarity_agreement(student: Sequence[np.ndarray], teacher: Sequence[np.nda
 
 __all__ = [
     "LOSSES", "TASKS", "DistillLoss", "DistillObjective", "LossContext", "Outputs", "TaskHead", "build_objective",
-    "cosine_to_teacher", "encode", "similarity_agreement", "layer_map", "pad_collate", "pool", "retrieval_metrics", "tokenize_texts",
+    "cosine_to_teacher", "encode", "similarity_agreement", "layer_map", "number_examples", "pad_collate", "pool",
+    "retrieval_metrics", "tokenize_texts",
 ]

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
+import hashlib
 import json
 import sys
 import tempfile
@@ -126,7 +127,7 @@ def _train_options(options: DistillSection, checkpoint_dir: Path | None, *, moni
         precision=options.precision, gradient_checkpointing=options.gradient_checkpointing, seed=options.seed,
         monitor=monitor, early_stop_patience=options.early_stop_patience, checkpoint_dir=checkpoint_dir,
         checkpoint_every=options.checkpoint_every, shard_teacher=options.shard_teacher,
-        max_train_minutes=options.max_train_minutes)
+        max_train_minutes=options.max_train_minutes, length_bucketing=options.length_bucketing)
 
 
 def _student(teacher: torch.nn.Module, tokenizer: Any, teacher_dir: Path, texts: Sequence[str],
@@ -195,6 +196,9 @@ def _distill(teacher_dir: Path, out_dir: Path, *, texts: Sequence[str], eval_pai
                            pooling=pooling, normalize=normalize, max_length=options.max_length)
     before = evaluator()
     examples = tokenize_texts(tokenizer, texts, max_length=options.max_length)
+    cache_stats = None
+    if options.teacher_cache:
+        examples, cache_stats = _cache_teacher(objective, teacher, examples, options, pad_id=tokenizer.pad_token_id or 0)
     monitor = options.monitor if eval_pairs and options.task == "sentence-embedding" else None
     trainer = Trainer(objective, examples, collate=functools.partial(pad_collate, pad_id=tokenizer.pad_token_id or 0),
                       options=_train_options(options, checkpoint_dir, monitor=monitor), evaluate=evaluator,
@@ -206,10 +210,39 @@ def _distill(teacher_dir: Path, out_dir: Path, *, texts: Sequence[str], eval_pai
         save_student(student, out_dir, tokenizer=tokenizer, source_dir=teacher_dir)
     info = {k: v for k, v in info.items() if k != "hidden_channels"}  # 256 indices: kept out of the manifest
     return {**info, "train_texts": len(texts), "held_out_pairs": len(eval_pairs), "losses": objective.loss_names,
-            "teacher_metrics": evaluator.teacher_metrics(),
+            "teacher_metrics": evaluator.teacher_metrics(), "teacher_cache": cache_stats,
             "student_before_training": before, "train": result.to_json(), "params_before": info["teacher_params"],
             "params_after": info["student_params"], "wall_time_s": round(time.perf_counter() - start, 2),
             "peak_rss_mb": round(peak_rss_mb(), 1)}
+
+
+def _cache_teacher(objective: Any, teacher: torch.nn.Module, examples: list[dict[str, list[int]]],
+                   options: DistillSection, *, pad_id: int) -> tuple[list[dict[str, list[int]]], dict[str, Any]]:
+    """One teacher pass over every training text; the objective then reads the teacher's outputs from memory."""
+    from edgepack.compress.distill import number_examples
+    from edgepack.compress.teacher_cache import TeacherCache
+    from edgepack.compress.trainer import PRECISIONS
+
+    layers = sorted({t for _, t in objective.context.layer_map}) if "hidden_states" in objective.needs else []
+    autocast = PRECISIONS[options.teacher_precision or options.precision]
+    texts_hash = hashlib.sha256(json.dumps(examples, sort_keys=True).encode()).hexdigest()
+    key = (str(teacher.config._name_or_path), texts_hash, tuple(sorted(objective.needs)), tuple(layers),
+           options.teacher_cache_dtype, str(autocast))
+    cache = _LAST_CACHE.get(key)
+    if cache is None:
+        with get_reporter().step(f"teacher outputs for {len(examples):,} texts (cache)"):
+            cache = TeacherCache.build(teacher, objective.head, examples, needs=objective.needs, hidden_layers=layers,
+                                       pad_id=pad_id, dtype=options.teacher_cache_dtype,
+                                       max_mb=options.teacher_cache_max_mb, autocast=autocast)
+        _LAST_CACHE.clear()
+        _LAST_CACHE[key] = cache
+    objective.use_cache(cache)
+    return number_examples(examples), cache.stats
+
+
+#: the last cache built in this process, by (teacher, examples, needs, layers, storage, autocast): experiments that
+#: train several students from one teacher on the same texts run the teacher once
+_LAST_CACHE: dict[tuple[Any, ...], Any] = {}
 
 
 # ------------------------------------------------------------------------------------------------------- prune

@@ -71,6 +71,9 @@ class TrainOptions:
     #: wall-clock budget for training; the run stops after the step that crosses it (all processes together).
     #: A stop by time depends on the machine's speed, so such a run is not reproducible step for step.
     max_train_minutes: float | None = None
+    #: batches of texts of similar length (less padding); each epoch still sees every text once, see
+    #: `bucketed_micro_batches`. Needs examples with `input_ids`.
+    length_bucketing: bool = False
 
     def __post_init__(self) -> None:
         rules = (("epochs", self.epochs >= 1), ("batch_size", self.batch_size >= 1),
@@ -212,6 +215,27 @@ def epoch_micro_batches(n: int, *, env: DistEnv, micro: int, seed: int, epoch: i
     return [indices[i:i + micro] for i in range(0, len(indices) - micro + 1, micro)]
 
 
+def bucketed_micro_batches(lengths: Sequence[int], *, env: DistEnv, micro: int, seed: int, epoch: int,
+                           window: int = 50) -> list[list[int]]:
+    """This rank's micro-batches for one epoch, each global batch (micro x world texts) of similar lengths.
+
+    The epoch's seeded shuffle (the same on every rank) is cut into windows of `window` global batches; each window
+    is sorted by length and cut into global batches, then all batches are shuffled and rank r takes slice r of
+    each. Every text is seen once per epoch (the last incomplete batch dropped), a batch pads to a length close to
+    its texts', and micro-batch k of all ranks together is still one global batch, as with `epoch_micro_batches`.
+    """
+    generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    whole = micro * env.world
+    usable = len(lengths) // whole * whole
+    order = torch.randperm(len(lengths), generator=generator).tolist()[:usable]
+    batches: list[list[int]] = []
+    for start in range(0, usable, window * whole):
+        chunk = sorted(order[start:start + window * whole], key=lambda i: lengths[i])
+        batches += [chunk[i:i + whole] for i in range(0, len(chunk), whole)]
+    shuffled = torch.randperm(len(batches), generator=generator).tolist()
+    return [batches[b][env.rank * micro:(env.rank + 1) * micro] for b in shuffled]
+
+
 # ------------------------------------------------------------------------------------------------ checkpoints
 
 
@@ -286,7 +310,7 @@ def latest_checkpoint(folder: Path | None) -> Path | None:
 
 #: options that must match for a checkpoint to continue the same run
 RESUME_KEYS = ("epochs", "max_steps", "batch_size", "grad_accum", "lr", "weight_decay", "warmup_ratio", "schedule",
-               "optimizer", "precision", "seed")
+               "optimizer", "precision", "seed", "length_bucketing")
 
 
 def run_fingerprint(options: TrainOptions, *, examples: int, world: int) -> dict[str, Any]:
@@ -330,6 +354,8 @@ class TrainResult:
     wall_s: float
     world_size: int
     micro_batch: int
+    #: seconds spent in optimizer steps only (wall_s also holds the per-epoch evaluation and checkpoints)
+    steps_wall_s: float = 0.0
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -400,7 +426,8 @@ class Trainer:
         return TrainResult(steps=state.step, history=state.history, evals=state.evals, best_epoch=state.best_epoch,
                            stopped_early=state.stopped_early, stopped_by_time=state.stopped_by_time,
                            resumed_from=resumed,
-                           wall_s=time.perf_counter() - start, world_size=env.world, micro_batch=micro)
+                           wall_s=time.perf_counter() - start, world_size=env.world, micro_batch=micro,
+                           steps_wall_s=round(loop.step_time, 3))
 
     def _restore_best(self, state: TrainState) -> None:
         """Early stopping keeps the best epoch's weights (saved beside the checkpoints, or held in memory)."""
@@ -434,6 +461,7 @@ class _Loop:
         self.t, self.wrapped, self.optimizer, self.scheduler = trainer, wrapped, optimizer, scheduler
         self.env, self.micro, self.total = env, micro, total
         self.started = time.perf_counter()
+        self.step_time = 0.0
         o = trainer.options
         dtype = PRECISIONS[o.precision]
         self.device_type = "cuda" if torch.cuda.is_available() else "cpu"
@@ -442,15 +470,21 @@ class _Loop:
 
     def run_epoch(self, state: TrainState) -> None:
         o = self.t.options
-        batches = epoch_micro_batches(len(self.t.examples), env=self.env, micro=self.micro, seed=o.seed,
-                                      epoch=state.epoch)
+        if o.length_bucketing:
+            lengths = [len(e["input_ids"]) for e in self.t.examples]
+            batches = bucketed_micro_batches(lengths, env=self.env, micro=self.micro, seed=o.seed, epoch=state.epoch)
+        else:
+            batches = epoch_micro_batches(len(self.t.examples), env=self.env, micro=self.micro, seed=o.seed,
+                                          epoch=state.epoch)
         steps = len(batches) // o.grad_accum
         self.wrapped.train()
         for step_in_epoch in range(state.step_in_epoch, steps):
             if state.step >= self.total:
                 break
             chunk = batches[step_in_epoch * o.grad_accum:(step_in_epoch + 1) * o.grad_accum]
+            began = time.perf_counter()
             loss, parts = self._optimizer_step(chunk)
+            self.step_time += time.perf_counter() - began
             state.step += 1
             state.step_in_epoch = step_in_epoch + 1
             state.history.append({"step": state.step, "epoch": state.epoch, "loss": loss,
