@@ -15,7 +15,7 @@ import numpy as np
 
 from edgepack import __version__, stages
 from edgepack.artifacts import read_manifest
-from edgepack.calibration_data import DataSplit, TextSample, read_samples, read_split, resolve_data_path
+from edgepack.calibration_data import DataSplit, Sample, TextSample, read_samples, read_split, resolve_data_path
 from edgepack.errors import BadInputError
 from edgepack.families import FAMILIES, ModelFamily, open_model
 from edgepack.recipe import Recipe
@@ -49,6 +49,16 @@ def load_split(recipe: Recipe) -> DataSplit:
                       n_evaluation=data.n_evaluation, seed=data.seed, source=str(path))
 
 
+def load_evaluation_sets(recipe: Recipe) -> dict[str, list[Sample]]:
+    """The recipe's named evaluation sets (`data.evaluation_sets`): name -> samples (the first max_samples)."""
+    sets = {}
+    for spec in recipe.data.evaluation_sets:
+        samples = read_samples(resolve_data_path(spec.path), format=spec.format, field=spec.field,
+                               pair_field=spec.pair_field, label_field=spec.label_field)
+        sets[spec.name] = samples[: spec.max_samples]
+    return sets
+
+
 @dataclass
 class RunContext:
     recipe: Recipe
@@ -56,6 +66,9 @@ class RunContext:
     family: ModelFamily
     split: DataSplit
     stages: list[StageSummary] = field(default_factory=list)
+    evaluation_sets: dict[str, list[Sample]] = field(default_factory=dict)
+    #: what distill_texts read (corpus counts, mixing), for the distill stage's manifest
+    data_stats: dict[str, Any] = field(default_factory=dict)
 
     def record(self, result: StageResult) -> StageResult:
         self.stages.append(stage_summary(result))
@@ -87,8 +100,9 @@ def distill_texts(ctx: RunContext) -> tuple[list[str], list[tuple[str, str]]]:
         return (texts[:-held] if eval_pairs else texts), eval_pairs
     samples = read_samples(resolve_data_path(spec.path), format=spec.format, field=spec.field,
                            pair_field=spec.pair_field)
-    unseen = {text for s in [*ctx.split.evaluation, *calibration[-held:]] if isinstance(s, TextSample)
-              for text in (s.text, s.pair) if text}
+    held_samples = [*ctx.split.evaluation, *calibration[-held:],
+                    *(s for samples_ in ctx.evaluation_sets.values() for s in samples_)]
+    unseen = {text for s in held_samples if isinstance(s, TextSample) for text in (s.text, s.pair) if text}
     texts: list[str] = []
     for sample in samples:
         if not isinstance(sample, TextSample) or sample.text in unseen or (sample.pair and sample.pair in unseen):
@@ -101,6 +115,9 @@ def distill_texts(ctx: RunContext) -> tuple[list[str], list[tuple[str, str]]]:
     rng = np.random.default_rng(spec.seed)
     pairs = rng.integers(0, len(texts), size=(spec.combinations, 2)) if spec.combinations else np.zeros((0, 2), int)
     texts += [f"{texts[i]} {texts[j]}" for i, j in pairs if i != j]
+    if spec.corpus is not None:
+        texts, corpus_pairs = _with_corpus(ctx, spec.corpus, texts, held_out=unseen, seed=spec.seed)
+        eval_pairs += corpus_pairs
     return texts, eval_pairs
 
 
@@ -121,6 +138,21 @@ def guard_training(name: str, section: Any, source: Path) -> None:
     else:
         return
     memory_guard.check(estimate)
+
+
+def _with_corpus(ctx: RunContext, corpus: Any, task_texts: list[str], *, held_out: set[str],
+                 seed: int) -> tuple[list[str], list[tuple[str, str]]]:
+    """The corpus' texts (streamed, de-duplicated, nothing resembling evaluation text) mixed with the task's."""
+    from edgepack.calibration_data.corpus import mix, read_corpus
+
+    texts, pairs, stats = read_corpus(resolve_data_path(corpus.path), field=corpus.field,
+                                      pair_field=corpus.pair_field, max_samples=corpus.max_samples,
+                                      near=corpus.near_duplicates, held_out=held_out,
+                                      validation_pairs=corpus.validation_pairs)
+    mixed = mix(texts, task_texts, task_share=corpus.task_share, seed=seed)
+    ctx.data_stats = {"corpus": stats, "task_texts": len(task_texts), "task_share": corpus.task_share,
+                      "training_texts": len(mixed)}
+    return mixed, pairs
 
 
 def stage_compress(ctx: RunContext) -> ModelFamily | None:
@@ -148,7 +180,8 @@ def stage_compress(ctx: RunContext) -> ModelFamily | None:
         def work(tmp: Path, name: str = name, section: Any = section, src: Path = source) -> dict[str, Any]:
             guard_training(name, section, src)
             if name == "distill":
-                return distill_model(src, tmp / "model", texts=texts, eval_pairs=eval_pairs, options=section)
+                metrics = distill_model(src, tmp / "model", texts=texts, eval_pairs=eval_pairs, options=section)
+                return {**metrics, "data": ctx.data_stats} if ctx.data_stats else metrics
             return prune_model(src, tmp / "model", texts=texts, options=section)
 
         result = ctx.record(run_stage(name, section.model_dump(), inputs, work, root=ctx.out))
@@ -213,14 +246,14 @@ def run_recipe(recipe: Recipe, out: Path) -> Report:
     providers = _check_recipe(recipe)
     out.mkdir(parents=True, exist_ok=True)
     family = open_recipe_model(recipe)
-    ctx = RunContext(recipe, out, family, load_split(recipe))
+    ctx = RunContext(recipe, out, family, load_split(recipe), evaluation_sets=load_evaluation_sets(recipe))
     variants, compared, last_family = _variants(ctx)
     v = recipe.validate_
     settings = ValidationSettings(sequence_length=v.sequence_length, max_length=recipe.data.max_length,
                                   threads=v.threads, warmup=v.warmup, runs=v.runs, device=v.device)
     validated = ctx.record(stages.validate(variants, last_family, samples=ctx.split.evaluation, providers=providers,
                                            settings=settings, compared_to=compared, root=out,
-                                           cache_dir=out / "ep-cache"))
+                                           cache_dir=out / "ep-cache", evaluation_sets=ctx.evaluation_sets))
     report = Report(
         edgepack_version=__version__, recipe=recipe.dump(), device=_device_info(validated.metrics),
         model=_model_record(family, variants["fp32"]),
@@ -266,7 +299,8 @@ def _report_variants(variants: dict[str, Path], results: dict[str, Any], out: Pa
         entry = results[name]
         rel = str(path.relative_to(out)) if path.is_relative_to(out) else str(path)
         rows[name] = Variant(path=rel, size_bytes=entry["size_bytes"], sha256=entry["sha256"],
-                             compared_to=entry.get("compared_to"), providers=entry["providers"])
+                             compared_to=entry.get("compared_to"), providers=entry["providers"],
+                             evaluation_sets=entry.get("evaluation_sets", {}))
     return rows
 
 

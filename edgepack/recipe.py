@@ -73,6 +73,29 @@ class ModelSection(BaseModel):
         return dict(self.model_extra or {})
 
 
+class EvaluationSet(_Section):
+    """A named evaluation set besides the data section's split (e.g. retrieval on another domain): every variant's
+    task metrics on it are in the report (`variants.<v>.evaluation_sets.<name>`), and no distillation trains on
+    text resembling it."""
+
+    name: str
+    #: a user file or `bundled:<name>` (bundled:retrieval-manpages.jsonl, bundled:retrieval-debian.jsonl)
+    path: str
+    format: Literal["auto", "text", "jsonl", "csv"] = "auto"
+    field: str = "text"
+    pair_field: str | None = None
+    label_field: str | None = None
+    #: the first this many records (null: all)
+    max_samples: int | None = Field(None, ge=1)
+
+    @field_validator("name")
+    @classmethod
+    def _simple_name(cls, value: str) -> str:
+        if not value or not all(ch.isalnum() or ch in "-_" for ch in value):
+            raise ValueError("must be a non-empty name of letters, digits, '-' and '_'")
+        return value
+
+
 class DataSection(_Section):
     #: a user file (.txt/.jsonl/.csv/.npz) or `bundled:<name>` for a sample file shipped with edgepack
     path: str = "bundled:sentences.jsonl"
@@ -86,6 +109,16 @@ class DataSection(_Section):
     seed: int = 0
     max_length: int = Field(128, ge=1)
     padding: Literal["longest", "max_length", "bucket"] = "longest"
+    #: more evaluation sets (another domain, harder pairs), measured for every variant on the CPU EP
+    evaluation_sets: list[EvaluationSet] = Field(default_factory=list)
+
+    @field_validator("evaluation_sets")
+    @classmethod
+    def _distinct_names(cls, value: list[EvaluationSet]) -> list[EvaluationSet]:
+        names = [s.name for s in value]
+        if len(set(names)) != len(names):
+            raise ValueError(f"evaluation set names repeat: {names}")
+        return value
 
 
 class ExportSection(_Section):
@@ -154,6 +187,8 @@ class GatesSection(_Section):
     max_size_ratio: float | None = Field(None, gt=0)
     max_latency_ratio: float | None = Field(None, gt=0)
     max_task_metric_drop: float | None = Field(None, ge=0)
+    #: on every data.evaluation_sets set: the final variant's task metric >= this x the reference's
+    min_evaluation_set_ratio: float | None = Field(None, gt=0)
 
 
 class Recipe(_Section):

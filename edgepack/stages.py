@@ -161,21 +161,24 @@ def _guard_calibration(fp32: Path, family: ModelFamily, calibration: Sequence[Sa
 def validate(variants: Mapping[str, Path], family: ModelFamily, *, samples: Sequence[Sample],
              providers: Sequence[Any], settings: Any, compared_to: Mapping[str, str | None],
              root: Path | None = None, folder: Path | None = None, cache_dir: Path | None = None,
-             generated: Any = None) -> StageResult:
+             generated: Any = None, evaluation_sets: Mapping[str, Sequence[Sample]] | None = None) -> StageResult:
     """Every variant x EP in fresh processes (`runtime.harness`) on `settings.device`; the manifest's metrics hold
     the report entries and the device block. `generated` (`families.generated.GeneratedInputs`): measure without
-    samples, on inputs made from the model's signature."""
+    samples, on inputs made from the model's signature. `evaluation_sets` (name -> samples) adds each variant's task
+    metrics on those sets (CPU EP of this machine)."""
     from edgepack.runtime.doctor import device_block
-    from edgepack.runtime.harness import validate_variants
+    from edgepack.runtime.harness import evaluate_sets, validate_variants
 
     if not samples and generated is None:
         raise BadInputError("validation needs evaluation samples (data.n_evaluation / --samples is 0)")
     # The device first: an unreachable host or one without onnxruntime is one line before any folder is made.
     device = device_block(settings.device, providers=providers, threads=settings.threads)
+    sets = dict(evaluation_sets or {})
     hashes = {name: sha256_file(path) for name, path in variants.items()}
     config = {**asdict(settings), "providers": [p.key for p in providers], "compared_to": dict(compared_to)}
     inputs = {**{name: model_digest(path) for name, path in variants.items()},
-              "data": samples_hash(samples) if generated is None else samples_hash([generated.feed])}
+              "data": samples_hash(samples) if generated is None else samples_hash([generated.feed]),
+              **{f"set:{k}": samples_hash(v) for k, v in sets.items()}}
 
     def work(tmp: Path) -> dict[str, Any]:
         from edgepack import memory_guard
@@ -190,8 +193,11 @@ def validate(variants: Mapping[str, Path], family: ModelFamily, *, samples: Sequ
                                     settings=settings, compared_to=compared_to,
                                     cache_dir=cache_dir or tmp.parent / "ep-cache",
                                     generated=None if generated is None else generated.feed)
+        on_sets = evaluate_sets(variants, family=family, sets=sets, workdir=tmp, settings=settings) if sets else {}
         for name, path in variants.items():
             results[name].update(size_bytes=model_bytes(path), sha256=hashes[name])
+            if on_sets:
+                results[name]["evaluation_sets"] = on_sets[name]
         return {"variants": results, "device": device, "memory_estimate": estimate.to_json()}
 
     return run_stage("validate", config, inputs, work, **_where(root, folder))

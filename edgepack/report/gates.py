@@ -48,6 +48,19 @@ def _task_drop(report: Report, final: str) -> float | None:
     return float(ref.metrics[task[0]]) - float(got.metrics[task[0]])  # type: ignore[arg-type]
 
 
+def _evaluation_set_ratio(report: Report, final: str) -> float | None:
+    """The lowest final / reference ratio of the first task metric over the named evaluation sets."""
+    ref, got = report.variants[report.reference].evaluation_sets, report.variants[final].evaluation_sets
+    ratios = []
+    for name, entry in ref.items():
+        metric = next((k for k, v in entry.metrics.items() if v is not None), None)
+        value = got[name].metrics.get(metric) if name in got and metric else None
+        if metric is None or value is None or not entry.metrics[metric]:
+            return None
+        ratios.append(float(value) / float(entry.metrics[metric]))  # type: ignore[arg-type]
+    return min(ratios) if ratios else None
+
+
 #: fidelity figures (vs the parent variant); every other metric key is a task metric
 FIDELITY_KEYS = {"cosine_mean", "cosine_min", "max_abs_diff", "sqnr_db", "top1_agreement"}
 
@@ -59,6 +72,7 @@ GATES: dict[str, tuple[GateValue, str]] = {
     "max_size_ratio": (_size_ratio, "max"),
     "max_latency_ratio": (_latency_ratio, "max"),
     "max_task_metric_drop": (_task_drop, "max"),
+    "min_evaluation_set_ratio": (_evaluation_set_ratio, "min"),
 }
 
 

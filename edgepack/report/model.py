@@ -69,6 +69,14 @@ class ProviderResult(_Closed):
     fidelity_note: str | None = None
 
 
+class EvaluationSetResult(_Closed):
+    """Task metrics of one variant on one named evaluation set (`data.evaluation_sets`), CPU EP outputs."""
+
+    samples: int
+    metrics: dict[str, float | None] = Field(default_factory=dict)
+    provider: str = "cpu"
+
+
 class Variant(_Closed):
     path: str
     size_bytes: int
@@ -76,6 +84,8 @@ class Variant(_Closed):
     #: the variant whose CPU outputs this one's fidelity is measured against (its parent in the pipeline)
     compared_to: str | None = None
     providers: dict[str, ProviderResult] = Field(default_factory=dict)
+    #: name -> task metrics on each of the recipe's extra evaluation sets (e.g. out-of-domain retrieval)
+    evaluation_sets: dict[str, EvaluationSetResult] = Field(default_factory=dict)
 
 
 class Gate(_Closed):

@@ -94,6 +94,7 @@ def render_markdown(report: Report) -> str:
         "",
         *_how_notes(report),
     ]
+    lines += _evaluation_set_lines(report)
     if report.gates:
         lines += ["## Gates", "", "| gate | variant | threshold | value | passed |", "|---|---|---|---|---|"]
         lines += [f"| {g.name} | {g.variant} | {g.threshold} | {_fmt(g.value, '.4f')} | "
@@ -131,6 +132,26 @@ def _data_lines(data: Any) -> list[str]:
         return [f"- data: none, inputs generated from the model's signature ({made}); fidelity: no reference data"]
     return [f"- data: `{data.path}`: {data.n_calibration} calibration, {data.n_evaluation} evaluation samples "
             "(disjoint)"]
+
+
+def _evaluation_set_lines(report: Report) -> list[str]:
+    """Task metrics per variant on the named evaluation sets, with the ratio to the reference's."""
+    ref = report.variants[report.reference].evaluation_sets
+    if not ref:
+        return []
+    lines = ["## Evaluation sets (CPU EP)", "",
+             "| variant | " + " | ".join(f"{name} ({entry.samples})" for name, entry in ref.items()) + " |",
+             "|---|" + "---|" * len(ref)]
+    for name, variant in report.variants.items():
+        cells = []
+        for set_name, base in ref.items():
+            got = variant.evaluation_sets.get(set_name)
+            metric = next(iter(base.metrics), None)
+            value = got.metrics.get(metric) if got is not None and metric else None
+            ratio = f" ({value / base.metrics[metric]:.2f}x)" if value is not None and base.metrics.get(metric) else ""
+            cells.append(f"{SHORT_METRICS.get(metric or '', metric)} {_fmt(value, '.3f')}{ratio}")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return [*lines, ""]
 
 
 def _short(tensor: str) -> str:

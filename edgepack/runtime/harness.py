@@ -107,6 +107,27 @@ class _Run:
         self._cpu_outputs[(variant, count)] = result.outputs
 
 
+def evaluate_sets(variants: Mapping[str, Path], *, family: ModelFamily, sets: Mapping[str, Sequence[Sample]],
+                  workdir: Path, settings: ValidationSettings) -> dict[str, dict[str, Any]]:
+    """{variant: {set name: {samples, metrics}}}: the family's task metrics on each named set, CPU EP, one fresh
+    process per variant and set (outputs only: one timed run, no warm-up)."""
+    results: dict[str, dict[str, Any]] = {name: {} for name in variants}
+    options = ProbeOptions(provider="cpu", intra_op_threads=settings.threads, warmup=0, runs=1,
+                           timeout_s=settings.timeout_s)
+    for set_name, set_samples in sets.items():
+        feeds = family.evaluation_feeds(set_samples, max_length=settings.max_length)
+        latency_feed = family.latency_feed(set_samples[:8], sequence_length=8)
+        for variant, path in get_reporter().track(list(variants.items()), total=len(variants),
+                                                  title=f"evaluation set {set_name}"):
+            result = measure(path, latency_feed=latency_feed, evaluation_feeds=feeds,
+                             workdir=workdir / f"set-{set_name}-{variant}", options=options)
+            if result.status != "ok":
+                raise EdgepackError(f"variant '{variant}' failed on evaluation set '{set_name}': {result.error}")
+            results[variant][set_name] = {"samples": len(set_samples),
+                                          "metrics": family.task_metrics(result.outputs, set_samples)}
+    return results
+
+
 def validate_variants(variants: Mapping[str, Path], *, family: ModelFamily, samples: Sequence[Sample],
                       providers: Sequence[ExecutionProvider], workdir: Path, settings: ValidationSettings,
                       compared_to: Mapping[str, str | None], cache_dir: Path,
