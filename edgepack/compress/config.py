@@ -91,7 +91,8 @@ class DistillSection(_Section):
     temperature: float = Field(2.0, gt=0)
     epochs: int = Field(10, ge=1)
     max_steps: int | None = Field(None, ge=1)
-    #: wall-clock budget: training stops after the step that crosses it (not reproducible step for step)
+    #: wall-clock budget: training stops after the step that crosses it (not reproducible step for step); with
+    #: teacher_cache it includes the teacher pass
     max_train_minutes: float | None = Field(None, gt=0)
     #: samples per optimizer step across processes and accumulation (the global batch)
     batch_size: int = Field(32, ge=1)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import functools
 import hashlib
 import json
@@ -200,8 +201,12 @@ def _distill(teacher_dir: Path, out_dir: Path, *, texts: Sequence[str], eval_pai
     if options.teacher_cache:
         examples, cache_stats = _cache_teacher(objective, teacher, examples, options, pad_id=tokenizer.pad_token_id or 0)
     monitor = options.monitor if eval_pairs and options.task == "sentence-embedding" else None
+    train_options = _train_options(options, checkpoint_dir, monitor=monitor)
+    if cache_stats is not None and options.max_train_minutes is not None:  # the budget covers the teacher pass too
+        left = max(options.max_train_minutes - cache_stats["build_s"] / 60, 0.05)
+        train_options = dataclasses.replace(train_options, max_train_minutes=left)
     trainer = Trainer(objective, examples, collate=functools.partial(pad_collate, pad_id=tokenizer.pad_token_id or 0),
-                      options=_train_options(options, checkpoint_dir, monitor=monitor), evaluate=evaluator,
+                      options=train_options, evaluate=evaluator,
                       teacher_layers=list(transformer_layers(teacher)))
     with get_reporter().step(f"distill {info['teacher_params']:,} -> {info['student_params']:,} parameters"):
         result = trainer.fit()
