@@ -467,7 +467,8 @@ def main() -> None:
         run_recipe(recipe, out)
         return
     report, variants, split = run_recipe_and_teacher_int8(recipe, out)
-    distill = read_manifest(next(out.glob("distill-*")))["metrics"]
+    distill_folder = out / next(s.folder for s in report.stages if s.stage == "distill")  # this recipe's, not another
+    distill = read_manifest(distill_folder)["metrics"]
     print(f"distilled: {distill['train']['steps']} steps, {distill['train']['wall_s'] / 60:.1f} min", flush=True)
     results = measure_variants(variants, list(split.evaluation), out)
     print(json.dumps({k: {kk: vv for kk, vv in v.items() if kk != "p50s"} for k, v in results.items()}), flush=True)
@@ -476,7 +477,7 @@ def main() -> None:
     ood = measure_sets(variants, load_evaluation_sets(recipe), out)
     print(json.dumps(ood), flush=True)
     data = prepare_data()
-    memory = [] if args.skip_memory else memory_table(next(out.glob("distill-*")) / "model", teacher)
+    memory = [] if args.skip_memory else memory_table(distill_folder / "model", teacher)
     ddp = None if args.skip_ddp else ddp_curves(teacher, data, out)
     sparse = None
     if not args.skip_sparse:

@@ -4,8 +4,8 @@ Every run trains with `edgepack.compress.stages.distill_model` on the recipe's t
 with the task's sentences, `pipeline.distill_texts`), then scores the student in PyTorch on the in-domain test pairs
 and the recipe's out-of-domain evaluation sets (R@1 of query -> document), beside the teacher's figures.
 
-    python scripts/bench_students.py shapes --minutes 10         # equal-size shapes, same time budget each
-    python scripts/bench_students.py losses --minutes 10         # loss sets on the recipe's shape
+    python scripts/bench_students.py shapes --max-steps 1000     # equal-size shapes, the same steps each
+    python scripts/bench_students.py losses --max-steps 1000     # loss sets on the recipe's shape
     flock /work/bench.lock python scripts/bench_students.py speed  # steps/s: teacher per step vs cache, bucketing
     python scripts/bench_students.py render                       # rewrite the docs section from results.json
 """
@@ -143,8 +143,8 @@ def render(results: dict[str, Any]) -> str:
              "sentences mixed in at 15%); R@1 in PyTorch (query -> its document among all documents of the set), "
              "FP32 students. Other engineers shared the 2 cores.", ""]
     header = ["student", "params", "steps", "train min"] + [f"{n} R@1" for n in names]
-    for key, title in (("shapes", "Shapes at equal size (same losses, same time budget)"),
-                       ("losses", "Losses (the recipe's shape, same time budget)")):
+    for key, title in (("shapes", "Shapes at equal size (the recipe's losses, the same number of steps)"),
+                       ("losses", "Losses (the recipe's shape, the same number of steps)")):
         if not results.get(key):
             continue
         rows = [["teacher (6 x 384, FFN 1536)", "22.7M", "", ""] + [f"{teacher[n]:.3f}" for n in names]]
@@ -169,6 +169,8 @@ def main() -> None:
     parser.add_argument("what", choices=["shapes", "losses", "speed", "render"])
     parser.add_argument("--minutes", type=float, default=10)
     parser.add_argument("--steps", type=int, default=40, help="speed: optimizer steps per configuration")
+    parser.add_argument("--max-steps", type=int, default=1000,
+                        help="shapes / losses: optimizer steps per run (the same for every run, whatever the load)")
     parser.add_argument("--only", nargs="*", default=None, help="names (prefixes) of the shapes / loss sets to run")
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "bench-students")
     parser.add_argument("--no-write", action="store_true")
@@ -184,8 +186,9 @@ def main() -> None:
         if table is not None:
             chosen = [k for k in table if args.only is None or any(k.startswith(p) for p in args.only)]
             done = {r["name"]: r for r in results.get(args.what, [])}
+            budget = {"max_steps": args.max_steps, "max_train_minutes": None}  # equal steps: load-independent
             for name in chosen:
-                done[name] = train(name, table[name], data, recipe, args.out / args.what)
+                done[name] = train(name, {**table[name], **budget}, data, recipe, args.out / args.what)
                 results[args.what] = list(done.values())
                 results_path.write_text(json.dumps(results, indent=1))
         else:
