@@ -260,7 +260,9 @@ def write_report(ctx: dict[str, Any]) -> str:
     lines = [
         "## Compression: distillation + structured pruning + INT8 (all-MiniLM-L6-v2)",
         "",
-        f"Machine: {machine_line()}. Run by `python scripts/bench_compress.py`, which runs "
+        f"Machine: {machine_line()}. Run by `nice python scripts/bench_compress.py --train-only` (the training, no "
+        "bench lock) then `flock /work/bench.lock python scripts/bench_compress.py --remeasure --skip-ddp "
+        "--skip-memory --skip-sparse` (the recipe's validate stage again and the side-by-side measurement), which runs "
         f"`edgepack run recipes/minilm-small.yaml` and adds the teacher's INT8, {ctx['wall_min']:.0f} minutes in all"
         + (f" (reusing {', '.join(ctx['reused_stages'])} from an earlier run of the recipe in the same folder)"
            if ctx.get("reused_stages") else "") + ". Other engineers were using the same 2 cores.",

@@ -31,12 +31,14 @@ SHAPES: dict[str, dict[str, Any]] = {
     "4 layers x 256, FFN 384": {"keep_layers": [0, 2, 3, 5], "ffn_ratio": 0.75, "hidden_ratio": 1 / 3},
     "6 layers x 224, FFN 768": {"keep_layers": [0, 1, 2, 3, 4, 5], "ffn_ratio": 0.5, "hidden_ratio": 5 / 12},
 }
+RECIPE_LOSSES = {"cosine": 1.0, "similarity": 10.0, "contrastive": 0.2}
 LOSS_SETS: dict[str, dict[str, float]] = {
-    "cosine + similarity + contrastive (recipe)": {"cosine": 1.0, "similarity": 10.0, "contrastive": 0.2},
+    "cosine + similarity + contrastive (recipe)": RECIPE_LOSSES,
     "cosine + similarity": {"cosine": 1.0, "similarity": 10.0},
-    "cosine + similarity + hidden + attention-relation (before)": {"cosine": 1.0, "similarity": 10.0, "hidden": 1.0,
-                                                                   "attention-relation": 0.5},
+    "recipe + attention-relation (MiniLM-v2, last layer)": {**RECIPE_LOSSES, "attention-relation": 0.5},
 }
+#: the losses of the recipe before this benchmark (hidden states and relations: token-level, for the speed rows)
+BEFORE_LOSSES = {"cosine": 1.0, "similarity": 10.0, "hidden": 1.0, "attention-relation": 0.5}
 
 
 def load_recipe(minutes: float | None = None) -> Any:
@@ -113,7 +115,7 @@ def speed(data: dict[str, Any], recipe: Any, out: Path, steps: int) -> list[dict
     """Steps/s of the same student and batch: teacher forward per step (before) vs cache, bucketing, bf16."""
     base = {"max_steps": steps, "max_train_minutes": None, "early_stop_patience": None, "epochs": 1,
             "max_length": 128}
-    before_losses = LOSS_SETS["cosine + similarity + hidden + attention-relation (before)"]
+    before_losses = BEFORE_LOSSES
     runs = [("teacher forward per step (before)", {"teacher_cache": False, "length_bucketing": False,
                                                    "losses": before_losses}),
             ("teacher cache", {"teacher_cache": True, "length_bucketing": False, "losses": before_losses}),
@@ -133,6 +135,18 @@ def speed(data: dict[str, Any], recipe: Any, out: Path, steps: int) -> list[dict
 # ------------------------------------------------------------------------------------------------- report
 
 
+def shape_of(overrides: dict[str, Any]) -> tuple[int, int, int]:
+    """(layers, hidden, FFN) of a student of all-MiniLM-L6-v2 (hidden 384 in 32-wide heads, FFN 1536)."""
+    shape = {**SHAPES["3 layers x 256, FFN 768 (recipe)"], **overrides}
+    hidden = 384 - round(384 * shape["hidden_ratio"] / 32) * 32
+    return len(shape["keep_layers"]), hidden, 1536 - round(1536 * shape["ffn_ratio"] / 8) * 8
+
+
+def layer_mflop(layers: int, hidden: int, ffn: int) -> float:
+    """Multiply-adds x 2 per token in the transformer layers' Linear weights (what latency scales with)."""
+    return 2 * layers * (4 * hidden * hidden + 2 * hidden * ffn) / 1e6
+
+
 def render(results: dict[str, Any]) -> str:
     teacher = results["teacher"]
     names = list(teacher)
@@ -142,15 +156,17 @@ def render(results: dict[str, Any]) -> str:
              f"({results.get('stats', {}).get('training_texts', '?')} texts: the broad corpus with the task's "
              "sentences mixed in at 15%); R@1 in PyTorch (query -> its document among all documents of the set), "
              "FP32 students. Other engineers shared the 2 cores.", ""]
-    header = ["student", "params", "steps", "train min"] + [f"{n} R@1" for n in names]
+    header = ["student", "params", "MFLOP/token", "steps"] + [f"{n} R@1" for n in names]
     for key, title in (("shapes", "Shapes at equal size (the recipe's losses, the same number of steps)"),
                        ("losses", "Losses (the recipe's shape, the same number of steps)")):
         if not results.get(key):
             continue
-        rows = [["teacher (6 x 384, FFN 1536)", "22.7M", "", ""] + [f"{teacher[n]:.3f}" for n in names]]
+        rows = [["teacher (6 x 384, FFN 1536)", "22.7M", f"{layer_mflop(6, 384, 1536):.1f}", ""]
+                + [f"{teacher[n]:.3f}" for n in names]]
         for r in results[key]:
-            rows.append([r["name"], f"{r['student_params'] / 1e6:.1f}M", str(r["steps"]), f"{r['train_min']:.1f}"]
-                        + [f"{r['r1'][n]:.3f} ({r['r1'][n] / teacher[n]:.2f}x)" for n in names])
+            layers, hidden, ffn = shape_of(r["overrides"])
+            rows.append([r["name"], f"{r['student_params'] / 1e6:.1f}M", f"{layer_mflop(layers, hidden, ffn):.1f}",
+                         str(r["steps"])] + [f"{r['r1'][n]:.3f} ({r['r1'][n] / teacher[n]:.2f}x)" for n in names])
         lines += [f"### {title}", "", markdown_table(header, rows), ""]
     if results.get("speed"):
         base = results["speed"][0]["steps_per_s"]
@@ -162,6 +178,14 @@ def render(results: dict[str, Any]) -> str:
                   "Steps/s counts optimizer steps only (the per-epoch evaluation excluded); the cached runs pay "
                   "the teacher pass once before training, which the last column shows."]
     return "\n".join(lines)
+
+
+def reuse_recipe_row(results: dict[str, Any], what: str, name: str, steps: int) -> dict[str, Any] | None:
+    """The losses table's recipe row is the shapes table's recipe row when both ran the same steps."""
+    if what != "losses" or not name.endswith("(recipe)"):
+        return None
+    row = next((r for r in results.get("shapes", []) if r["name"].endswith("(recipe)")), None)
+    return {**row, "name": name} if row is not None and row["steps"] == steps else None
 
 
 def main() -> None:
@@ -188,7 +212,8 @@ def main() -> None:
             done = {r["name"]: r for r in results.get(args.what, [])}
             budget = {"max_steps": args.max_steps, "max_train_minutes": None}  # equal steps: load-independent
             for name in chosen:
-                done[name] = train(name, {**table[name], **budget}, data, recipe, args.out / args.what)
+                same = reuse_recipe_row(results, args.what, name, args.max_steps)
+                done[name] = same or train(name, {**table[name], **budget}, data, recipe, args.out / args.what)
                 results[args.what] = list(done.values())
                 results_path.write_text(json.dumps(results, indent=1))
         else:
