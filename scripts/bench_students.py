@@ -114,7 +114,7 @@ def teacher_scores(data: dict[str, Any], out: Path) -> dict[str, float]:
 def speed(data: dict[str, Any], recipe: Any, out: Path, steps: int) -> list[dict[str, Any]]:
     """Steps/s of the same student and batch: teacher forward per step (before) vs cache, bucketing, bf16."""
     base = {"max_steps": steps, "max_train_minutes": None, "early_stop_patience": None, "epochs": 1,
-            "max_length": 128}
+            "max_length": 128, "precision": "fp32", "teacher_precision": None}  # fp32 unless a row says bf16
     before_losses = BEFORE_LOSSES
     runs = [("teacher forward per step (before)", {"teacher_cache": False, "length_bucketing": False,
                                                    "losses": before_losses}),
