@@ -113,7 +113,7 @@ def evaluate_sets(variants: Mapping[str, Path], *, family: ModelFamily, sets: Ma
     process per variant and set (outputs only: one timed run, no warm-up)."""
     results: dict[str, dict[str, Any]] = {name: {} for name in variants}
     options = ProbeOptions(provider="cpu", intra_op_threads=settings.threads, warmup=0, runs=1,
-                           timeout_s=settings.timeout_s)
+                           timeout_s=settings.timeout_s, device=settings.device)
     for set_name, set_samples in sets.items():
         feeds = family.evaluation_feeds(set_samples, max_length=settings.max_length)
         latency_feed = family.latency_feed(set_samples[:8], sequence_length=8)
