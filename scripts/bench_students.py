@@ -171,6 +171,11 @@ def render(results: dict[str, Any]) -> str:
             rows.append([r["name"], f"{r['student_params'] / 1e6:.1f}M", f"{layer_mflop(layers, hidden, ffn):.1f}",
                          str(r["steps"])] + [f"{r['r1'][n]:.3f} ({r['r1'][n] / teacher[n]:.2f}x)" for n in names])
         lines += [f"### {title}", "", markdown_table(header, rows), ""]
+        missing = [n for n in {"shapes": SHAPES, "losses": LOSS_SETS}[key] if n not in {r["name"] for r in results[key]}]
+        if missing:
+            lines += [f"Not measured in this run: {', '.join(missing)}.", ""]
+    if not results.get("losses"):
+        lines += [f"Loss sets ({', '.join(LOSS_SETS)}): not measured in this run (`bench_students.py losses`).", ""]
     if results.get("speed"):
         base = results["speed"][0]["steps_per_s"]
         rows = [[r["name"], f"{r['steps_per_s']:.2f}", f"{r['steps_per_s'] / base:.2f}x",
