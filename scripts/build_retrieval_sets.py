@@ -164,8 +164,8 @@ def select(records: list[dict[str, str]], *, count: int, seed: int = 0) -> list[
     return [kept[i] for i in chosen]
 
 
-def write(name: str, records: list[dict[str, str]]) -> None:
-    path = SAMPLES / name
+def write(name: str, records: list[dict[str, str]], folder: Path = SAMPLES) -> None:
+    path = folder / name
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
     print(f"{path}: {len(records)} pairs", flush=True)
 
@@ -173,9 +173,11 @@ def write(name: str, records: list[dict[str, str]]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pairs", type=int, default=PAIRS)
+    parser.add_argument("--out-dir", type=Path, default=SAMPLES, help="where the two files go (default: the bundle)")
     args = parser.parse_args()
-    write("retrieval-debian.jsonl", select(debian_records(), count=args.pairs))
-    write("retrieval-manpages.jsonl", select(man_records(file_owners()), count=args.pairs))
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    write("retrieval-debian.jsonl", select(debian_records(), count=args.pairs), args.out_dir)
+    write("retrieval-manpages.jsonl", select(man_records(file_owners()), count=args.pairs), args.out_dir)
 
 
 if __name__ == "__main__":
