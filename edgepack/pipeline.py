@@ -202,7 +202,7 @@ def _check_recipe(recipe: Recipe) -> list[Any]:
     return providers
 
 
-def _variants(ctx: RunContext) -> tuple[dict[str, Path], dict[str, str | None], ModelFamily]:
+def build_variants(ctx: RunContext) -> tuple[dict[str, Path], dict[str, str | None], ModelFamily]:
     """Every model the run makes, and what each is compared to; the family of the last FP32 model."""
     split, data = ctx.split, ctx.recipe.data
     check = split.evaluation or split.calibration
@@ -247,7 +247,7 @@ def run_recipe(recipe: Recipe, out: Path) -> Report:
     out.mkdir(parents=True, exist_ok=True)
     family = open_recipe_model(recipe)
     ctx = RunContext(recipe, out, family, load_split(recipe), evaluation_sets=load_evaluation_sets(recipe))
-    variants, compared, last_family = _variants(ctx)
+    variants, compared, last_family = build_variants(ctx)
     v = recipe.validate_
     settings = ValidationSettings(sequence_length=v.sequence_length, max_length=recipe.data.max_length,
                                   threads=v.threads, warmup=v.warmup, runs=v.runs, device=v.device)

@@ -14,6 +14,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from edgepack.auto.config import AutoSection
 from edgepack.compress.config import DistillSection, PruneSection
 from edgepack.errors import BadInputError, did_you_mean
 from edgepack.families import FAMILIES, all_option_names, parse_family_options
@@ -202,6 +203,8 @@ class Recipe(_Section):
     validate_: ValidateSection = Field(default_factory=ValidateSection, alias="validate")
     bundle: BundleSection = Field(default_factory=BundleSection)
     gates: GatesSection = Field(default_factory=GatesSection)
+    #: `edgepack auto`: the search space and budgets (`edgepack.auto.config`); `edgepack run` ignores it
+    auto: AutoSection = Field(default_factory=AutoSection)
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 

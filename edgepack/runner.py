@@ -14,7 +14,8 @@ and swaps it in with its manifest. The stage itself never hashes, caches or writ
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import contextlib
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -64,15 +65,37 @@ def run_stage(name: str, config: Mapping[str, Any], inputs: Mapping[str, Any], f
         raise ValueError("run_stage needs exactly one of root= or folder=")
     key = stage_key(name, config, inputs)
     target = Path(folder) if folder is not None else Path(root) / f"{name}-{key}"  # type: ignore[arg-type]
+    with _building(root, target.name):
+        return _run_or_reuse(target, StageRecord(name, config, inputs, key=key, model=model), fn,
+                             replace_foreign=replace_foreign)
+
+
+@contextlib.contextmanager
+def _building(root: Path | None, name: str) -> Iterator[None]:
+    """In a run folder, one process at a time builds a given stage folder (parallel `edgepack auto` candidates share
+    stages): the others wait, then reuse it. The lock files stay in `<root>/.locks` (removing one would let two
+    processes hold it)."""
+    if root is None:
+        yield
+        return
+    from filelock import FileLock
+
+    locks = Path(root) / ".locks"
+    locks.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(locks / f"{name}.lock")):
+        yield
+
+
+def _run_or_reuse(target: Path, record: StageRecord, fn: StageFn, *, replace_foreign: bool) -> StageResult:
+    key = record.key
     freed = clear_interrupted(target)  # a folder a killed swap moved aside comes back before the reuse check
     if freed:
-        get_reporter().info(f"[dim]removed {freed / 1e6:.1f} MB left by an interrupted {name} stage[/dim]")
+        get_reporter().info(f"[dim]removed {freed / 1e6:.1f} MB left by an interrupted {record.stage} stage[/dim]")
     manifest = read_manifest(target)
     if manifest is not None and manifest.get("key") == key:
         get_reporter().info(f"[dim]reusing {target.name} (same config and inputs)[/dim]")
         return StageResult(target, manifest, True)
     _check_replaceable(target, replace_foreign=replace_foreign)
-    record = StageRecord(name, config, inputs, key=key, model=model)
     with stage_folder(target, record) as tmp:
         record.metrics = fn(tmp) or {}
     return StageResult(target, read_manifest(target) or {}, False)

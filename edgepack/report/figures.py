@@ -209,9 +209,18 @@ def _layer_label(node: str) -> str:
     return label if len(label) <= 60 else "…" + label[-59:]
 
 
+def auto_figure(report: Report) -> ReportFigure | None:
+    """`edgepack auto`: the trials and their Pareto front (drawn in `report/auto.py`)."""
+    from edgepack.report.auto import pareto_figure
+
+    drawn = pareto_figure(report)
+    return None if drawn is None else ReportFigure("pareto", _png(drawn[0]), drawn[1])
+
+
 def report_figures(report: Report) -> list[ReportFigure]:
     """Every figure the report has data for, in reading order."""
-    figures = (tradeoff_figure(report), memory_figure(report), coverage_figure(report), sensitivity_figure(report))
+    figures = (auto_figure(report), tradeoff_figure(report), memory_figure(report), coverage_figure(report),
+               sensitivity_figure(report))
     where = device_sentence(report)
     return [ReportFigure(f.name, f.png, f.caption + where) for f in figures if f is not None]
 

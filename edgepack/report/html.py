@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from edgepack.artifacts import atomic_write_bytes, atomic_write_text
+from edgepack.report.auto import auto_html
 from edgepack.report.figures import HOW_TEXT, ReportFigure, report_figures
 from edgepack.report.model import ProviderResult, Report
 
@@ -211,7 +212,7 @@ def _quantization(report: Report) -> str:
 
 def render_html(report: Report, figures: list[ReportFigure]) -> str:
     body = _header(report) + "<h2>Results per execution provider</h2>" + _table(report) + _gates(report)
-    body += _quantization(report)
+    body += _quantization(report) + auto_html(report)
     body += "<h2>Figures</h2>" + "".join(_figure(figure) for figure in figures) + "</main>"
     title = html.escape(f"edgepack report: {report.recipe.get('name', '')}")
     return (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{title}</title>'

@@ -153,6 +153,75 @@ class QuantizationSummary(_Open):
     stage: str
 
 
+class AutoFigures(_Closed):
+    """A candidate's figures, and how they were obtained: proxy (exact size, analytic memory bound; nothing run),
+    rung (a fresh process on the first `samples` evaluation samples, a short latency), harness (the validate stage:
+    every EP, the recipe's warm-up and runs)."""
+
+    size_mb: float | None = None
+    #: the task metric, and its drop in points (x100) below the FP32 reference on the same samples
+    metric: float | None = None
+    accuracy_drop: float | None = None
+    #: MiB the model adds to a fresh process at its peak (VmHWM minus the RSS after importing the runtime)
+    peak_rss_mb: float | None = None
+    process_peak_rss_mb: float | None = None
+    p50_ms: float | None = None
+    p90_ms: float | None = None
+    samples: int = 0
+    how: Literal["proxy", "rung", "harness"] = "proxy"
+    #: figures that are analytic estimates (lower bounds), not measurements
+    estimated: list[str] = Field(default_factory=list)
+
+
+class AutoCandidate(_Closed):
+    trial: int
+    #: knob -> value (`auto.space`)
+    params: dict[str, Any]
+    state: Literal["complete", "pruned", "failed", "running"]
+    reason: str | None = None
+    figures: AutoFigures
+    #: what the search minimised: objective / the reference's, plus 10 + the budget violations when one is missed
+    objective_value: float | None = None
+    pareto: bool = False
+    finalist: bool = False
+    meets_budgets: bool | None = None
+    #: the finalist's name in `variants`, and its model file relative to the run folder
+    variant: str | None = None
+    model: str | None = None
+    #: host:pid of the processes that built and measured it
+    workers: list[str] = Field(default_factory=list)
+
+
+class AutoBudget(_Closed):
+    name: str
+    limit: float
+    unit: str
+    meaning: str
+
+
+class AutoSummary(_Closed):
+    """What `edgepack auto` searched, how it spent its measurements, the Pareto front and the choice."""
+
+    objective: str
+    metric: str | None = None
+    #: the EP the budgets are read on (the harness asks every EP of the recipe too)
+    ep: str
+    backend: str
+    space: dict[str, Any]
+    budgets: list[AutoBudget]
+    #: evaluation samples per successive-halving rung, and the reduction factor between rungs
+    rung_samples: list[int]
+    reduction_factor: int
+    candidates: list[AutoCandidate]
+    #: trial numbers on the Pareto front over (task metric, size, peak RSS, p50)
+    pareto: list[int] = Field(default_factory=list)
+    chosen: int | None = None
+    chosen_variant: str | None = None
+    verdict: str
+    counts: dict[str, int] = Field(default_factory=dict)
+    wall_time_s: float | None = None
+
+
 class Report(_Closed):
     schema_version: int = SCHEMA_VERSION
     edgepack_version: str
@@ -172,6 +241,8 @@ class Report(_Closed):
     validation_folder: str | None = None
     quantization: QuantizationSummary | None = None
     bundle: BundleInfo | None = None
+    #: `edgepack auto`: the search, its Pareto front and the chosen candidate
+    auto: AutoSummary | None = None
     #: notes a reader needs next to the figures (e.g. how a student of another width was compared)
     notes: list[str] = Field(default_factory=list)
 

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from edgepack.artifacts import atomic_write_text, clear_interrupted, write_json
+from edgepack.report.auto import auto_markdown
 from edgepack.report.model import ProviderResult, Report
 
 COLUMNS = ("variant", "EP", "how", "size MB", "size ×", "p50 ms", "p90 ms", "peak RSS MB", "cosine mean",
@@ -101,6 +102,7 @@ def render_markdown(report: Report) -> str:
                   f"{'yes' if g.passed else '**no**'} |" for g in report.gates]
         lines.append("")
     lines += _quantization_lines(report.quantization.model_dump() if report.quantization else None)
+    lines += auto_markdown(report)
     lines += ["## Artifacts", ""]
     lines += [f"- {name}: `{variant.path}` (sha256 `{variant.sha256[:16]}…`)"
               for name, variant in report.variants.items()]

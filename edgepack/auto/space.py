@@ -1,0 +1,251 @@
+"""The search space: knobs (named recipe settings) and their domains; a candidate is the recipe with knob values.
+
+A knob is data in the `KNOBS` registry: the dotted recipe key it writes, what it means, the section it switches on
+when it takes an active value (a prune ratio turns `prune.enabled` on), and optionally how a value becomes the
+recipe's value (`layers_kept: 4` becomes `prune.layers`, the indices removed). Any recipe key is also a knob by its
+dotted path (`quantize.calibrator`), so a setting another stage adds is searchable with no code; a named knob is one
+`knob(...)` line. Every candidate is then a plain recipe run by the normal stages: content-hashed folders, reused
+by every candidate (and rerun) that shares them.
+
+>>> space = SearchSpace.build(parse_recipe({"auto": {"space": {"smoothquant": ["search", "off"]}}}))
+>>> space.recipe({"smoothquant": "off"}).quantize.smoothquant
+'off'
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from edgepack.auto.config import RangeDomain
+from edgepack.errors import BadInputError, did_you_mean
+from edgepack.recipe import Recipe, parse_recipe
+from edgepack.registry import Registry
+
+
+@dataclass(frozen=True)
+class KnobContext:
+    """What a knob may need to know about the model the recipe starts from."""
+
+    #: transformer layers entering the prune stage (the distilled student's when distillation is on)
+    layers: int | None = None
+
+
+#: value, context -> the value written at the knob's path
+Transform = Callable[[Any, KnobContext], Any]
+
+
+@dataclass(frozen=True)
+class Knob:
+    path: str
+    meaning: str
+    #: a section switched on (`<section>.enabled: true`) when the knob's value is active (non-zero, non-empty)
+    enables: str | None = None
+    transform: Transform | None = None
+
+    def written(self, value: Any, context: KnobContext) -> Any:
+        return self.transform(value, context) if self.transform else value
+
+
+KNOBS: Registry[Knob] = Registry("auto knob")
+
+
+def knob(name: str, path: str, meaning: str, *, enables: str | None = None, transform: Transform | None = None) -> None:
+    KNOBS.register(name)(Knob(path, meaning, enables, transform))
+
+
+def _layers_removed(kept: Any, context: KnobContext) -> list[int]:
+    """`layers_kept: k` -> the layers removed, so that k evenly spaced layers stay (layer 0 first, as distillation
+    picks them)."""
+    from edgepack.compress.students import evenly_spaced
+
+    total = context.layers
+    if total is None:
+        raise BadInputError("auto.space.layers_kept: the model's layer count is unknown (no config.json with "
+                            "num_hidden_layers); search prune.layers by index instead")
+    if not isinstance(kept, int) or not 1 <= kept <= total:
+        raise BadInputError(f"auto.space.layers_kept={kept!r}: keep 1..{total} of the model's {total} layers")
+    keep = set(evenly_spaced(total, kept))
+    return [i for i in range(total) if i not in keep]
+
+
+# --- compression (distill / prune stages)
+knob("layers_kept", "prune.layers", "transformer layers kept, evenly spaced (layer 0 first); the rest are removed",
+     enables="prune", transform=_layers_removed)
+knob("ffn_prune", "prune.ffn_ratio", "fraction of FFN neurons removed in every layer, least important first",
+     enables="prune")
+knob("head_prune", "prune.heads_ratio", "fraction of attention heads removed in every layer", enables="prune")
+knob("hidden_prune", "prune.hidden_ratio", "fraction of hidden (residual-stream) channels removed: the channel "
+     "ratio of a transformer", enables="prune")
+knob("recovery_steps", "prune.recovery_steps", "distillation steps from the unpruned model after pruning")
+knob("student_layers", "distill.num_layers", "layers of the distilled student (evenly spaced teacher layers)",
+     enables="distill")
+# --- quantization
+knob("quantize", "quantize.enabled", "INT8 on (true) or the float model (false)")
+knob("calibrator", "quantize.calibrator", "activation range method (minmax, entropy, percentile, ...)")
+knob("smoothquant", "quantize.smoothquant", "SmoothQuant alphas: search | recipe | off")
+knob("per_channel", "quantize.per_channel", "per-channel weight scales (true) or per-tensor")
+knob("activation_type", "quantize.activation_type", "uint8 or int8 activations")
+knob("float_fallback", "quantize.max_cosine_drop", "per-layer precision: the most sensitive layers (leave-one-out "
+     "ranking) stay in float until 1 - cosine vs FP32 is at most this (null: every layer INT8)")
+knob("max_float_layers", "quantize.max_fallback_layers", "at most this many layers in float for float_fallback")
+
+
+def _active(value: Any) -> bool:
+    return bool(value) and value != [] and value != 0
+
+
+def _set(tree: dict[str, Any], path: str, value: Any) -> None:
+    *parents, leaf = path.split(".")
+    node = tree
+    for part in parents:
+        child = node.get(part)
+        if not isinstance(child, dict):
+            raise BadInputError(f"auto.space: '{path}' is not a recipe key ('{part}' is not a section)")
+        node = child
+    if leaf not in node:
+        raise BadInputError(f"auto.space: '{path}' is not a recipe key{did_you_mean(leaf, node)}; keys of "
+                            f"'{'.'.join(parents) or 'the recipe'}': {', '.join(sorted(node))}")
+    node[leaf] = value
+
+
+def _get(tree: Mapping[str, Any], path: str) -> Any:
+    node: Any = tree
+    for part in path.split("."):
+        node = node[part]
+    return node
+
+
+def _is_scalar(value: Any) -> bool:
+    return value is None or isinstance(value, bool | int | float | str)
+
+
+@dataclass(frozen=True)
+class Dimension:
+    """One knob of the space with its domain; list values that are not scalars go to optuna as JSON labels."""
+
+    name: str
+    knob: Knob
+    choices: tuple[Any, ...] | None = None
+    domain: RangeDomain | None = None
+
+    @property
+    def labels(self) -> tuple[Any, ...]:
+        assert self.choices is not None
+        return tuple(c if _is_scalar(c) else json.dumps(c) for c in self.choices)
+
+    def suggest(self, trial: Any) -> Any:
+        """The trial's value (an optuna Trial's suggest_* by the domain)."""
+        if self.choices is not None:
+            label = trial.suggest_categorical(self.name, self.labels)
+            return self.choices[self.labels.index(label)]
+        assert self.domain is not None
+        d = self.domain
+        if d.integer:
+            return trial.suggest_int(self.name, int(d.low), int(d.high), step=int(d.step or 1))
+        return trial.suggest_float(self.name, d.low, d.high, step=d.step, log=d.log)
+
+    def to_param(self, value: Any) -> Any:
+        """A value as optuna stores it (for enqueueing a known point)."""
+        return value if self.choices is None else self.labels[self.choices.index(value)]
+
+
+class SearchSpace:
+    """The recipe's `auto.space` checked against the knobs and the recipe schema."""
+
+    def __init__(self, base: Recipe, dimensions: list[Dimension], context: KnobContext) -> None:
+        self.base, self.dimensions, self.context = base, dimensions, context
+        self._base_tree = base.dump()
+        self._base_tree.pop("auto", None)
+
+    @classmethod
+    def build(cls, recipe: Recipe, *, context: KnobContext | None = None) -> SearchSpace:
+        context = context or KnobContext(layers=model_layers(recipe))
+        dims = [cls._dimension(name, domain) for name, domain in recipe.auto.space.items()]
+        space = cls(recipe, dims, context)
+        for dim in dims:  # every value must make a valid recipe, checked now rather than mid-search
+            for value in dim.choices or (dim.domain.low, dim.domain.high):  # type: ignore[union-attr]
+                space.recipe({dim.name: value}, where=f"auto.space.{dim.name}={value!r}")
+        return space
+
+    @staticmethod
+    def _dimension(name: str, domain: Any) -> Dimension:
+        if name in KNOBS:
+            knob_ = KNOBS.get(name)
+        elif "." in name:
+            knob_ = Knob(name, f"the recipe key {name}")
+        else:
+            raise BadInputError(f"auto.space.{name}: unknown knob{did_you_mean(name, KNOBS.names())}; knobs: "
+                                f"{', '.join(KNOBS.names())}, or any recipe key by its dotted path (e.g. "
+                                "quantize.calibrator)")
+        if isinstance(domain, RangeDomain):
+            return Dimension(name, knob_, domain=domain)
+        return Dimension(name, knob_, choices=tuple(domain))
+
+    def tree(self, values: Mapping[str, Any]) -> dict[str, Any]:
+        """The candidate's recipe as a plain dict (what a worker gets)."""
+        tree = copy.deepcopy(self._base_tree)
+        by_name = {d.name: d for d in self.dimensions}
+        for name, value in values.items():
+            dim = by_name[name]
+            _set(tree, dim.knob.path, dim.knob.written(value, self.context))
+            if dim.knob.enables and _active(value):
+                tree[dim.knob.enables]["enabled"] = True
+        return tree
+
+    def recipe(self, values: Mapping[str, Any], *, where: str = "auto candidate") -> Recipe:
+        return parse_recipe(self.tree(values), source=where)
+
+    def suggest(self, trial: Any) -> dict[str, Any]:
+        return {dim.name: dim.suggest(trial) for dim in self.dimensions}
+
+    def base_point(self) -> dict[str, Any] | None:
+        """The knob values that give the recipe itself, as optuna params; None when it is not in the space."""
+        point: dict[str, Any] = {}
+        for dim in self.dimensions:
+            current = _get(self._base_tree, dim.knob.path)
+            values = dim.choices if dim.choices is not None else ()
+            match = [v for v in values if dim.knob.written(v, self.context) == current]
+            if not match:
+                return None
+            point[dim.name] = dim.to_param(match[0])
+        return point
+
+    def describe(self) -> dict[str, Any]:
+        return {d.name: (list(d.choices) if d.choices is not None else d.domain.model_dump())  # type: ignore[union-attr]
+                for d in self.dimensions}
+
+
+def model_layers(recipe: Recipe) -> int | None:
+    """Transformer layers that enter the prune stage: the distilled student's, else the model's (config.json)."""
+    distill = recipe.distill
+    if distill.enabled and not distill.student and not distill.student_config:
+        if distill.keep_layers:
+            return len(distill.keep_layers)
+        if distill.num_layers:
+            return distill.num_layers
+    total = _config_layers(recipe.model.path)
+    if distill.enabled and total and not distill.student and not distill.student_config:
+        return max(1, total // 2)
+    return total
+
+
+def _config_layers(path: str) -> int | None:
+    if path == "default":
+        from edgepack.families import default_model_path
+
+        folder: Path | None = Path(default_model_path())
+    else:
+        folder = Path(path) if Path(path).is_dir() else None
+    config = folder / "config.json" if folder else None
+    if config is None or not config.is_file():
+        return None
+    value = json.loads(config.read_text()).get("num_hidden_layers")
+    return int(value) if isinstance(value, int) else None
+
+
+__all__ = ["KNOBS", "Dimension", "Knob", "KnobContext", "SearchSpace", "knob", "model_layers"]
