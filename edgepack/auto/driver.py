@@ -60,9 +60,9 @@ def run_auto(recipe: Recipe, out: Path, *, budgets: Sequence[str] = (), ep: str 
         search = Search(recipe, space, out.resolve(), settings=settings, backend=runner)
         search.measure_reference()
         search.run_trials()
+        return finish(search, start=start, backend=runner.describe())
     finally:
         runner.close()
-    return finish(search, start=start, backend=runner.describe())
 
 
 def describe_space(space: SearchSpace) -> str:
@@ -75,16 +75,25 @@ def describe_space(space: SearchSpace) -> str:
 def pick_finalists(candidates: Sequence[Candidate], budgets: Sequence[Budget], *, objective: str,
                    count: int) -> list[Candidate]:
     """The best by the objective that meet every budget on the full split, then the rest of the Pareto front, then
-    the closest misses (so "closest is" is a harness figure too); one per distinct model file."""
+    the closest misses (so "closest is" is a harness figure too); one per distinct model file. When every candidate
+    was pruned, the built ones closest to the budgets."""
     done = [c for c in candidates if c.state == "complete"]
+    if not done:  # every candidate pruned: the harness still measures the closest built ones, for the verdict
+        built = sorted((c for c in candidates if c.build.get("model")),
+                       key=lambda c: (total_violation(c.measured, budgets), getattr(c.measured, objective) or 0.0))
+        return _distinct_models(built, count)
     key = {id(c): (getattr(c.measured, objective) or float("inf")) for c in done}
     feasible = sorted((c for c in done if all(b.met(c.measured) for b in budgets)), key=lambda c: key[id(c)])
     front = set(pareto_front({str(c.trial): c.measured for c in done}))
     on_front = sorted((c for c in done if str(c.trial) in front), key=lambda c: key[id(c)])
     closest = sorted(done, key=lambda c: (total_violation(c.measured, budgets), key[id(c)]))
+    return _distinct_models([*feasible, *on_front, *closest], count)
+
+
+def _distinct_models(ordered: Sequence[Candidate], count: int) -> list[Candidate]:
     chosen: list[Candidate] = []
     models: set[str] = set()
-    for candidate in [*feasible, *on_front, *closest]:
+    for candidate in ordered:
         if len(chosen) == count:
             break
         if candidate.build["model"] not in models:

@@ -43,7 +43,7 @@ Transform = Callable[[Any, KnobContext], Any]
 class Knob:
     path: str
     meaning: str
-    #: a section switched on (`<section>.enabled: true`) when the knob's value is active (non-zero, non-empty)
+    #: a section switched on (`<section>.enabled: true`) when the value written is active (non-zero, non-empty)
     enables: str | None = None
     transform: Transform | None = None
 
@@ -192,8 +192,9 @@ class SearchSpace:
         by_name = {d.name: d for d in self.dimensions}
         for name, value in values.items():
             dim = by_name[name]
-            _set(tree, dim.knob.path, dim.knob.written(value, self.context))
-            if dim.knob.enables and _active(value):
+            written = dim.knob.written(value, self.context)
+            _set(tree, dim.knob.path, written)
+            if dim.knob.enables and _active(written):
                 tree[dim.knob.enables]["enabled"] = True
         return tree
 

@@ -1,0 +1,203 @@
+"""`edgepack auto`: budgets, the search space, the search on a tiny BERT with a known answer, its report, resume,
+exit 3 when nothing meets the budgets, and the Ray backend on a local 2-worker cluster.
+
+The known answer: a grid over {float, INT8} x {1, 2 layers kept} of a 2-layer BERT under `size_mb <= 2` (the FP32
+models are 4 MB, so the exact-size proxy prunes them before any run) and a loose accuracy budget: the answer is the
+INT8 model with one layer, the smallest file. About a minute in all on 2 shared cores.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from edgepack.auto.budgets import Budget, Measurement, merge_budgets, parse_budget
+from edgepack.auto.pareto import choose, pareto_front
+from edgepack.auto.search import rung_sizes
+from edgepack.auto.space import SearchSpace
+from edgepack.errors import BadInputError
+from edgepack.recipe import parse_recipe
+from tests.test_cli import one_line_error, run_cli
+
+
+def tiny_recipe(tmp_path: Path, model: Path, space: dict, **auto) -> Path:
+    recipe = {"name": "tiny-auto", "model": {"path": str(model)}, "data": {"n_calibration": 16, "n_evaluation": 24},
+              "quantize": {"smoothquant": "off", "max_cosine_drop": None}, "validate": {"runs": 5, "warmup": 1},
+              "bundle": {"enabled": False}, "auto": {"space": space, "rung_runs": 3, **auto}}
+    path = tmp_path / "tiny-auto.yaml"
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    return path
+
+
+GRID = {"quantize": [False, True], "layers_kept": [1, 2]}
+
+
+# ------------------------------------------------------------------------------------------------- budgets
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("accuracy_drop", "write NAME=VALUE, e.g. accuracy_drop=0.5"),
+    ("acuracy_drop=0.5", "unknown budget 'acuracy_drop' (did you mean 'accuracy_drop'?)"),
+    ("p50_ms=fast", "'fast' is not a number"),
+    ("size_mb=-1", "must be a finite number >= 0"),
+    ("size_mb=nan", "must be a finite number >= 0"),
+])
+def test_budget_errors_are_one_line_exit_2(capsys, tmp_path, text, message):
+    recipe = tiny_recipe(tmp_path, tmp_path / "unused", {})
+    code, _, err = run_cli(capsys, "auto", recipe, "--budget", text, "--out", tmp_path / "out")
+    assert code == 2 and message in one_line_error(err)
+    assert not (tmp_path / "out").exists()  # nothing written before the budgets are read
+
+
+def test_budgets_merge_cli_over_recipe():
+    budgets = merge_budgets({"accuracy_drop": 1.0, "size_mb": 20}, ["accuracy_drop=0.5", "p50_ms=5"])
+    assert budgets == [Budget("accuracy_drop", 0.5), Budget("size_mb", 20.0), Budget("p50_ms", 5.0)]
+    assert parse_budget("peak_rss_mb=40").violation(Measurement(peak_rss_mb=50)) == pytest.approx(0.25)
+    assert parse_budget("peak_rss_mb=40").met(Measurement()) is None  # not measured yet
+
+
+def test_auto_needs_a_budget(capsys, tmp_path, tiny_bert_dir):
+    code, _, err = run_cli(capsys, "auto", tiny_recipe(tmp_path, tiny_bert_dir, GRID), "--out", tmp_path / "o")
+    assert code == 2 and "needs at least one budget: --budget accuracy_drop=0.5" in one_line_error(err)
+
+
+# --------------------------------------------------------------------------------------------------- space
+
+
+def test_space_applies_knobs_and_dotted_keys(tiny_bert_dir):
+    recipe = parse_recipe({"model": {"path": str(tiny_bert_dir)}, "auto": {"space": {
+        "layers_kept": [1, 2], "ffn_prune": [0.0, 0.5], "quantize.calibrator": ["minmax", "percentile"],
+        "prune.recovery_steps": {"low": 0, "high": 100, "step": 50}}}})
+    space = SearchSpace.build(recipe)
+    candidate = space.recipe({"layers_kept": 1, "ffn_prune": 0.5, "quantize.calibrator": "percentile"})
+    assert candidate.prune.enabled and candidate.prune.layers == [1] and candidate.prune.ffn_ratio == 0.5
+    assert candidate.quantize.calibrator == "percentile"
+    assert not space.recipe({"layers_kept": 2, "ffn_prune": 0.0}).prune.enabled  # nothing to prune: stage off
+    # the recipe itself is a point of the space (it becomes the first trial)
+    assert space.base_point() is None  # prune.recovery_steps is a range: no enqueued point
+    grid = SearchSpace.build(parse_recipe({"model": {"path": str(tiny_bert_dir)}, "auto": {"space": GRID}}))
+    assert grid.base_point() == {"quantize": True, "layers_kept": 2}
+
+
+@pytest.mark.parametrize(("space", "message"), [
+    ({"layer_kept": [1]}, "auto.space.layer_kept: unknown knob (did you mean 'layers_kept'?)"),
+    ({"smoothquant": ["sometimes"]}, "auto.space.smoothquant='sometimes'"),
+    ({"quantize.calibratr": ["minmax"]}, "'quantize.calibratr' is not a recipe key (did you mean 'calibrator'?)"),
+    ({"layers_kept": [3]}, "keep 1..2 of the model's 2 layers"),
+    ({"ffn_prune": []}, "auto.space.ffn_prune is an empty list"),
+])
+def test_space_errors_name_the_knob(tiny_bert_dir, space, message):
+    with pytest.raises(BadInputError, match=None) as error:
+        SearchSpace.build(parse_recipe({"model": {"path": str(tiny_bert_dir)}, "auto": {"space": space}}))
+    assert message in str(error.value) and "\n" not in str(error.value)
+
+
+# ---------------------------------------------------------------------------------------- pure functions
+
+
+def test_rungs_end_with_the_whole_split():
+    assert rung_sizes(226, rungs=3, eta=3) == [26, 76, 226]
+    assert rung_sizes(24, rungs=3, eta=3) == [8, 24]  # at least 8 samples a rung
+    assert rung_sizes(5, rungs=3, eta=3) == [5]
+
+
+def test_choice_is_the_smallest_meeting_every_budget():
+    budgets = [Budget("accuracy_drop", 0.5), Budget("peak_rss_mb", 40)]
+    measured = {"big": Measurement(size_mb=23, accuracy_drop=0.0, peak_rss_mb=50, metric=1.0, p50_ms=20),
+                "small": Measurement(size_mb=10, accuracy_drop=0.4, peak_rss_mb=15, metric=0.996, p50_ms=10),
+                "tiny": Measurement(size_mb=5, accuracy_drop=2.0, peak_rss_mb=10, metric=0.98, p50_ms=8)}
+    assert choose(measured, budgets, objective="size_mb").chosen == "small"
+    assert pareto_front(measured) == ["big", "small", "tiny"]
+    strict = choose(measured, [Budget("accuracy_drop", 0.3), Budget("peak_rss_mb", 12)], objective="size_mb")
+    # misses by fractions of each limit: big 3.17 (memory), small 0.33 + 0.25, tiny 5.67 (accuracy)
+    assert strict.chosen is None and strict.closest == "small"
+    assert strict.missed == ("accuracy_drop <= 0.3 points", "peak_rss_mb <= 12 MiB")
+
+
+# -------------------------------------------------------------------------------------------- the search
+
+
+@pytest.fixture(scope="module")
+def searched(tmp_path_factory, tiny_bert_dir):
+    """The grid searched once with a local pool of 2 workers; the folder the resume and exit-3 tests reuse."""
+    from edgepack.auto.driver import run_auto
+    from edgepack.recipe import load_recipe
+
+    tmp = tmp_path_factory.mktemp("auto")
+    recipe = load_recipe(tiny_recipe(tmp, tiny_bert_dir, GRID, sampler="grid"))
+    report = run_auto(recipe, tmp / "run", budgets=["size_mb=2", "accuracy_drop=100"], backend="local", workers=2)
+    return tmp, report
+
+
+@pytest.mark.slow
+def test_search_finds_the_known_answer(searched):
+    tmp, report = searched
+    auto = report.auto
+    by_trial = {c.trial: c for c in auto.candidates}
+    chosen = by_trial[auto.chosen]
+    assert chosen.params == {"quantize": True, "layers_kept": 1} and report.passed
+    float_trials = [c for c in auto.candidates if c.params["quantize"] is False]
+    assert len(float_trials) == 2 and all(c.state == "pruned" and c.reason.startswith("proxy: size_mb 4.0")
+                                          for c in float_trials)  # exact size: pruned before any run
+    assert auto.counts["pruned_by_proxy"] == 2 and auto.rung_samples == [8, 24]
+    assert chosen.finalist and chosen.figures.how == "harness" and chosen.figures.samples == 24
+    assert chosen.figures.size_mb < 1.1 and chosen.figures.peak_rss_mb > 0 and chosen.figures.p50_ms > 0
+    assert auto.chosen in auto.pareto
+    assert len({w for c in auto.candidates for w in c.workers}) == 2  # both pool workers took jobs
+    assert [g.name for g in report.gates] == ["budget size_mb", "budget accuracy_drop"]
+    md = (tmp / "run" / "report.md").read_text()
+    assert "## Auto search" in md and f"| {auto.chosen} **(chosen)** | quantize=True, layers_kept=1 |" in md
+    saved = json.loads((tmp / "run" / "report.json").read_text())
+    assert saved["auto"]["chosen"] == auto.chosen and saved["variants"][chosen.variant]["providers"]["cpu"]
+    html = (tmp / "run" / "report.html").read_text()
+    assert 'id="fig-pareto"' in html and "Auto search" in html
+    assert (tmp / "run" / "figures" / "pareto.png").stat().st_size > 1000
+
+
+@pytest.mark.slow
+def test_rerun_resumes_every_candidate(searched, capsys):
+    tmp, first = searched
+    folders = sorted(p.name for p in (tmp / "run").iterdir())
+    code, out, _ = run_cli(capsys, "auto", tmp / "tiny-auto.yaml", "--budget", "size_mb=2", "--budget",
+                           "accuracy_drop=100", "--backend", "inline", "--out", tmp / "run")
+    assert code == 0 and f"chosen: trial {first.auto.chosen} " in out
+    assert sorted(p.name for p in (tmp / "run").iterdir()) == folders  # every stage folder reused, none added
+
+
+@pytest.mark.slow
+def test_no_candidate_meets_the_budgets_exit_3(searched, capsys):
+    tmp, _ = searched
+    code, _, err = run_cli(capsys, "auto", tmp / "tiny-auto.yaml", "--budget", "size_mb=0.5", "--budget",
+                           "accuracy_drop=100", "--backend", "inline", "--out", tmp / "run")
+    line = one_line_error(err)
+    assert code == 3 and "no candidate meets size_mb <= 0.5 MB; closest is trial 2 (quantize=True, layers_kept=1)" \
+        in line
+    report = json.loads((tmp / "run" / "report.json").read_text())  # still written
+    assert report["passed"] is False and report["auto"]["chosen"] is None
+
+
+@pytest.mark.slow
+def test_ray_backend_on_a_local_two_worker_cluster(capsys, tmp_path, tiny_bert_dir, monkeypatch):
+    """Two Ray nodes of one CPU each on this machine, loopback only; the CLI connects to it by address."""
+    pytest.importorskip("ray", reason="pip install 'edgepack[ray]'")
+    monkeypatch.setenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # node addresses on 127.0.0.1, never the LAN
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+    try:
+        cluster.add_node(num_cpus=1)
+        recipe = tiny_recipe(tmp_path, tiny_bert_dir, {"layers_kept": [1, 2]}, sampler="grid")
+        code, out, err = run_cli(capsys, "auto", recipe, "--budget", "accuracy_drop=100", "--backend", "ray",
+                                 "--address", cluster.address, "--workers", "2", "--out", tmp_path / "run")
+    finally:
+        cluster.shutdown()
+    assert code == 0, err
+    report = json.loads((tmp_path / "run" / "report.json").read_text())["auto"]
+    assert report["backend"] == "ray (2 workers)"
+    assert {c["params"]["layers_kept"] for c in report["candidates"]} == {1, 2}
+    assert report["candidates"][report["chosen"]]["params"] == {"layers_kept": 1}  # the smaller INT8 model
+    workers = {w for c in report["candidates"] for w in c["workers"]}
+    assert len(workers) == 2 and "chosen: trial" in out  # jobs ran in both nodes' worker processes
