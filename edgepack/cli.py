@@ -38,6 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=_examples("""
             edgepack demo                                  # all-MiniLM-L6-v2 -> INT8, validated, with a report
             edgepack run recipes/minilm.yaml --out runs/minilm
+            edgepack auto recipes/minilm-auto.yaml --budget accuracy_drop=0.5 --budget peak_rss_mb=40
             edgepack export ./my-bert --out exported/
             edgepack quantize exported/model.onnx --calibration sentences.txt --out int8/
             edgepack validate int8/model.onnx --reference exported/model.onnx --data sentences.txt

@@ -6,7 +6,7 @@ registry and the recipe schema when the search starts (`space.SearchSpace.build`
 
     auto:
       space:                          # knob -> values (a list) or a range ({low, high, step} / {low, high, log})
-        layers_kept: [4, 5, 6]        # named knobs: `edgepack auto --knobs` lists them (auto/space.py KNOBS)
+        layers_kept: [4, 5, 6]        # named knobs: auto/space.py KNOBS (docs/auto.md lists them)
         ffn_prune: [0.0, 0.25, 0.5]
         smoothquant: [search, off]
         quantize.calibrator: [minmax, percentile]   # or any recipe key, by its dotted path

@@ -22,7 +22,7 @@ from __future__ import annotations
 import itertools
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -163,11 +163,15 @@ class Search:
                 "peak_rss_mb": (ref.get("peak_mb") or 1.0) - (ref.get("baseline_mb") or 0.0)
                 }[self.settings.objective] or 1.0
 
-    def objective_value(self, m: Measurement) -> float:
-        """Objective / the reference's when every measured budget holds; else INFEASIBLE + the violations."""
+    def objective_value(self, m: Measurement, *, slack_points: float = 0.0) -> float:
+        """Objective / the reference's when every measured budget holds; else INFEASIBLE + the violations.
+
+        `slack_points`: accuracy_drop is judged `slack_points` more leniently (an early rung: one sample of n moves
+        a fraction metric by 100/n points, more than a 0.5 point budget)."""
         cost = getattr(m, self.settings.objective)
         ratio = 1.0 if cost is None else float(cost) / self._reference_cost()
-        violation = sum(v for b in self.settings.budgets if (v := b.violation(m)) is not None)
+        judged = replace(m, accuracy_drop=None if m.accuracy_drop is None else max(0.0, m.accuracy_drop - slack_points))
+        violation = sum(v for b in self.settings.budgets if (v := b.violation(judged)) is not None)
         return ratio if violation == 0 else INFEASIBLE + violation + ratio
 
     def proxy(self, built: dict[str, Any]) -> Measurement:
@@ -261,10 +265,12 @@ class Search:
             return None
         self.counts["rung_evaluations"] += 1
         candidate.measured = self.from_eval(result, candidate.measured.size_mb or 0.0)
-        candidate.value = self.objective_value(candidate.measured)
+        last = candidate.rung == len(self.sizes) - 1
+        candidate.value = self.objective_value(candidate.measured,
+                                               slack_points=0.0 if last else 100.0 / result["samples"])
         trial = self._trials[candidate.trial]
         trial.report(candidate.value, step=self.eta ** candidate.rung)
-        if candidate.rung == len(self.sizes) - 1:
+        if last:
             self._finish(candidate, "complete")
             return None
         if trial.should_prune():
