@@ -191,6 +191,7 @@ def finish(search: Search, *, start: float, backend: str) -> Report:
         variants=report_variants, validation_folder=validation.folder.name if validation else None,
         stages=[stage_summary(validation)] if validation else [])
     report.auto = _summary(search, front=front, chosen=chosen, verdict=verdict, start=start, backend=backend)
+    report.notes += _ep_notes(settings.ep)
     report.gates = _budget_gates(chosen or (by_trial[int(choice.closest)] if choice.closest else None),
                                  settings.budgets, ep=settings.ep)
     if chosen is not None and recipe.bundle.enabled and chosen.variant:
@@ -206,6 +207,16 @@ def raise_if_unmet(report: Report) -> None:
     """Exit 3 with the verdict ("no candidate meets X; closest is ...") when nothing was chosen."""
     if report.auto is not None and report.auto.chosen is None:
         raise GateFailedError(f"auto: {report.auto.verdict}; the report is written, see report.md")
+
+
+def _ep_notes(ep: str) -> list[str]:
+    from edgepack.runtime.providers import get_provider
+
+    how = get_provider(ep).how
+    if how == "device":
+        return []
+    return [f"auto: the budgets are read on {ep}, which is {how} here: its latency is not a device timing (the "
+            "successive-halving rungs measured on the CPU EP)"]
 
 
 def _verdict(choice: Any, by_trial: dict[int, Candidate], budgets: Sequence[Budget], objective: str) -> str:
