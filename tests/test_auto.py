@@ -117,6 +117,14 @@ def test_choice_is_the_smallest_meeting_every_budget():
     assert strict.missed == ("accuracy_drop <= 0.3 points", "peak_rss_mb <= 12 MiB")
 
 
+def test_an_emulated_budget_ep_is_named_in_the_notes():
+    from edgepack.auto.driver import _ep_notes
+
+    assert _ep_notes("cpu") == []
+    note = _ep_notes("qnn-htp")  # the QNN HTP simulator on this x86 host
+    assert len(note) == 1 and "qnn-htp, which is emulated here" in note[0] and "not a device timing" in note[0]
+
+
 # -------------------------------------------------------------------------------------------- the search
 
 
