@@ -70,18 +70,26 @@ def run_stage(name: str, config: Mapping[str, Any], inputs: Mapping[str, Any], f
                              replace_foreign=replace_foreign)
 
 
+LOCKS = ".locks"
+
+
+def share_stage_folders(root: Path) -> None:
+    """Mark run folder `root` as shared by parallel builders (`edgepack auto` candidates): from now on one process at
+    a time builds a given stage folder there. The lock files stay in `<root>/.locks` (removing one would let two
+    processes hold it); a plain `edgepack run` folder has none."""
+    (Path(root) / LOCKS).mkdir(parents=True, exist_ok=True)
+
+
 @contextlib.contextmanager
 def _building(root: Path | None, name: str) -> Iterator[None]:
-    """In a run folder, one process at a time builds a given stage folder (parallel `edgepack auto` candidates share
-    stages): the others wait, then reuse it. The lock files stay in `<root>/.locks` (removing one would let two
-    processes hold it)."""
-    if root is None:
+    """In a shared run folder (`share_stage_folders`), one process at a time builds a given stage folder: the others
+    wait, then reuse it."""
+    locks = Path(root) / LOCKS if root is not None else None
+    if locks is None or not locks.is_dir():
         yield
         return
     from filelock import FileLock
 
-    locks = Path(root) / ".locks"
-    locks.mkdir(parents=True, exist_ok=True)
     with FileLock(str(locks / f"{name}.lock")):
         yield
 

@@ -37,6 +37,7 @@ from edgepack.reporter import get_reporter
 def run_auto(recipe: Recipe, out: Path, *, budgets: Sequence[str] = (), ep: str = "cpu", backend: str = "local",
              address: str | None = None, trials: int | None = None, workers: int | None = None) -> Report:
     """Search `recipe.auto.space` for the smallest model meeting every budget; write the report into `out`."""
+    from edgepack.runner import share_stage_folders
     from edgepack.runtime.providers import get_provider, parse_providers
 
     start = time.perf_counter()
@@ -53,6 +54,7 @@ def run_auto(recipe: Recipe, out: Path, *, budgets: Sequence[str] = (), ep: str 
                               trials=trials or recipe.auto.trials, ep=budget_ep.key,
                               provider_for_rungs=budget_ep.key if budget_ep.how == "device" else "cpu")
     out.mkdir(parents=True, exist_ok=True)
+    share_stage_folders(out)
     runner = get_backend(backend, workers=workers or recipe.auto.workers, address=address)
     get_reporter().info(f"auto: up to {settings.trials} trials over {describe_space(space)}; budgets "
                         f"{', '.join(b.describe() for b in chosen_budgets)}; backend {runner.describe()}")
