@@ -113,8 +113,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", action="append", default=[], metavar="NAME", help="torch-module output name")
     _add_common(p, json_flag=False)
 
-    p = add("quantize", cmd_quantize, "static INT8 (QDQ) of an ONNX model with calibration data",
+    p = add("quantize", cmd_quantize, "INT8 of an ONNX model with calibration data (static or dynamic; fused CPU "
+            "graph or portable QDQ)",
             "edgepack quantize exported/model.onnx --calibration sentences.txt --out int8/\n"
+            "edgepack quantize exported/model.onnx --calibration sentences.txt --graph qdq --out int8-npu/\n"
+            "edgepack quantize exported/model.onnx --calibration sentences.txt --mode dynamic --out int8-dyn/\n"
             "edgepack quantize other-tool.onnx --calibration sentences.txt --tokenizer ./my-bert --out int8/\n"
             "edgepack quantize cnn.onnx --calibration images.npz --out int8/ --calibrator percentile")
     p.add_argument("model", type=Path, help="FP32 .onnx model (an edgepack export folder's model.onnx carries its "
@@ -131,6 +134,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="SmoothQuant alphas: search per layer on the calibration data (default), the recipe's "
                         "per-role values, or off")
     p.add_argument("--recipe", default="auto", help="quantization recipe (default: the model family's)")
+    p.add_argument("--mode", default="static", choices=["static", "dynamic"],
+                   help="static: calibrated activation ranges (default); dynamic: ranges per input at run time")
+    p.add_argument("--graph", default="auto", choices=["auto", "fused", "qdq"],
+                   help="fused: ONNX Runtime's fused integer CPU kernels (CPU EP only); qdq: Q/DQ pairs for any EP "
+                        "(QNN HTP, NNAPI, CoreML); auto (default): fused for transformer encoders, else qdq")
     p.add_argument("--field", default="text", help="JSONL/CSV field holding the text (default text)")
     p.add_argument("--max-length", type=int, default=128, help="token truncation length (default 128)")
     p.add_argument("--range-cache", type=Path, metavar="DIR",
@@ -401,6 +409,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
                             f"calibrating on all {len(samples)}")
     samples = samples[: args.samples]
     options = QuantizeSection(calibrator=args.calibrator, smoothquant=args.smoothquant, recipe=args.recipe,
+                              mode=args.mode, graph=args.graph,
                               max_cosine_drop=None if args.max_cosine_drop < 0 else args.max_cosine_drop,
                               sensitivity_top=args.sensitivity)
     result = stages.quantize(args.model, family, calibration=samples, options=options, max_length=args.max_length,

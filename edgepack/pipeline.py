@@ -220,7 +220,8 @@ def build_variants(ctx: RunContext) -> tuple[dict[str, Path], dict[str, str | No
     if ctx.recipe.quantize.enabled:
         int8 = ctx.record(stages.quantize(variants[last], last_family, calibration=split.calibration,
                                           options=ctx.recipe.quantize, max_length=data.max_length,
-                                          padding=data.padding, root=ctx.out, cache_dir=ctx.out / "cache"))
+                                          padding=data.padding, root=ctx.out, cache_dir=ctx.out / "cache",
+                                          providers=ctx.recipe.validate_.providers))
         variants["int8"], compared["int8"] = int8.folder / "model.onnx", last
     return variants, compared, last_family
 

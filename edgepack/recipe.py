@@ -131,6 +131,12 @@ class ExportSection(_Section):
 
 class QuantizeSection(_Section):
     enabled: bool = True
+    #: static (activation ranges calibrated offline) | dynamic (ranges per input at run time; CPU EPs only)
+    mode: Literal["static", "dynamic"] = "static"
+    #: INT8 graph: fused (ONNX Runtime's fused integer CPU kernels: QAttention, MatMulIntegerToFloat; CPU EP only)
+    #: | qdq (QuantizeLinear/DequantizeLinear pairs any EP reads: QNN HTP, NNAPI, CoreML) | auto (fused when every
+    #: EP in validate.providers is a CPU EP, else qdq)
+    graph: Literal["auto", "fused", "qdq"] = "auto"
     calibrator: str = "minmax"
     #: SmoothQuant alphas: search (per layer on calibration data) | recipe (the family's per-role values) | off
     smoothquant: Literal["search", "recipe", "off"] = "search"

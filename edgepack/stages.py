@@ -105,20 +105,41 @@ def calibration_key(family: ModelFamily, calibration: Sequence[Sample], *, max_l
                          "preprocessing": preprocessing_fingerprint(family)})
 
 
+def resolve_graph(graph: str, *, fp32: Path, recipe: str, providers: Sequence[str]) -> str:
+    """`quantize.graph: auto` -> `fused` for the transformer-encoder recipe (named, or detected from the graph)
+    when every EP in `providers` is ONNX Runtime's CPU EP (cpu, mobile-cpu: the fused ops are its contrib kernels),
+    else `qdq` (NPUs and GPU EPs read QDQ; other recipes have no fused form)."""
+    if graph != "auto":
+        return graph
+    import onnx
+
+    from edgepack.quantization.recipes import detect_family
+    from edgepack.runtime.providers import get_provider
+
+    on_cpu = all(get_provider(name).ort_name == "CPUExecutionProvider" for name in providers)
+    if recipe == "auto":
+        recipe = detect_family(onnx.load(str(fp32), load_external_data=False))
+    return "fused" if on_cpu and recipe == "transformer-encoder" else "qdq"
+
+
 def quantize(fp32: Path, family: ModelFamily, *, calibration: Sequence[Sample], options: QuantizeSection,
              max_length: int, padding: str, root: Path | None = None, folder: Path | None = None,
-             cache_dir: Path | None = None) -> StageResult:
-    """Static INT8 (QDQ) of `fp32` with the family's quantization recipe, an accuracy budget and a range cache."""
+             cache_dir: Path | None = None, providers: Sequence[str] = ("cpu",)) -> StageResult:
+    """INT8 of `fp32` with the family's quantization recipe (`options.mode` static or dynamic, `options.graph`
+    resolved for `providers` by `resolve_graph`), an accuracy budget and a range cache."""
     import json
 
     from edgepack.quantization.quantize import QuantizeOptions, RangeCache, quantize_static
     from edgepack.quantization.sensitivity import QuantBudget
 
     recipe = options.recipe if options.recipe != "auto" else family.quant_recipe
+    graph = resolve_graph(options.graph, fp32=fp32, recipe=recipe, providers=providers)
     q_options = QuantizeOptions(calibrator=options.calibrator, smoothquant=options.smoothquant, family=recipe,
                                 per_channel=options.per_channel, activation_type=options.activation_type,
-                                weight_type=options.weight_type, exclude_nodes=tuple(options.exclude_nodes))
-    config = {**options.model_dump(), "recipe": recipe, "max_length": max_length, "padding": padding}
+                                weight_type=options.weight_type, exclude_nodes=tuple(options.exclude_nodes),
+                                graph=graph)
+    config = {**options.model_dump(), "recipe": recipe, "graph": graph, "max_length": max_length,
+              "padding": padding}
     inputs = {"model": model_digest(fp32), "data": samples_hash(calibration)}
     key = calibration_key(family, calibration, max_length=max_length, padding=padding)
 
@@ -126,7 +147,8 @@ def quantize(fp32: Path, family: ModelFamily, *, calibration: Sequence[Sample], 
         return family.feeds(calibration, batch_size=1, max_length=max_length, padding=padding)
 
     def work(tmp: Path) -> dict[str, Any]:
-        get_reporter().info(f"- static INT8 ({recipe} recipe): calibrating on {len(calibration)} samples")
+        get_reporter().info(f"- {options.mode} INT8 ({recipe} recipe, {graph} graph): calibrating on "
+                            f"{len(calibration)} samples")
         budget = None if options.max_cosine_drop is None else QuantBudget(options.max_cosine_drop,
                                                                           options.max_fallback_layers)
         wants_check = budget is not None or options.sensitivity_top > 0
@@ -134,9 +156,16 @@ def quantize(fp32: Path, family: ModelFamily, *, calibration: Sequence[Sample], 
                  family.primary_output) if wants_check else None
         cache = RangeCache(cache_dir, key) if cache_dir is not None else None
         estimate = _guard_calibration(fp32, family, calibration, max_length=max_length)
-        metrics = quantize_static(fp32, tmp / "model.onnx", calibration_feeds=calibration_feeds,
-                                  n_calibration=len(calibration), options=q_options, budget=budget, check=check,
-                                  cache=cache, sensitivity_top=options.sensitivity_top)
+        if options.mode == "dynamic":
+            from edgepack.quantization.dynamic import quantize_dynamic_int8
+
+            metrics = quantize_dynamic_int8(fp32, tmp / "model.onnx", calibration_feeds=calibration_feeds,
+                                            n_calibration=len(calibration), options=q_options, budget=budget,
+                                            check=check, sensitivity_top=options.sensitivity_top)
+        else:
+            metrics = quantize_static(fp32, tmp / "model.onnx", calibration_feeds=calibration_feeds,
+                                      n_calibration=len(calibration), options=q_options, budget=budget, check=check,
+                                      cache=cache, sensitivity_top=options.sensitivity_top)
         (tmp / "tensor_ranges.json").write_text(json.dumps(metrics.pop("tensor_ranges"), indent=1))
         carry_files(family, tmp)
         return {**metrics, "memory_estimate": estimate}

@@ -27,6 +27,7 @@ from edgepack.calibration_data import Feed
 from edgepack.errors import BadInputError, did_you_mean
 from edgepack.onnx_files import model_digest, needs_external_data, save_onnx, without_weights
 from edgepack.quantization.calibrators import CALIBRATORS, RangeCalibrator, collect_tensor_ranges, make_calibrator
+from edgepack.quantization.fused import graph_note
 from edgepack.quantization.recipes import BranchPoint, QuantPlan, plan_quantization
 from edgepack.quantization.sensitivity import QuantBudget, fit_budget, raise_unmet
 from edgepack.quantization.smoothquant import (
@@ -37,6 +38,9 @@ from edgepack.quantization.smoothquant import (
 )
 
 SMOOTHQUANT_MODES = ("search", "recipe", "off")
+#: INT8 graph forms: `qdq` (QuantizeLinear / DequantizeLinear pairs: every EP, NPUs included) or `fused`
+#: (onnxruntime.transformers fusions lowered to ORT's integer CPU kernels, `quantization.fused`: CPU EP only)
+GRAPHS = ("qdq", "fused")
 _CACHE_VERSION = 1  # bump when the cached payload or what it means changes
 #: Fewest calibration samples per range method. A moving average of one batch is plain MinMax; a histogram method
 #: chooses a tail threshold, which a handful of sentences / images decides by accident (ORT and NNCF default to
@@ -55,13 +59,17 @@ class QuantizeOptions:
     #: SmoothQuant alphas: "search" (per layer, on calibration data), "recipe" (the family's per-role values)
     #: or "off" (no smoothing; shared activations still get their own float branch)
     smoothquant: str = "search"
+    graph: str = "qdq"  # GRAPHS
 
     def __post_init__(self) -> None:
         CALIBRATORS.get(self.calibrator)  # unknown name -> BadInputError listing the known ones
-        if self.smoothquant not in SMOOTHQUANT_MODES:
-            raise BadInputError(f"quantize.smoothquant: unknown mode '{self.smoothquant}'"
-                                f"{did_you_mean(self.smoothquant, SMOOTHQUANT_MODES)}; "
-                                f"use one of {', '.join(SMOOTHQUANT_MODES)}")
+        for key, value, known in (("smoothquant", self.smoothquant, SMOOTHQUANT_MODES), ("graph", self.graph, GRAPHS)):
+            if value not in known:
+                raise BadInputError(f"quantize.{key}: unknown value '{value}'{did_you_mean(value, known)}; "
+                                    f"use one of {', '.join(known)}")
+        if self.graph == "fused" and self.activation_type != "uint8":
+            raise BadInputError("quantize.graph fused: activation_type must be uint8 (ONNX Runtime's QAttention "
+                                "takes uint8 inputs); use activation_type uint8 or graph qdq")
 
 
 class PerTensorCalibrator(RangeCalibrator):
@@ -168,6 +176,7 @@ class RangeCache:
 
     def path(self, model_path: Path, options: QuantizeOptions, plan: QuantPlan) -> Path:
         key = content_hash({"model": model_digest(model_path), "data": self.data_key, "calibrator": options.calibrator,
+                            "graph": options.graph,
                             "smoothquant": options.smoothquant, "methods": plan.range_methods,
                             "nodes": plan.nodes_to_quantize, "exclude": plan.nodes_to_exclude,
                             "points": [[p.tensor, list(p.matmuls), p.alpha] for p in plan.branch_points],
@@ -230,6 +239,34 @@ class _QDQWriter:
         return path
 
 
+@dataclass(frozen=True)
+class _FusedWriter:
+    """Writes fused integer-op models (`fused.lower_to_integer_ops`) from one set of ranges, any extra nodes float."""
+
+    model_path: Path
+    plan: QuantPlan
+    ranges: dict[str, tuple[float, float]]
+    workdir: Path
+
+    def __call__(self, excluded: frozenset[str]) -> Path:
+        from edgepack.quantization.fused import lower_to_integer_ops
+
+        chosen = set(self.plan.nodes_to_quantize or ()) - excluded - set(self.plan.nodes_to_exclude)
+        model, _ = lower_to_integer_ops(onnx.load(str(self.model_path)), self.ranges, nodes=chosen)
+        return save_onnx(model, self.workdir / f"fused-{len(excluded)}-{abs(hash(excluded)) % 10**8}.onnx")
+
+
+def graph_to_quantize(model_path: Path, graph: str, workdir: Path) -> tuple[Path, dict[str, int]]:
+    """The FP32 graph the plan is made on: the model itself (`qdq`), or its onnxruntime.transformers fusion
+    (`fused`) with the fused-op counts."""
+    if graph != "fused":
+        return model_path, {}
+    from edgepack.quantization.fused import fuse_transformer
+
+    path = workdir / "fused-fp32.onnx"
+    return path, fuse_transformer(model_path, path)
+
+
 def _fidelity_scorer(fp32_path: Path, feeds: Sequence[Feed], output: str) -> Callable[[Path], dict[str, float]]:
     """Embedding cosine of a candidate vs the FP32 model on `feeds` (held out from nothing: calibration samples)."""
     import onnxruntime as ort
@@ -256,24 +293,25 @@ def quantize_static(model_path: Path, out_path: Path, *, calibration_feeds: Call
     layer by leave-one-out sensitivity on `check` even when no fallback is needed (metrics["budget"]
     ["sensitivity_top"]). With a `cache`, calibration results are read from / written to it (`RangeCache`).
     """
-    model = onnx.load(str(model_path))
-    _check_excluded_exist(model, options.exclude_nodes)
-    plan = plan_quantization(model, family=options.family, exclude=options.exclude_nodes)
-    _check_something_to_quantize(plan, model, model_path)
-    _check_sample_count(n_calibration, {options.calibrator, *plan.range_methods.values()})
     with tempfile.TemporaryDirectory(prefix="edgepack-quantize-", dir=out_path.parent) as tmp:
         workdir = Path(tmp)
-        cache_path = cache.path(model_path, options, plan) if cache is not None else None
+        source, fused_ops = graph_to_quantize(model_path, options.graph, workdir)
+        model = onnx.load(str(source))
+        _check_excluded_exist(model, options.exclude_nodes, graph=options.graph)
+        plan = plan_quantization(model, family=options.family, exclude=options.exclude_nodes)
+        _check_something_to_quantize(plan, model, model_path)
+        _check_sample_count(n_calibration, {options.calibrator, *plan.range_methods.values()})
+        cache_path = cache.path(source, options, plan) if cache is not None else None
         cached = cache.load(cache_path, plan) if cache is not None and cache_path is not None else None
         if cached is not None:
             smoothing, ranges = cached
-            prepared, _ = write_prepared(model_path, model, smoothing, workdir)
+            prepared, _ = write_prepared(source, model, smoothing, workdir)
             state_bytes = 0
         else:
-            smoothing = smoothing_statistics(model_path, model, plan, calibration_feeds=calibration_feeds,
+            smoothing = smoothing_statistics(source, model, plan, calibration_feeds=calibration_feeds,
                                              n_calibration=n_calibration, smoothquant=options.smoothquant)
-            prepared, prepared_model = write_prepared(model_path, model, smoothing, workdir)
-            tensors = tensors_to_calibrate(prepared_model, plan)
+            prepared, prepared_model = write_prepared(source, model, smoothing, workdir)
+            tensors = _tensors_for_graph(prepared_model, plan, options.graph)
             calibrator = PerTensorCalibrator(options.calibrator,
                                              {t: m for t, m in plan.range_methods.items() if t in tensors})
             ranges = collect_tensor_ranges(prepared, calibration_feeds(), tensors=tensors, calibrator=calibrator,
@@ -281,32 +319,52 @@ def quantize_static(model_path: Path, out_path: Path, *, calibration_feeds: Call
             state_bytes = calibrator.state_bytes()
             if cache is not None and cache_path is not None:
                 cache.save(cache_path, smoothing, ranges)
-        build = _QDQWriter(prepared, plan, ranges, options, workdir)
-        metrics: dict[str, Any] = {}
-        if (budget is not None or sensitivity_top) and check is not None:
-            budget = budget if budget is not None else QuantBudget(max_cosine_drop=None)
-            score = _fidelity_scorer(model_path, check[0], check[1])
-            candidates = list(plan.nodes_to_quantize or [])
-            result = fit_budget(candidates, build=build, score=score, budget=budget, rank_always=sensitivity_top > 0)
-            metrics["budget"] = {"max_cosine_drop": budget.max_cosine_drop, "met": result.met,
-                                 "check_samples": len(check[0]), "fallback_nodes": list(result.excluded),
-                                 "check_fidelity": result.scores, "history": result.history,
-                                 "sensitivity_top": [vars(s) for s in result.sensitivity[:max(sensitivity_top, 10)]]}
-            if not result.met:
-                raise_unmet(result, budget)
-            final = result.artifact
-        else:
-            final = build(frozenset())
+        build: Callable[[frozenset[str]], Path] = (
+            _FusedWriter(prepared, plan, ranges, workdir) if options.graph == "fused"
+            else _QDQWriter(prepared, plan, ranges, options, workdir))
+        final, metrics = build_within_budget(build, plan, model_path, budget=budget, check=check,
+                                             sensitivity_top=sensitivity_top)
         _move_model(final, out_path)
     metrics.update({
+        "graph": options.graph,
+        "fused_ops": fused_ops,
         "calibrated_tensors": len(ranges),
         "calibrator_state_bytes": state_bytes,
         "range_cache": None if cache_path is None else {"path": str(cache_path), "hit": cached is not None},
-        "plan": _plan_summary(plan, model),
+        "plan": _plan_summary(plan, model, graph_note(options.graph, "static", fused_ops)),
         "smoothquant": {"mode": options.smoothquant, "layers": smoothing.choices},
         "tensor_ranges": {k: [float(lo), float(hi)] for k, (lo, hi) in ranges.items()},
     })
     return metrics
+
+
+def _tensors_for_graph(model: onnx.ModelProto, plan: QuantPlan, graph: str) -> list[str]:
+    """What to calibrate: the QDQ quantizer's tensors, or (fused) the activation input of each lowered node."""
+    if graph != "fused":
+        return tensors_to_calibrate(model, plan)
+    from edgepack.quantization.fused import weight_node_inputs
+
+    return weight_node_inputs(model, set(plan.nodes_to_quantize or ()) - set(plan.nodes_to_exclude))
+
+
+def build_within_budget(build: Callable[[frozenset[str]], Path], plan: QuantPlan, fp32_path: Path, *,
+                        budget: QuantBudget | None, check: tuple[Sequence[Feed], str] | None,
+                        sensitivity_top: int) -> tuple[Path, dict[str, Any]]:
+    """The model `build` writes with nothing in float, or, under a budget, with the fewest most-sensitive layers in
+    float that meet it (`sensitivity.fit_budget`); the budget record for the manifest. Static and dynamic INT8
+    share it."""
+    if (budget is None and not sensitivity_top) or check is None:
+        return build(frozenset()), {}
+    budget = budget if budget is not None else QuantBudget(max_cosine_drop=None)
+    score = _fidelity_scorer(fp32_path, check[0], check[1])
+    candidates = list(plan.nodes_to_quantize or [])
+    result = fit_budget(candidates, build=build, score=score, budget=budget, rank_always=sensitivity_top > 0)
+    record = {"max_cosine_drop": budget.max_cosine_drop, "met": result.met, "check_samples": len(check[0]),
+              "fallback_nodes": list(result.excluded), "check_fidelity": result.scores, "history": result.history,
+              "sensitivity_top": [vars(s) for s in result.sensitivity[:max(sensitivity_top, 10)]]}
+    if not result.met:
+        raise_unmet(result, budget)
+    return result.artifact, {"budget": record}
 
 
 def _move_model(src: Path, dst: Path) -> None:
@@ -337,19 +395,21 @@ def _check_sample_count(n_calibration: int, methods: Iterable[str]) -> None:
                                 f"{n_calibration} (data.n_calibration / --samples); add samples or use minmax")
 
 
-def _check_excluded_exist(model: onnx.ModelProto, exclude: Sequence[str]) -> None:
+def _check_excluded_exist(model: onnx.ModelProto, exclude: Sequence[str], *, graph: str = "qdq") -> None:
     names = {n.name for n in model.graph.node}
     for name in exclude:
         if name not in names:
-            raise BadInputError(f"quantize.exclude_nodes: node '{name}' is not in the model{did_you_mean(name, names)}")
+            where = "the fused graph (q/k/v MatMuls are inside Attention_<i>; name those, or use graph qdq)" \
+                if graph == "fused" else "the model"
+            raise BadInputError(f"quantize.exclude_nodes: node '{name}' is not in {where}{did_you_mean(name, names)}")
 
 
-def _plan_summary(plan: QuantPlan, model: onnx.ModelProto) -> dict[str, Any]:
+def _plan_summary(plan: QuantPlan, model: onnx.ModelProto, *extra_notes: str) -> dict[str, Any]:
     return {
         "op_types_to_quantize": list(plan.op_types_to_quantize),
         "nodes_to_quantize": None if plan.nodes_to_quantize is None else len(plan.nodes_to_quantize),
         "nodes_to_exclude": list(plan.nodes_to_exclude),
         "range_methods": sorted(set(plan.range_methods.values())),
-        "notes": list(plan.notes),
+        "notes": [*plan.notes, *extra_notes],
         "nodes_total": len(model.graph.node),
     }

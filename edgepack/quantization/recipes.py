@@ -53,6 +53,10 @@ _LAYER_NORMS = frozenset({"LayerNormalization", "SkipLayerNormalization", "Simpl
 _GELU_OPS = frozenset({"Gelu", "BiasGelu", "FastGelu", "QuickGelu"})
 _ACTIVATION_OPS = _GELU_OPS | {"Relu", "Sigmoid", "Tanh", "HardSigmoid", "LeakyRelu"}
 _DATA_MOVEMENT = frozenset({"Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "Identity"})
+#: Fused ops of onnxruntime.transformers' optimizer (the `fused` graph, `quantization.fused`): Attention holds the
+#: packed q/k/v weight (C, 3C) at input 1; EmbedLayerNormalization the word table (V, C) at input 2.
+_ATTENTION_OPS = frozenset({"Attention", "MultiHeadAttention"})
+_BRANCHED_OPS = frozenset({"MatMul", "Attention"})  # weight layers whose activation input gets its own branch
 
 
 @dataclass(frozen=True)
@@ -105,7 +109,7 @@ class QuantRecipe:
 QUANT_RECIPES: Registry[QuantRecipe] = Registry("quantization recipe")
 
 QUANT_RECIPES.register("transformer-encoder")(QuantRecipe(
-    op_types_to_quantize=("MatMul", "Gemm", "Gather"),
+    op_types_to_quantize=("MatMul", "Gemm", "Gather", "Attention", "EmbedLayerNormalization"),
     select_weight_layers=True,
     quantize_embeddings=True,  # word embeddings are half of MiniLM's parameters: needed for a 0.25x file
     isolate_float_consumers=True,
@@ -188,17 +192,21 @@ def _index(model: onnx.ModelProto) -> _Graph:
 
 
 def _is_weight_layer(node: onnx.NodeProto, g: _Graph) -> bool:
-    """MatMul / Gemm / Conv whose weight (input 1) is a float initializer and whose input 0 is an activation."""
-    if node.op_type not in ("MatMul", "Gemm", "Conv", "ConvTranspose") or len(node.input) < 2:
+    """MatMul / Gemm / Conv / fused Attention whose weight (input 1) is a float initializer and whose input 0 is
+    an activation."""
+    if node.op_type not in ("MatMul", "Gemm", "Conv", "ConvTranspose", "Attention") or len(node.input) < 2:
         return False
     weight = g.float_weights.get(node.input[1])
     if weight is None or node.input[0] in g.float_weights:
         return False
-    return len(weight) == 2 if node.op_type in ("MatMul", "Gemm") else True
+    return len(weight) == 2 if node.op_type in ("MatMul", "Gemm", "Attention") else True
 
 
 def _is_embedding(node: onnx.NodeProto, g: _Graph) -> bool:
-    """Gather rows of a float (V, C) table by indices computed at run time: the embedding lookup."""
+    """Gather rows of a float (V, C) table by indices computed at run time: the embedding lookup (or the fused
+    EmbedLayerNormalization, word table at input 2)."""
+    if node.op_type == "EmbedLayerNormalization":
+        return len(node.input) > 2 and len(g.float_weights.get(node.input[2], ())) == 2
     table = g.float_weights.get(node.input[0]) if node.op_type == "Gather" else None
     return table is not None and len(table) == 2 and node.input[1] not in g.float_weights
 
@@ -229,6 +237,8 @@ def _follows_attention(tensor: str, g: _Graph) -> bool:
     node = g.producer.get(tensor)
     while node is not None and node.op_type in _DATA_MOVEMENT:
         node = g.producer.get(node.input[0])
+    if node is not None and node.op_type in _ATTENTION_OPS:
+        return True
     return node is not None and node.op_type == "MatMul" and not any(i in g.float_weights for i in node.input)
 
 
@@ -236,6 +246,8 @@ def weight_matmul_role(node: onnx.NodeProto, g: _Graph, selected: set[str]) -> s
     """Role of a quantized weight MatMul from the pattern around its activation input (ROLE_*)."""
     tensor = node.input[0]
     producer = g.producer.get(tensor)
+    if node.op_type in _ATTENTION_OPS:
+        return ROLE_QKV
     if _is_nonlinearity_output(tensor, g):
         return ROLE_FFN_OUT
     if producer is not None and producer.op_type in _LAYER_NORMS:
@@ -250,7 +262,7 @@ def _branch_points(g: _Graph, recipe: QuantRecipe, selected: set[str]) -> tuple[
     """One BranchPoint per activation whose selected MatMuls need smoothing or share it with float readers."""
     groups: dict[str, list[onnx.NodeProto]] = {}
     for node in g.nodes:
-        if node.op_type == "MatMul" and node.name in selected:
+        if node.op_type in _BRANCHED_OPS and node.name in selected:
             groups.setdefault(node.input[0], []).append(node)
     points = []
     for tensor, matmuls in groups.items():
@@ -268,11 +280,12 @@ def _branch_points(g: _Graph, recipe: QuantRecipe, selected: set[str]) -> tuple[
 
 
 def detect_family(model: onnx.ModelProto) -> str:
-    """'transformer-encoder' (Softmax + LayerNorm + weight MatMuls), 'cnn' (Conv), else 'generic'."""
+    """'transformer-encoder' (Softmax or fused Attention + LayerNorm + weight MatMuls), 'cnn' (Conv), else
+    'generic'."""
     g = _index(model)
     ops = {node.op_type for node in g.nodes}
     has_weight_matmul = any(n.op_type == "MatMul" and _is_weight_layer(n, g) for n in g.nodes)
-    if "Softmax" in ops and ops & _LAYER_NORMS and has_weight_matmul:
+    if ("Softmax" in ops or ops & _ATTENTION_OPS) and ops & _LAYER_NORMS and has_weight_matmul:
         return "transformer-encoder"
     if ops & {"Conv", "ConvTranspose"}:
         return "cnn"
