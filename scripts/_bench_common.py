@@ -93,14 +93,17 @@ class DemoContext:
                                max_length=self.recipe.data.max_length, root=self.out)
         return result.folder / "model.onnx"
 
-    def quantize(self, fp32: Path) -> Path:
+    def quantize(self, fp32: Path, **overrides: Any) -> Path:
+        """The recipe's quantize stage (`overrides`: quantize keys to change, e.g. graph="qdq", mode="dynamic")."""
         from edgepack import stages
         from edgepack.families import open_model
 
         data = self.recipe.data
+        options = self.recipe.quantize.model_copy(update=overrides) if overrides else self.recipe.quantize
         result = stages.quantize(fp32, open_model(str(fp32)), calibration=self.split.calibration,
-                                 options=self.recipe.quantize, max_length=data.max_length, padding=data.padding,
-                                 root=self.out, cache_dir=self.out / "cache")
+                                 options=options, max_length=data.max_length, padding=data.padding,
+                                 root=self.out, cache_dir=self.out / "cache",
+                                 providers=self.recipe.validate_.providers)
         return result.folder / "model.onnx"
 
     def validate(self, variants: dict[str, Path], *, samples: Any, providers: Any, settings: Any,

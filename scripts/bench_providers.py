@@ -1,4 +1,5 @@
-"""Per-EP validation of all-MiniLM-L6-v2 FP32 and edgepack INT8, and repeat-run memory stability.
+"""Per-EP validation of all-MiniLM-L6-v2 FP32 and edgepack INT8 (QDQ graph, and the CPU EP's fused graph), and
+repeat-run memory stability.
 
 Providers: cpu, mobile-cpu (1/2/4 threads, memory-lean options, ORT-format load), qnn-htp (onnxruntime-qnn HTP
 backend, *emulated* on x86: numerics and node assignment are real, timings are not device timings), nnapi and
@@ -35,13 +36,15 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     ctx = context(args.out.resolve())
     fp32 = ctx.export()
-    variants = {"fp32": fp32, "int8": ctx.quantize(fp32)}
+    # int8: the QDQ graph (what a recipe with an NPU EP in validate.providers makes: quantize.graph auto -> qdq);
+    # int8-fused: the CPU EP's fused integer ops (graph fused), which the NPU EPs do not run
+    variants = {"fp32": fp32, "int8": ctx.quantize(fp32, graph="qdq"), "int8-fused": ctx.quantize(fp32, graph="fused")}
     settings = ValidationSettings(sequence_length=args.sequence_length, max_length=args.sequence_length, runs=50)
     samples = ctx.split.evaluation[:20]
     results = ctx.validate(variants, samples=samples, providers=parse_providers(PROVIDERS), settings=settings)
     table = markdown_table(list(COLUMNS), results_rows(report_of(results, variants, ctx)))
     stability = _stability(ctx, variants["int8"], settings)
-    write_section("providers", f"## Per-EP validation of all-MiniLM-L6-v2 (FP32 and edgepack INT8)\n\n"
+    write_section("providers", f"## Per-EP validation of all-MiniLM-L6-v2 (FP32, edgepack INT8 QDQ and fused)\n\n"
                   f"`python scripts/bench_providers.py` — {machine_line()}\n\nBatch 1, sequence {args.sequence_length}, "
                   f"{len(samples)} evaluation sentences (4 on the emulated HTP: the simulator takes seconds per "
                   "inference); fidelity vs FP32 on the CPU EP on the same sentences. `how`: device = measured on this "

@@ -1,16 +1,26 @@
-"""Static INT8 on all-MiniLM-L6-v2: edgepack against ORT, Optimum and PyTorch anchors, side by side in one run.
+"""INT8 on all-MiniLM-L6-v2: edgepack against ORT, Optimum and PyTorch, side by side in one run.
 
-Anchors (same FP32 ONNX graph, same 200 calibration sentences, same 100 held-out evaluation sentences):
+edgepack's variants: edgepack-int8 (the recipe's: static, graph auto = fused on the CPU EP), edgepack-int8-qdq (the
+same calibration as QDQ pairs, for NPU EPs), edgepack-int8-dynamic (quantize.mode: dynamic). Anchors (same FP32
+ONNX graph, same 200 calibration sentences, same 100 held-out evaluation sentences):
   ort-static-default   onnxruntime.quantization.quantize_static(QDQ, per_channel=True, MinMax)
+  ort-dynamic          onnxruntime.quantization.quantize_dynamic, its defaults
+  ort-dynamic-fused    onnxruntime.transformers.optimizer (BERT fusions) + quantize_dynamic: QAttention
   optimum-static       optimum-onnx ORTQuantizer, AutoQuantizationConfig.avx512_vnni(is_static=True), MinMax
-  optimum-dynamic      optimum-onnx ORTQuantizer, AutoQuantizationConfig.avx512_vnni(is_static=False)
+  optimum-dynamic      optimum-onnx ORTQuantizer, AutoQuantizationConfig.avx512_vnni(is_static=False) (the arm64
+                       and avx512 dynamic presets are the same configuration)
+  optimum-dynamic-avx2 optimum-onnx ORTQuantizer, AutoQuantizationConfig.avx2(is_static=False) (u8/u8)
   torch-dynamic        torch.ao.quantization.quantize_dynamic(nn.Linear, qint8), run in PyTorch
 Every ONNX variant is measured by edgepack's harness: fresh process per variant, batch 1, sequence 128,
-2 intra-op threads, 10 warm-up + 100 timed runs, best p50 of 5 interleaved passes (torch-dynamic: one pass). Then calibration memory and time at 64/256/1024 samples per
-method, edgepack's streaming calibrators vs ORT's, each in a fresh process.
+2 intra-op threads, 10 warm-up + 100 timed runs, best p50 of 5 interleaved passes (torch-dynamic: one pass); then
+what ORT runs of each (op counts after its optimizations, time per op type from its profiler) and fidelity on the
+out-of-domain split. Then calibration memory and time at 64/256/1024 samples per method, edgepack's streaming
+calibrators vs ORT's, each in a fresh process. On a shared machine run the timed parts under a lock, e.g.
+`flock /work/bench.lock python scripts/bench_quant.py --quality-only`.
 
-    python scripts/bench_quant.py                 # everything (about 30 minutes on 2 cores)
+    python scripts/bench_quant.py                 # everything (about 40 minutes on 2 cores)
     python scripts/bench_quant.py --skip-calibration
+    python scripts/bench_quant.py --quality-only       # the INT8 comparison, targets and op profiles (~15 min)
     python scripts/bench_quant.py --smoothquant-only   # SmoothQuant modes table only (about a minute)
 """
 
@@ -31,6 +41,17 @@ from _bench_common import (  # noqa: E402
     peak_rss_mb,
     run_child,
     write_section,
+)
+from _bench_int8 import (  # noqa: E402
+    ood_by_domain,
+    ood_fidelity,
+    op_table,
+    optimum_avx2_dynamic,
+    ort_dynamic_anchors,
+    profile_child,
+    profiles,
+    targets_table,
+    wait_quiet,
 )
 
 CAL_METHODS = {  # edgepack calibrator -> ORT CalibrationMethod name (None: ORT has no such method)
@@ -66,7 +87,9 @@ def build_anchors(ctx: Any, fp32: Path) -> dict[str, Path]:
     if not paths["ort-static-default"].exists():
         quantize_static(str(fp32), str(paths["ort-static-default"]), Reader(), quant_format=QuantFormat.QDQ,
                         per_channel=True)
+    paths.update(ort_dynamic_anchors(fp32, anchors))
     paths.update(_optimum(fp32, anchors, cal))
+    paths.update(optimum_avx2_dynamic(fp32, anchors))
     return paths
 
 
@@ -170,14 +193,28 @@ def best_of_rounds(variants: dict[str, Path], ctx: Any, settings: Any, *, rounds
     return best
 
 
-def quality_table(ctx: Any) -> tuple[str, dict[str, float]]:
+#: edgepack's INT8 variants: the recipe's own (graph auto = fused on the CPU EP), its portable QDQ form (the one for
+#: QNN HTP / NNAPI / CoreML) and dynamic INT8 (quantize.mode: dynamic, fused graph, SmoothQuant)
+EDGEPACK_VARIANTS = {"edgepack-int8": {}, "edgepack-int8-qdq": {"graph": "qdq"},
+                     "edgepack-int8-dynamic": {"mode": "dynamic"}}
+
+
+def quality_variants(ctx: Any, fp32: Path) -> dict[str, Path]:
+    return {"fp32": fp32, **{name: ctx.quantize(fp32, **over) for name, over in EDGEPACK_VARIANTS.items()},
+            **build_anchors(ctx, fp32)}
+
+
+def quality_table(ctx: Any, rounds: int = ROUNDS) -> tuple[str, dict[str, Any]]:
     from edgepack.runtime.harness import ValidationSettings
     from edgepack.runtime.probe import ProbeOptions, measure
 
     fp32 = ctx.export()
-    variants = {"fp32": fp32, "edgepack-int8": ctx.quantize(fp32), **build_anchors(ctx, fp32)}
+    variants = quality_variants(ctx, fp32)
+    ood = ood_fidelity(ctx, variants, fp32)
     settings = ValidationSettings(runs=100)
-    results = best_of_rounds(variants, ctx, settings, rounds=ROUNDS)
+    load_before = wait_quiet()
+    results = best_of_rounds(variants, ctx, settings, rounds=rounds)
+    load_after = wait_quiet()
     eval_feeds = ctx.adapter.evaluation_feeds(ctx.split.evaluation, max_length=128)
     lat_feed = ctx.adapter.latency_feed(ctx.split.evaluation, sequence_length=128)
     ref = measure(fp32, latency_feed=lat_feed, evaluation_feeds=eval_feeds, workdir=ctx.out / "ref",
@@ -185,30 +222,43 @@ def quality_table(ctx: Any) -> tuple[str, dict[str, float]]:
     torch_result = torch_dynamic(ctx, (eval_feeds, lat_feed), ref)
     base = results["fp32"]
     base_cpu = base["providers"]["cpu"]
-    rows = []
+    rows, p50, cosine = [], {}, {}
     for name, v in results.items():
         cpu = v["providers"]["cpu"]
         if cpu["status"] != "ok":
-            rows.append([name, "failed: " + str(cpu.get("error"))[:60]] + [""] * 7)
+            rows.append([name, "failed: " + str(cpu.get("error"))[:60]] + [""] * 8)
             continue
+        p50[name], cosine[name] = cpu["latency_ms"]["p50"], cpu["metrics"]["cosine_mean"]
         rows.append(_row(name, v["size_bytes"], cpu["latency_ms"]["p50"], cpu["memory_mb"]["peak"], cpu["metrics"],
-                         base["size_bytes"], base_cpu["latency_ms"]["p50"], base_cpu["memory_mb"]["peak"], "ORT CPU EP"))
+                         base["size_bytes"], base_cpu["latency_ms"]["p50"], base_cpu["memory_mb"]["peak"],
+                         _runtime(name), ood.get(name)))
     if torch_result.get("status") != "crashed":
+        p50["torch-dynamic"] = torch_result["p50"]
         rows.append(_row("torch-dynamic", torch_result["size_bytes"], torch_result["p50"], torch_result["peak"],
                          torch_result["metrics"], base["size_bytes"], base_cpu["latency_ms"]["p50"],
-                         base_cpu["memory_mb"]["peak"], "PyTorch"))
-    header = ["variant", "runtime", "size MB (× FP32)", "p50 ms (× FP32)", "peak RSS MB (× FP32)", "cosine mean",
-              "cosine min", "paraphrase R@1", "paraphrase margin"]
-    p50 = {"fp32": base_cpu["latency_ms"]["p50"],
-           "int8": results["edgepack-int8"]["providers"]["cpu"]["latency_ms"]["p50"]}
-    return markdown_table(header, rows), p50
+                         base_cpu["memory_mb"]["peak"], "PyTorch", None))
+    header = ["variant", "runtime / graph", "size MB (× FP32)", "p50 ms (× FP32)", "peak RSS MB (× FP32)",
+              "cosine mean / min", "OOD cosine mean / min", "OOD padded mean / min", "paraphrase R@1 / margin"]
+    summary = {"p50": p50, "cosine": cosine, "ood": ood, "variants": variants, "fp32": fp32,
+               "load": f"{load_before} before, {load_after} after"}
+    return markdown_table(header, rows), summary
+
+
+def _runtime(name: str) -> str:
+    return {"edgepack-int8": "ORT CPU EP, fused", "edgepack-int8-dynamic": "ORT CPU EP, fused",
+            "ort-dynamic-fused": "ORT CPU EP, fused", "edgepack-int8-qdq": "ORT CPU EP, QDQ",
+            "ort-static-default": "ORT CPU EP, QDQ", "optimum-static": "ORT CPU EP, QDQ"}.get(name, "ORT CPU EP")
 
 
 def _row(name: str, size: int, p50: float, peak: float, metrics: dict, size0: int, p500: float, peak0: float,
-         runtime: str) -> list[str]:
-    return [name, runtime, f"{size / 1e6:.1f} ({size / size0:.2f})", f"{p50:.2f} ({p50 / p500:.2f})",
-            f"{peak:.0f} ({peak / peak0:.2f})", f"{metrics['cosine_mean']:.4f}", f"{metrics['cosine_min']:.4f}",
-            f"{metrics.get('paraphrase_recall_at_1', float('nan')):.3f}",
+         runtime: str, ood: dict | None) -> list[str]:
+    def pair(m: dict | None) -> str:
+        return f"{m['cosine_mean']:.4f} / {m['cosine_min']:.4f}" if m else "–"
+
+    return [name, runtime, f"{size / 1e6:.1f} ({size / size0:.2f})", f"{p50:.2f} ({p50 / p500:.3f})",
+            f"{peak:.0f} ({peak / peak0:.2f})", pair(metrics), pair((ood or {}).get("ood")),
+            pair((ood or {}).get("ood_padded")),
+            f"{metrics.get('paraphrase_recall_at_1', float('nan')):.3f} / "
             f"{metrics.get('paraphrase_margin', float('nan')):.4f}"]
 
 
@@ -473,7 +523,11 @@ def main() -> None:
     parser.add_argument("--skip-calibration", action="store_true")
     parser.add_argument("--calibration-only", action="store_true")
     parser.add_argument("--smoothquant-only", action="store_true", help="only the SmoothQuant modes table")
+    parser.add_argument("--quality-only", action="store_true",
+                        help="only the INT8 comparison (speed, fidelity, out-of-domain, what ORT runs, targets)")
+    parser.add_argument("--rounds", type=int, default=ROUNDS, help=f"interleaved timing passes (default {ROUNDS})")
     parser.add_argument("--torch-child", nargs=3)
+    parser.add_argument("--profile-child", nargs=2)
     parser.add_argument("--calibration-child", nargs=4)
     parser.add_argument("--ceiling-child", nargs=2)
     args = parser.parse_args()
@@ -481,6 +535,8 @@ def main() -> None:
         return torch_dynamic_child(*args.torch_child)
     if args.ceiling_child:
         return ceiling_child(*args.ceiling_child)
+    if args.profile_child:
+        return profile_child(*args.profile_child)
     if args.calibration_child:
         tool, method, n, fp32 = args.calibration_child
         return calibration_child(tool, method, int(n), fp32)
@@ -489,11 +545,15 @@ def main() -> None:
     command = "python scripts/bench_quant.py" + (" --skip-calibration" if args.skip_calibration else "")
     if args.smoothquant_only:
         return _smoothquant_section(ctx, "python scripts/bench_quant.py --smoothquant-only")
+    if args.quality_only:
+        command = "python scripts/bench_quant.py --quality-only"
     if not args.calibration_only:
-        _smoothquant_section(ctx, command)
-        quality = _quality_section(ctx, command)
-        _ceiling_section(ctx, command, quality)
-    if not args.skip_calibration:
+        if not args.quality_only:
+            _smoothquant_section(ctx, command)
+        quality = _quality_section(ctx, command, rounds=args.rounds)
+        if not args.quality_only:
+            _ceiling_section(ctx, command, quality)
+    if not (args.skip_calibration or args.quality_only):
         _calibration_section(ctx)
 
 
@@ -510,23 +570,51 @@ def _smoothquant_section(ctx: Any, command: str) -> None:
     print(table)
 
 
-def _quality_section(ctx: Any, command: str) -> dict[str, float]:
-    table, p50 = quality_table(ctx)
-    write_section("quant-quality", f"## Static INT8 on all-MiniLM-L6-v2 (CPU EP)\n\n`{command}` (or `make bench`) — "
-                  f"{machine_line()}\n\n{len(ctx.split.calibration)} calibration / {len(ctx.split.evaluation)} "
-                  "held-out evaluation sentences (bundled set, disjoint); batch 1, sequence 128, 2 threads, 10 warm-up "
-                  f"+ 100 timed runs, fresh process per row, best p50 of {ROUNDS} interleaved passes; cosine of the sentence embedding vs FP32 ONNX; paraphrase "
-                  f"R@1 = recall@1 of each sentence's paraphrase among all {len(ctx.split.evaluation)}; margin = mean of "
-                  "cos(sentence, its paraphrase) - max cos(sentence, another paraphrase) (R@1 saturates on this "
-                  f"set; the margin moves).\n\n{table}\n")
-    print(table)
-    return p50
+#: The INT8 rows the speed target compares (every ONNX Runtime INT8 row and PyTorch's)
+INT8_ROWS = ("edgepack-int8", "edgepack-int8-qdq", "edgepack-int8-dynamic", "ort-static-default", "ort-dynamic",
+             "ort-dynamic-fused", "optimum-static", "optimum-dynamic", "optimum-dynamic-avx2", "torch-dynamic")
+
+
+def _quality_section(ctx: Any, command: str, *, rounds: int = ROUNDS) -> dict[str, float]:
+    table, summary = quality_table(ctx, rounds=rounds)
+    p50, variants = summary["p50"], summary["variants"]
+    lat_feed = ctx.adapter.latency_feed(ctx.split.evaluation, sequence_length=128)
+    profiled = profiles(__file__, variants, lat_feed, ctx.out)
+    ops = op_table(profiled, p50)
+    ours = summary["ood"]["edgepack-int8"]
+    ood_min = min(ours["ood"]["cosine_min"], ours["ood_padded"]["cosine_min"])
+    targets = targets_table(p50, summary["cosine"], ood_min, int8_rows=list(INT8_ROWS))
+    domains = ood_by_domain(ctx, variants["edgepack-int8"], summary["fp32"])
+    write_section("quant-quality", f"## INT8 on all-MiniLM-L6-v2 (CPU EP): edgepack vs ONNX Runtime, Optimum, "
+                  f"PyTorch\n\n`{command}` (or `make bench`) — {machine_line()}\n\n"
+                  f"{len(ctx.split.calibration)} calibration / {len(ctx.split.evaluation)} held-out evaluation sentences "
+                  "(bundled set, disjoint); batch 1, sequence 128, 2 threads, 10 warm-up + 100 timed runs, fresh process "
+                  f"per row, best p50 of {rounds} interleaved passes (1-minute load average of this shared machine: "
+                  f"{summary['load']}); cosine of the sentence embedding vs FP32 ONNX on the held-out sentences; OOD = "
+                  "the out-of-domain split (`edgepack/calibration_data/samples/ood_text.jsonl`: 200 texts of stdlib "
+                  "docstrings, code, 150-400-word docstrings, service logs and keyword queries), one text per run "
+                  "(truncated to 128 tokens) and in batches of 8 padded to 128 tokens; paraphrase R@1 = recall@1 of "
+                  f"each sentence's paraphrase among all {len(ctx.split.evaluation)}, margin = mean of cos(sentence, "
+                  "its paraphrase) - max cos(sentence, another paraphrase).\n\n"
+                  "`edgepack-int8` is what `edgepack run recipes/minilm.yaml` makes on the CPU EP (`quantize.graph: "
+                  "auto` = fused: QAttention, MatMulIntegerToFloat, QEmbedLayerNormalization, SkipLayerNormalization, "
+                  "BiasGelu with calibrated scales, SmoothQuant alphas searched per layer); `edgepack-int8-qdq` the "
+                  "same calibration as QDQ pairs (`graph: qdq`, the form QNN HTP / NNAPI / CoreML take); "
+                  "`edgepack-int8-dynamic` is `quantize.mode: dynamic` (fused graph, SmoothQuant, ranges at run time)."
+                  f"\n\n{table}\n\n### Targets (issue 16)\n\n{targets}\n\n"
+                  "### What ONNX Runtime runs (after its graph optimizations; time per op type from its profiler)\n\n"
+                  "One fresh process per variant, the same batch 1 x 128-token input, 10 warm-up + 50 profiled runs; "
+                  "the profiler's per-node times add its own overhead, so they sum to more than the p50.\n\n"
+                  f"{ops}\n\n### edgepack-int8 on the out-of-domain split, per domain (one text per run)\n\n"
+                  f"{domains}\n")
+    print(table, targets, ops, domains, sep="\n\n")
+    return {"fp32": p50["fp32"], "int8": p50["edgepack-int8"]}
 
 
 def _ceiling_section(ctx: Any, command: str, quality: dict[str, float]) -> None:
 
     table = ceiling_table(ctx, ctx.export(), quality)
-    write_section("quant-ceiling", "## INT8 GEMM ceiling on this CPU (why p50 <= 0.5x FP32 is out of reach here)\n\n"
+    write_section("quant-ceiling", "## INT8 GEMM ceiling on this CPU (the best INT8 / FP32 ratio ORT's GEMMs allow)\n\n"
                   f"`{command}` — {machine_line()}\n\nBest p50 of 3 interleaved passes (10 warm-up + 100 runs, "
                   f"2 threads, one fresh process).\n\n{table}\n")
     print(table)

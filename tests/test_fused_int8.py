@@ -151,6 +151,9 @@ def test_dynamic_int8_on_the_fused_graph(tiny, tmp_path):
     assert ran["QAttention"] == LAYERS and ran["DynamicQuantizeMatMul"] == 3 * LAYERS
     assert ran.get("QuantizeLinear", 0) == 0  # no calibrated scales anywhere
     assert metrics["mode"] == "dynamic" and len(metrics["smoothquant"]["layers"]) == 3 * LAYERS
+    smoothed = sum(layer["alpha"] is not None for layer in metrics["smoothquant"]["layers"])
+    clips = [n for n in onnx.load(str(out)).graph.node if n.op_type == "Clip" and n.name.endswith("/clip")]
+    assert len(clips) == smoothed > 0  # each smoothed branch is clipped to its calibrated range
     feeds = list(family.feeds(samples[24:40]))
     assert fidelity(_outputs(fp32, feeds), _outputs(out, feeds), output=OUT)["cosine_mean"] > 0.99
 

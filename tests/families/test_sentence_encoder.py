@@ -102,7 +102,8 @@ def test_quantize_through_the_stage_keeps_the_embedding(tiny_bert_dir, small_sen
                              root=tmp_path)
     assert result.manifest["config"]["recipe"] == "transformer-encoder"  # the family's quantization recipe
     ops = {n.op_type for n in onnx.load(str(result.folder / "model.onnx")).graph.node}
-    assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+    assert result.manifest["config"]["graph"] == "fused"  # graph auto on the CPU EP: ORT's fused integer kernels
+    assert {"QuantizeLinear", "QAttention", "QEmbedLayerNormalization"} <= ops  # the word table is INT8 too
     fp32 = ort.InferenceSession(str(exported.folder / "model.onnx"))
     int8 = ort.InferenceSession(str(result.folder / "model.onnx"))
     feeds = list(artifact.feeds(samples[30:40]))
