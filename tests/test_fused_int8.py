@@ -178,7 +178,7 @@ def test_graph_auto_is_fused_only_for_cpu_eps_and_transformers(tiny, providers, 
 
 
 def test_fused_graph_options_are_checked():
-    with pytest.raises(BadInputError, match="quantize.graph: unknown value 'fusd' \\(did you mean 'fused'\\?\\)"):
+    with pytest.raises(BadInputError, match="quantize.graph: unknown graph 'fusd' \\(did you mean 'fused'\\?\\)"):
         QuantizeOptions(graph="fusd")
     with pytest.raises(BadInputError, match="activation_type must be uint8"):
         QuantizeOptions(graph="fused", activation_type="int8")

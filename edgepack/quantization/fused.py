@@ -102,10 +102,12 @@ def activation_params(low: float, high: float) -> tuple[np.float32, np.uint8]:
     return np.float32(scale), np.uint8(zero)
 
 
-def weight_per_column(weight: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """W (K, N) -> (int8 (K, N), scale (N,)): symmetric per output column in [-127, 127], onnxruntime's
+def weight_per_column(weight: np.ndarray, *, per_channel: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """W (K, N) -> (int8 (K, N), scale (N,) or () per tensor): symmetric in [-127, 127], onnxruntime's
     `quantize_data(symmetric=True)` rule (scale = max|W_n| / 127; an all-zero column gets scale 1)."""
     absmax = np.abs(weight).max(axis=0).astype(np.float32)          # (N,)
+    if not per_channel:
+        absmax = np.array(absmax.max(), np.float32)                 # ()
     scale = np.where(absmax > 0, absmax / np.float32(127.0), np.float32(1.0)).astype(np.float32)
     quantized = np.clip(np.round(weight / scale), -127, 127).astype(np.int8)
     return quantized, scale
@@ -132,6 +134,7 @@ class Lowering:
     quantized_inputs: dict[str, tuple[str, str, str]] = field(default_factory=dict)  # tensor -> (q, scale, zp)
     nodes: list[onnx.NodeProto] = field(default_factory=list)
     lowered: dict[str, int] = field(default_factory=dict)  # op type written -> count
+    per_channel: bool = True  # weight scales per output column (else one per tensor)
 
     def constant(self, name: str, array: np.ndarray) -> str:
         self.new_initializers.append(numpy_helper.from_array(array, name))
@@ -170,7 +173,7 @@ def _attention(node: onnx.NodeProto, low: Lowering) -> bool:
     if "qkv_hidden_sizes" in attrs or len(node.input) > 4 or node.input[1] not in low.initializers:
         return False  # QAttention has no qkv_hidden_sizes and no past / attention_bias inputs here
     x, scale, zero = low.quantize_input(node.input[0])
-    weight, w_scale = weight_per_column(low.weight(node.input[1]))
+    weight, w_scale = weight_per_column(low.weight(node.input[1]), per_channel=low.per_channel)
     w_name = low.constant(f"{node.input[1]}/int8", weight)
     s_name = low.constant(f"{node.input[1]}/scale", w_scale)
     mask = node.input[3] if len(node.input) > 3 else ""
@@ -186,7 +189,7 @@ def _matmul(node: onnx.NodeProto, low: Lowering) -> bool:
     if node.input[1] not in low.initializers or len(low.initializers[node.input[1]].dims) != 2:
         return False
     x, scale, zero = low.quantize_input(node.input[0])
-    weight, w_scale = weight_per_column(low.weight(node.input[1]))
+    weight, w_scale = weight_per_column(low.weight(node.input[1]), per_channel=low.per_channel)
     w_name = low.constant(f"{node.input[1]}/int8", weight)
     s_name = low.constant(f"{node.input[1]}/scale", w_scale)
     low.emit(helper.make_node("MatMulIntegerToFloat", [x, w_name, scale, s_name, zero], list(node.output),
@@ -242,14 +245,14 @@ def _embed_layer_norm(node: onnx.NodeProto, low: Lowering) -> bool:
 
 
 def lower_to_integer_ops(model: onnx.ModelProto, ranges: Mapping[str, tuple[float, float]], *,
-                         nodes: set[str]) -> tuple[onnx.ModelProto, dict[str, int]]:
+                         nodes: set[str], per_channel: bool = True) -> tuple[onnx.ModelProto, dict[str, int]]:
     """A copy of `model` with each node named in `nodes` (Attention, MatMul with a constant 2-D weight,
     EmbedLayerNormalization) replaced by its integer form; `ranges` holds (low, high) of each lowered node's
     activation input. Returns the model and the count of integer ops written per type.
 
     Nodes of other types, or variants a handler declines, stay float. Float weights no longer read are dropped.
     """
-    low = Lowering({t.name: t for t in model.graph.initializer}, ranges)
+    low = Lowering({t.name: t for t in model.graph.initializer}, ranges, per_channel=per_channel)
     for node in model.graph.node:
         handler = LOWERINGS.get(node.op_type) if node.name in nodes and node.op_type in LOWERINGS else None
         if handler is None or not handler(node, low):

@@ -63,9 +63,10 @@ class QuantizeOptions:
 
     def __post_init__(self) -> None:
         CALIBRATORS.get(self.calibrator)  # unknown name -> BadInputError listing the known ones
-        for key, value, known in (("smoothquant", self.smoothquant, SMOOTHQUANT_MODES), ("graph", self.graph, GRAPHS)):
+        for key, noun, value, known in (("smoothquant", "mode", self.smoothquant, SMOOTHQUANT_MODES),
+                                        ("graph", "graph", self.graph, GRAPHS)):
             if value not in known:
-                raise BadInputError(f"quantize.{key}: unknown value '{value}'{did_you_mean(value, known)}; "
+                raise BadInputError(f"quantize.{key}: unknown {noun} '{value}'{did_you_mean(value, known)}; "
                                     f"use one of {', '.join(known)}")
         if self.graph == "fused" and self.activation_type != "uint8":
             raise BadInputError("quantize.graph fused: activation_type must be uint8 (ONNX Runtime's QAttention "
@@ -247,12 +248,14 @@ class _FusedWriter:
     plan: QuantPlan
     ranges: dict[str, tuple[float, float]]
     workdir: Path
+    per_channel: bool = True
 
     def __call__(self, excluded: frozenset[str]) -> Path:
         from edgepack.quantization.fused import lower_to_integer_ops
 
         chosen = set(self.plan.nodes_to_quantize or ()) - excluded - set(self.plan.nodes_to_exclude)
-        model, _ = lower_to_integer_ops(onnx.load(str(self.model_path)), self.ranges, nodes=chosen)
+        model, _ = lower_to_integer_ops(onnx.load(str(self.model_path)), self.ranges, nodes=chosen,
+                                        per_channel=self.per_channel)
         return save_onnx(model, self.workdir / f"fused-{len(excluded)}-{abs(hash(excluded)) % 10**8}.onnx")
 
 
@@ -320,7 +323,7 @@ def quantize_static(model_path: Path, out_path: Path, *, calibration_feeds: Call
             if cache is not None and cache_path is not None:
                 cache.save(cache_path, smoothing, ranges)
         build: Callable[[frozenset[str]], Path] = (
-            _FusedWriter(prepared, plan, ranges, workdir) if options.graph == "fused"
+            _FusedWriter(prepared, plan, ranges, workdir, options.per_channel) if options.graph == "fused"
             else _QDQWriter(prepared, plan, ranges, options, workdir))
         final, metrics = build_within_budget(build, plan, model_path, budget=budget, check=check,
                                              sensitivity_top=sensitivity_top)
