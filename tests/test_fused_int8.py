@@ -70,9 +70,16 @@ def test_fused_int8_graph_structure_and_what_ort_runs(fused_int8):
     smoothed = sum(layer["alpha"] is not None for layer in metrics["smoothquant"]["layers"])
     assert len(metrics["smoothquant"]["layers"]) == 3 * LAYERS  # q/k/v, FFN in, FFN out searched per layer
     assert ops["Mul"] == smoothed + 1  # a SmoothQuant branch Mul where the search smooths, + mean pooling
-    ran = optimized_op_counts(path)  # ORT keeps every integer op: nothing falls back to float kernels
-    for op in ("QAttention", "MatMulIntegerToFloat", "QEmbedLayerNormalization", "SkipLayerNormalization"):
+    # ORT's slow SkipLayerNormalization / BiasGelu kernels are split (bias into MatMulIntegerToFloat), and ORT
+    # keeps every integer op and does not fuse the split ones back
+    assert ops["SkipLayerNormalization"] == ops["BiasGelu"] == 0
+    assert ops["LayerNormalization"] == ops["Sum"] == 2 * LAYERS and ops["Gelu"] == LAYERS
+    matmuls = [n for n in onnx.load(str(path)).graph.node if n.op_type == "MatMulIntegerToFloat"]
+    assert all(len(n.input) == 7 and n.input[6] for n in matmuls)  # every bias in the GEMM's output stage
+    ran = optimized_op_counts(path)
+    for op in ("QAttention", "MatMulIntegerToFloat", "QEmbedLayerNormalization", "LayerNormalization", "Sum", "Gelu"):
         assert ran[op] == ops[op]
+    assert ran.get("SkipLayerNormalization", 0) == ran.get("BiasGelu", 0) == ran.get("Add", 0) == 0
     assert metrics["graph"] == "fused" and metrics["fused_ops"]["Attention"] == LAYERS
     assert any("graph fused (static)" in note and "CPU EP only" in note for note in metrics["plan"]["notes"])
 
@@ -149,6 +156,7 @@ def test_dynamic_int8_on_the_fused_graph(tiny, tmp_path):
                                     n_calibration=24, options=QuantizeOptions(graph="fused"))
     ran = optimized_op_counts(out)
     assert ran["QAttention"] == LAYERS and ran["DynamicQuantizeMatMul"] == 3 * LAYERS
+    assert ran.get("SkipLayerNormalization", 0) == 0 and ran["LayerNormalization"] == 2 * LAYERS
     assert ran.get("QuantizeLinear", 0) == 0  # no calibrated scales anywhere
     assert metrics["mode"] == "dynamic" and len(metrics["smoothquant"]["layers"]) == 3 * LAYERS
     smoothed = sum(layer["alpha"] is not None for layer in metrics["smoothquant"]["layers"])

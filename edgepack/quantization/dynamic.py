@@ -31,7 +31,8 @@ from typing import Any
 import onnx
 
 from edgepack.calibration_data import Feed
-from edgepack.quantization.fused import graph_note
+from edgepack.onnx_files import save_onnx
+from edgepack.quantization.fused import graph_note, split_slow_kernels
 from edgepack.quantization.quantize import (
     QuantizeOptions,
     Smoothing,
@@ -70,6 +71,9 @@ class _DynamicWriter:
                          extra_options={"MatMulConstBOnly": True,
                                         # fused contrib ops defeat ORT's shape inference: their outputs are float
                                         "DefaultTensorType": onnx.TensorProto.FLOAT})
+        model = onnx.load(str(path))
+        if split_slow_kernels(model):  # SkipLayerNormalization -> Sum + LayerNormalization (quantization.fused)
+            save_onnx(model, path)
         return path
 
 
@@ -81,7 +85,6 @@ def clip_smoothed_branches(path: Path, model: onnx.ModelProto, workdir: Path, *,
     import numpy as np
     from onnx import helper, numpy_helper
 
-    from edgepack.onnx_files import save_onnx
     from edgepack.quantization.calibrators import collect_tensor_ranges, make_calibrator
 
     branches = [n.output[0] for n in model.graph.node if n.op_type == "Mul" and n.name.endswith("/quant_branch")]
