@@ -217,12 +217,16 @@ def build_variants(ctx: RunContext) -> tuple[dict[str, Path], dict[str, str | No
                                             max_length=data.max_length, root=ctx.out))
         variants["compressed-fp32"], compared["compressed-fp32"] = exported.folder / "model.onnx", "fp32"
         last, last_family = "compressed-fp32", student
-    if ctx.recipe.quantize.enabled:
+    options = ctx.recipe.quantize
+    recipe = options.recipe if options.recipe != "auto" else last_family.quant_recipe
+    graphs = stages.int8_variants(options.graph, fp32=variants[last], recipe=recipe,
+                                  providers=ctx.recipe.validate_.providers) if options.enabled else {}
+    for name, graph in graphs.items():  # one INT8 variant, or fused (CPU EPs) + qdq (NPUs) for a mixed EP list
         int8 = ctx.record(stages.quantize(variants[last], last_family, calibration=split.calibration,
-                                          options=ctx.recipe.quantize, max_length=data.max_length,
-                                          padding=data.padding, root=ctx.out, cache_dir=ctx.out / "cache",
-                                          providers=ctx.recipe.validate_.providers))
-        variants["int8"], compared["int8"] = int8.folder / "model.onnx", last
+                                          options=options.model_copy(update={"graph": graph}),
+                                          max_length=data.max_length, padding=data.padding, root=ctx.out,
+                                          cache_dir=ctx.out / "cache", providers=ctx.recipe.validate_.providers))
+        variants[name], compared[name] = int8.folder / "model.onnx", last
     return variants, compared, last_family
 
 

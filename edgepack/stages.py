@@ -122,6 +122,19 @@ def resolve_graph(graph: str, *, fp32: Path, recipe: str, providers: Sequence[st
     return "fused" if on_cpu and recipe == "transformer-encoder" else "qdq"
 
 
+def int8_variants(graph: str, *, fp32: Path, recipe: str, providers: Sequence[str]) -> dict[str, str]:
+    """INT8 variant name -> graph for a run. `auto` with CPU and non-CPU EPs in `providers` (e.g. cpu + qnn-htp)
+    makes both: `int8` (fused, what the CPU EPs run fastest) and `int8-qdq` (what the NPUs run, validated and bundled
+    last); otherwise one `int8` in the graph `resolve_graph` picks."""
+    from edgepack.runtime.providers import get_provider
+
+    cpu = [p for p in providers if get_provider(p).ort_name == "CPUExecutionProvider"]
+    chosen = resolve_graph(graph, fp32=fp32, recipe=recipe, providers=cpu or providers)
+    if graph == "auto" and chosen == "fused" and len(cpu) < len(providers):
+        return {"int8": "fused", "int8-qdq": "qdq"}
+    return {"int8": resolve_graph(graph, fp32=fp32, recipe=recipe, providers=providers)}
+
+
 def quantize(fp32: Path, family: ModelFamily, *, calibration: Sequence[Sample], options: QuantizeSection,
              max_length: int, padding: str, root: Path | None = None, folder: Path | None = None,
              cache_dir: Path | None = None, providers: Sequence[str] = ("cpu",)) -> StageResult:

@@ -185,6 +185,18 @@ def test_graph_auto_is_fused_only_for_cpu_eps_and_transformers(tiny, providers, 
     assert resolve_graph("qdq", fp32=tiny[2], recipe=recipe, providers=providers) == "qdq"
 
 
+def test_a_mixed_ep_list_gets_a_fused_and_a_qdq_variant(tiny):
+    from edgepack.stages import int8_variants
+
+    fp32 = tiny[2]
+    assert int8_variants("auto", fp32=fp32, recipe="transformer-encoder", providers=["cpu", "qnn-htp"]) == {
+        "int8": "fused", "int8-qdq": "qdq"}
+    assert int8_variants("auto", fp32=fp32, recipe="transformer-encoder", providers=["cpu"]) == {"int8": "fused"}
+    assert int8_variants("auto", fp32=fp32, recipe="transformer-encoder", providers=["nnapi"]) == {"int8": "qdq"}
+    assert int8_variants("fused", fp32=fp32, recipe="transformer-encoder", providers=["cpu", "qnn-htp"]) == {
+        "int8": "fused"}
+
+
 def test_fused_graph_options_are_checked():
     with pytest.raises(BadInputError, match="quantize.graph: unknown graph 'fusd' \\(did you mean 'fused'\\?\\)"):
         QuantizeOptions(graph="fusd")
