@@ -154,6 +154,28 @@ def _met(ok: bool) -> str:
     return "met" if ok else "**missed**"
 
 
+class TimingLock:
+    """`flock` on a shared lock file around the timed parts only (`--lock PATH`): on a machine shared with other
+    benchmarks, the untimed work (building variants, fidelity) runs without holding it. No path: no lock."""
+
+    path: Path | None = None
+
+    def __enter__(self) -> TimingLock:
+        if self.path is not None:
+            import fcntl
+
+            self._file = open(self.path, "a")  # noqa: SIM115 (held until __exit__)
+            fcntl.flock(self._file, fcntl.LOCK_EX)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.path is not None:
+            import fcntl
+
+            fcntl.flock(self._file, fcntl.LOCK_UN)
+            self._file.close()
+
+
 def wait_quiet(max_load: float = 3.0, timeout_s: float = 0) -> str:
     """The 1-minute load average when the table was timed (a shared machine: say how busy it was)."""
     import os

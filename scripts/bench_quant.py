@@ -43,6 +43,7 @@ from _bench_common import (  # noqa: E402
     write_section,
 )
 from _bench_int8 import (  # noqa: E402
+    TimingLock,
     ood_by_domain,
     ood_fidelity,
     op_table,
@@ -161,7 +162,7 @@ def torch_dynamic(ctx: Any, settings_feeds: tuple[list[dict], dict], ref: list[d
     arrays.update({f"lat__{k}": v for k, v in lat.items()}, n=np.array(len(feeds)))
     np.savez(path, **arrays)
     out = ctx.out / "torch_outputs.npy"
-    result = run_child([__file__, "--torch-child", str(ctx.adapter.source), str(path), str(out)])
+    result = run_child([__file__, "--torch-child", str(ctx.family.source.path or ctx.family.source.text), str(path), str(out)])
     if result.get("status") == "crashed":
         return result
     emb = np.load(out)
@@ -212,14 +213,15 @@ def quality_table(ctx: Any, rounds: int = ROUNDS) -> tuple[str, dict[str, Any]]:
     variants = quality_variants(ctx, fp32)
     ood = ood_fidelity(ctx, variants, fp32)
     settings = ValidationSettings(runs=100)
-    load_before = wait_quiet()
-    results = best_of_rounds(variants, ctx, settings, rounds=rounds)
-    load_after = wait_quiet()
     eval_feeds = ctx.adapter.evaluation_feeds(ctx.split.evaluation, max_length=128)
     lat_feed = ctx.adapter.latency_feed(ctx.split.evaluation, sequence_length=128)
     ref = measure(fp32, latency_feed=lat_feed, evaluation_feeds=eval_feeds, workdir=ctx.out / "ref",
                   options=ProbeOptions(runs=5)).outputs
-    torch_result = torch_dynamic(ctx, (eval_feeds, lat_feed), ref)
+    with TimingLock():
+        load_before = wait_quiet()
+        results = best_of_rounds(variants, ctx, settings, rounds=rounds)
+        torch_result = torch_dynamic(ctx, (eval_feeds, lat_feed), ref)
+        load_after = wait_quiet()
     base = results["fp32"]
     base_cpu = base["providers"]["cpu"]
     rows, p50, cosine = [], {}, {}
@@ -526,6 +528,7 @@ def main() -> None:
     parser.add_argument("--quality-only", action="store_true",
                         help="only the INT8 comparison (speed, fidelity, out-of-domain, what ORT runs, targets)")
     parser.add_argument("--rounds", type=int, default=ROUNDS, help=f"interleaved timing passes (default {ROUNDS})")
+    parser.add_argument("--lock", type=Path, help="hold an flock on this file while timing (a shared machine)")
     parser.add_argument("--torch-child", nargs=3)
     parser.add_argument("--profile-child", nargs=2)
     parser.add_argument("--calibration-child", nargs=4)
@@ -541,6 +544,7 @@ def main() -> None:
         tool, method, n, fp32 = args.calibration_child
         return calibration_child(tool, method, int(n), fp32)
     args.out.mkdir(parents=True, exist_ok=True)
+    TimingLock.path = args.lock
     ctx = context(args.out.resolve())
     command = "python scripts/bench_quant.py" + (" --skip-calibration" if args.skip_calibration else "")
     if args.smoothquant_only:
@@ -579,7 +583,8 @@ def _quality_section(ctx: Any, command: str, *, rounds: int = ROUNDS) -> dict[st
     table, summary = quality_table(ctx, rounds=rounds)
     p50, variants = summary["p50"], summary["variants"]
     lat_feed = ctx.adapter.latency_feed(ctx.split.evaluation, sequence_length=128)
-    profiled = profiles(__file__, variants, lat_feed, ctx.out)
+    with TimingLock():
+        profiled = profiles(__file__, variants, lat_feed, ctx.out)
     ops = op_table(profiled, p50)
     ours = summary["ood"]["edgepack-int8"]
     ood_min = min(ours["ood"]["cosine_min"], ours["ood_padded"]["cosine_min"])
@@ -613,7 +618,8 @@ def _quality_section(ctx: Any, command: str, *, rounds: int = ROUNDS) -> dict[st
 
 def _ceiling_section(ctx: Any, command: str, quality: dict[str, float]) -> None:
 
-    table = ceiling_table(ctx, ctx.export(), quality)
+    with TimingLock():
+        table = ceiling_table(ctx, ctx.export(), quality)
     write_section("quant-ceiling", "## INT8 GEMM ceiling on this CPU (the best INT8 / FP32 ratio ORT's GEMMs allow)\n\n"
                   f"`{command}` — {machine_line()}\n\nBest p50 of 3 interleaved passes (10 warm-up + 100 runs, "
                   f"2 threads, one fresh process).\n\n{table}\n")
@@ -622,7 +628,9 @@ def _ceiling_section(ctx: Any, command: str, quality: dict[str, float]) -> None:
 
 def _calibration_section(ctx: Any) -> None:
 
-    cal = calibration_table(ctx.export())
+    fp32 = ctx.export()
+    with TimingLock():
+        cal = calibration_table(fp32)
     write_section("quant-calibration", "## Calibration memory and time vs sample count (MiniLM)\n\n"
                   f"`python scripts/bench_quant.py` — {machine_line()}\n\nFresh process per cell; the tokenizer is loaded "
                   "before the clock starts, then the time covers reading and tokenizing the samples, the augmented "

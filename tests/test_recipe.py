@@ -52,3 +52,8 @@ def test_recipe_round_trips_through_yaml(tmp_path):
     path = tmp_path / "r.yaml"
     path.write_text(yaml.safe_dump(DEMO_RECIPE.dump()))
     assert load_recipe(path) == DEMO_RECIPE
+
+
+def test_every_bundled_recipe_parses():
+    for path in sorted((REPO / "recipes").glob("*.yaml")):
+        load_recipe(path)
