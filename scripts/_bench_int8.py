@@ -186,3 +186,107 @@ def wait_quiet(max_load: float = 3.0, timeout_s: float = 0) -> str:
         time.sleep(10)
         load = os.getloadavg()[0]
     return f"{load:.1f}"
+
+
+# ---------------------------------------------------------------------------------------------- kernel choices
+def _kernel_graphs(hidden: int = 384, ffn: int = 1536, heads: int = 12, seq: int = 128) -> dict[str, tuple]:
+    """(model bytes, feed) per alternative of the fused graph's choices, MiniLM's shapes (batch 1)."""
+    import numpy as np
+    from onnx import TensorProto as T
+    from onnx import helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+
+    def graph(nodes: list, inputs: list, inits: dict) -> bytes:
+        g = helper.make_graph(nodes, "k", [helper.make_tensor_value_info(n, t, s) for n, t, s in inputs],
+                              [helper.make_tensor_value_info("y", T.FLOAT, None)],
+                              [numpy_helper.from_array(v, k) for k, v in inits.items()])
+        return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17),
+                                                   helper.make_opsetid("com.microsoft", 1)]).SerializeToString()
+
+    ms = "com.microsoft"
+    x = rng.standard_normal((1, seq, hidden)).astype(np.float32)
+    h = rng.standard_normal((1, seq, ffn)).astype(np.float32)
+    xq = rng.integers(0, 255, (1, seq, hidden)).astype(np.uint8)
+    mask = np.ones((1, seq), np.int32)
+    ln = {"g": rng.random(hidden).astype(np.float32), "b": rng.random(hidden).astype(np.float32)}
+    # int8 weights ~ N(0, 20): with the scales below q, k, v and the scores stay O(1), as in a trained model (random
+    # full-range weights overflow softmax into inf / NaN, whose slow arithmetic would time something else)
+    q = {f"w{t}": np.clip(np.round(rng.standard_normal((hidden, hidden)) * 20), -127, 127).astype(np.int8)
+         for t in "qkv"}
+    q.update(ws=np.full(hidden, 2e-3, np.float32), xs=np.array(0.02, np.float32), xz=np.array(128, np.uint8),
+             bias=np.zeros(hidden, np.float32))
+    d = hidden // heads
+    qkv = np.concatenate([q["wq"], q["wk"], q["wv"]], axis=1)
+    x_in, s_in = ("x", T.FLOAT, [1, "s", hidden]), ("s", T.FLOAT, [1, "s", hidden])
+    out = {
+        "SkipLayerNormalization (ORT's fused kernel)": (graph(
+            [helper.make_node("SkipLayerNormalization", ["x", "s", "g", "b"], ["y"], domain=ms, epsilon=1e-12)],
+            [x_in, s_in], ln), {"x": x, "s": x}),
+        "Sum + LayerNormalization (edgepack's split)": (graph(
+            [helper.make_node("Sum", ["x", "s"], ["a"]),
+             helper.make_node("LayerNormalization", ["a", "g", "b"], ["y"], axis=-1, epsilon=1e-12)],
+            [x_in, s_in], ln), {"x": x, "s": x}),
+        "BiasGelu (ORT's fused kernel)": (graph(
+            [helper.make_node("BiasGelu", ["h", "bf"], ["y"], domain=ms)], [("h", T.FLOAT, [1, "s", ffn])],
+            {"bf": np.zeros(ffn, np.float32)}), {"h": h}),
+        "Gelu, bias in the GEMM (edgepack's split)": (graph(
+            [helper.make_node("Gelu", ["h"], ["y"], domain=ms)], [("h", T.FLOAT, [1, "s", ffn])], {}), {"h": h}),
+    }
+    qa_inits = {"w": qkv, "b3": np.zeros(3 * hidden, np.float32), "xs": q["xs"], "ws3": np.full(3 * hidden, 2e-3,
+                np.float32), "xz": q["xz"]}
+    out["QAttention: int8 q/k/v GEMM, float QK^T / softmax / PV (edgepack's)"] = (graph(
+        [helper.make_node("QAttention", ["xq", "w", "b3", "xs", "ws3", "mask", "xz"], ["y"], domain=ms,
+                          num_heads=heads)],
+        [("xq", T.UINT8, [1, "s", hidden]), ("mask", T.INT32, [1, "s"])], qa_inits), {"xq": xq, "mask": mask})
+    nodes = []
+    for t in "qkv":
+        nodes += [helper.make_node("MatMulIntegerToFloat", ["xq", f"w{t}", "xs", "ws", "xz", "", "bias"], [f"{t}f"],
+                                   domain=ms),
+                  helper.make_node("QuantizeLinear", [f"{t}f", "as", "az"], [f"{t}u"]),
+                  helper.make_node("Reshape", [f"{t}u", "shape4"], [f"{t}r"]),
+                  helper.make_node("Transpose", [f"{t}r"], [f"{t}t"], perm=[0, 2, 3, 1] if t == "k" else [0, 2, 1, 3])]
+    nodes += [helper.make_node("MatMulIntegerToFloat", ["qt", "kt", "qk_scale", "one", "az", "az"], ["sc"], domain=ms),
+              helper.make_node("Add", ["sc", "mask_add"], ["sm"]), helper.make_node("Softmax", ["sm"], ["p"], axis=-1),
+              helper.make_node("QuantizeLinear", ["p", "ps", "pz"], ["pu"]),
+              helper.make_node("MatMulIntegerToFloat", ["pu", "vt", "pv_scale", "one", "pz", "az"], ["c"], domain=ms),
+              helper.make_node("Transpose", ["c"], ["ct"], perm=[0, 2, 1, 3]),
+              helper.make_node("Reshape", ["ct", "shape3"], ["y"])]
+    q.update({"as": np.array(0.05, np.float32), "az": np.array(128, np.uint8), "ps": np.array(1 / 255, np.float32),
+              "pz": np.array(0, np.uint8), "one": np.array(1.0, np.float32),
+              "qk_scale": np.array(0.05 * 0.05 / np.sqrt(d), np.float32), "pv_scale": np.array(0.05 / 255, np.float32),
+              "mask_add": np.zeros((1, 1, 1, seq), np.float32), "shape4": np.array([1, seq, heads, d], np.int64),
+              "shape3": np.array([1, seq, hidden], np.int64)})
+    out["int8 QK^T and PV: q/k/v MatMulIntegerToFloat, QuantizeLinear, MatMulIntegerToFloat x2 (unfused)"] = (
+        graph(nodes, [("xq", T.UINT8, [1, seq, hidden])], q), {"xq": xq})
+    return out
+
+
+def kernel_child() -> None:
+    """Child process: CPU time per run (user + system of all threads, ORT spinning off, 2 threads) of each graph."""
+    import onnxruntime as ort
+
+    result = {}
+    for name, (model, feed) in _kernel_graphs().items():
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = 2
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+        for _ in range(20):
+            session.run(None, feed)
+        best = float("inf")
+        for _ in range(5):
+            start = time.process_time()
+            for _ in range(200):
+                session.run(None, feed)
+            best = min(best, (time.process_time() - start) / 200 * 1e3)
+        result[name] = best
+    print(json.dumps({"status": "ok", "cpu_ms": result}))
+
+
+def kernel_table(script: str) -> str:
+    result = run_child([script, "--kernel-child"])
+    if result.get("status") != "ok":
+        return f"kernel timing failed: {result.get('error')}"
+    rows = [[name, f"{ms:.3f}"] for name, ms in result["cpu_ms"].items()]
+    return markdown_table(["one layer's op(s), MiniLM shapes (batch 1, 128 tokens)", "CPU ms per run"], rows)

@@ -44,6 +44,8 @@ from _bench_common import (  # noqa: E402
 )
 from _bench_int8 import (  # noqa: E402
     TimingLock,
+    kernel_child,
+    kernel_table,
     ood_by_domain,
     ood_fidelity,
     op_table,
@@ -531,6 +533,7 @@ def main() -> None:
     parser.add_argument("--lock", type=Path, help="hold an flock on this file while timing (a shared machine)")
     parser.add_argument("--torch-child", nargs=3)
     parser.add_argument("--profile-child", nargs=2)
+    parser.add_argument("--kernel-child", action="store_true")
     parser.add_argument("--calibration-child", nargs=4)
     parser.add_argument("--ceiling-child", nargs=2)
     args = parser.parse_args()
@@ -540,6 +543,8 @@ def main() -> None:
         return ceiling_child(*args.ceiling_child)
     if args.profile_child:
         return profile_child(*args.profile_child)
+    if args.kernel_child:
+        return kernel_child()
     if args.calibration_child:
         tool, method, n, fp32 = args.calibration_child
         return calibration_child(tool, method, int(n), fp32)
@@ -585,6 +590,7 @@ def _quality_section(ctx: Any, command: str, *, rounds: int = ROUNDS) -> dict[st
     lat_feed = ctx.adapter.latency_feed(ctx.split.evaluation, sequence_length=128)
     with TimingLock():
         profiled = profiles(__file__, variants, lat_feed, ctx.out)
+        kernels = kernel_table(__file__)
     ops = op_table(profiled, p50)
     ours = summary["ood"]["edgepack-int8"]
     ood_min = min(ours["ood"]["cosine_min"], ours["ood_padded"]["cosine_min"])
@@ -610,9 +616,12 @@ def _quality_section(ctx: Any, command: str, *, rounds: int = ROUNDS) -> dict[st
                   "### What ONNX Runtime runs (after its graph optimizations; time per op type from its profiler)\n\n"
                   "One fresh process per variant, the same batch 1 x 128-token input, 10 warm-up + 50 profiled runs; "
                   "the profiler's per-node times add its own overhead, so they sum to more than the p50.\n\n"
-                  f"{ops}\n\n### edgepack-int8 on the out-of-domain split, per domain (one text per run)\n\n"
+                  f"{ops}\n\n### Kernel choices of the fused graph (CPU time, robust to a busy machine)\n\n"
+                  "CPU time (user + system, all threads) per run, ORT thread spinning off, 2 threads, best of 5 x 200 "
+                  "runs, one fresh process: the cost of each choice without the wall-clock noise of shared cores.\n\n"
+                  f"{kernels}\n\n### edgepack-int8 on the out-of-domain split, per domain (one text per run)\n\n"
                   f"{domains}\n")
-    print(table, targets, ops, domains, sep="\n\n")
+    print(table, targets, ops, kernels, domains, sep="\n\n")
     return {"fp32": p50["fp32"], "int8": p50["edgepack-int8"]}
 
 
