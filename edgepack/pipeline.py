@@ -218,6 +218,13 @@ def build_variants(ctx: RunContext) -> tuple[dict[str, Path], dict[str, str | No
         variants["compressed-fp32"], compared["compressed-fp32"] = exported.folder / "model.onnx", "fp32"
         last, last_family = "compressed-fp32", student
     options = ctx.recipe.quantize
+    if options.enabled and stages.quantize_mode(last_family, options) == "weight-only":
+        section = options.weight_only
+        for variant in section.variants:
+            done = ctx.record(stages.quantize_weight_only(variants[last], last_family, calibration=split.calibration,
+                                                          section=section, variant=variant, root=ctx.out))
+            variants[variant.name], compared[variant.name] = done.folder / "model.onnx", last
+        return variants, compared, last_family
     recipe = options.recipe if options.recipe != "auto" else last_family.quant_recipe
     graphs = stages.int8_variants(options.graph, fp32=variants[last], recipe=recipe,
                                   providers=ctx.recipe.validate_.providers) if options.enabled else {}
@@ -246,6 +253,15 @@ def quantization_summary(manifest: dict[str, Any], folder: str) -> QuantizationS
     )
 
 
+def weight_only_summary(variants: dict[str, Path], recipe: Recipe) -> QuantizationSummary:
+    """What each weight-only variant is (bits, block, method, embedding treatment, mixed plan), from its manifest."""
+    names = [v.name for v in recipe.quantize.weight_only.variants if v.name in variants]
+    folders = {name: variants[name].parent for name in names}
+    return QuantizationSummary(stage=", ".join(f.name for f in folders.values()), mode="weight-only",
+                               variants={name: (read_manifest(folder) or {}).get("metrics", {})
+                                         for name, folder in folders.items()})
+
+
 def run_recipe(recipe: Recipe, out: Path) -> Report:
     """Run every stage; write report.json/md/html into `out`; return the report (gates evaluated, not raised)."""
     providers = _check_recipe(recipe)
@@ -267,9 +283,13 @@ def run_recipe(recipe: Recipe, out: Path) -> Report:
         reference="fp32", primary_output=family.primary_output, passed=True,
         variants=_report_variants(variants, validated.metrics["variants"], out),
         validation_folder=validated.folder.name)
-    if "int8" in variants:
+    weight_only = recipe.quantize.enabled and stages.quantize_mode(last_family, recipe.quantize) == "weight-only"
+    if "int8" in variants and not weight_only:
         folder = variants["int8"].parent
         report.quantization = quantization_summary(read_manifest(folder) or {}, folder.name)
+    elif weight_only:
+        report.quantization = weight_only_summary(variants, recipe)
+    report.notes += family.report_notes()
     final = list(variants)[-1]
     if recipe.bundle.enabled:
         entries = report.variants[final].providers

@@ -18,6 +18,7 @@ from edgepack.auto.config import AutoSection
 from edgepack.compress.config import DistillSection, PruneSection
 from edgepack.errors import BadInputError, did_you_mean
 from edgepack.families import FAMILIES, all_option_names, parse_family_options
+from edgepack.quantization.weight_only_config import WeightOnlySection
 
 
 class _Section(BaseModel):
@@ -131,12 +132,15 @@ class ExportSection(_Section):
 
 class QuantizeSection(_Section):
     enabled: bool = True
-    #: static (activation ranges calibrated offline) | dynamic (ranges per input at run time; CPU EPs only)
-    mode: Literal["static", "dynamic"] = "static"
+    #: auto: the model family's (weight-only for causal-lm, static otherwise; `stages.quantize_mode` resolves it) |
+    #: static (activation ranges calibrated offline) | dynamic (ranges per input at run time; CPU EPs only) |
+    #: weight-only (MatMulNBits INT4 / INT8 weights, float activations: `weight_only:`; decoders)
+    mode: Literal["auto", "static", "dynamic", "weight-only"] = "auto"
     #: INT8 graph: fused (ONNX Runtime's fused integer CPU kernels: QAttention, MatMulIntegerToFloat; CPU EP only)
     #: | qdq (QuantizeLinear/DequantizeLinear pairs any EP reads: QNN HTP, NNAPI, CoreML) | auto (fused when every
     #: EP in validate.providers is a CPU EP, else qdq)
     graph: Literal["auto", "fused", "qdq"] = "auto"
+    weight_only: WeightOnlySection = Field(default_factory=WeightOnlySection)
     calibrator: str = "minmax"
     #: SmoothQuant alphas: search (per layer on calibration data) | recipe (the family's per-role values) | off
     smoothquant: Literal["search", "recipe", "off"] = "search"
@@ -196,6 +200,9 @@ class GatesSection(_Section):
     max_task_metric_drop: float | None = Field(None, ge=0)
     #: on every data.evaluation_sets set: the final variant's task metric >= this x the reference's
     min_evaluation_set_ratio: float | None = Field(None, gt=0)
+    #: decoders (causal-lm): final variant's perplexity / its parent's, and teacher-forced next-token agreement
+    max_perplexity_ratio: float | None = Field(None, gt=0)
+    min_next_token_agreement: float | None = Field(None, ge=0, le=1)
 
 
 class Recipe(_Section):

@@ -74,7 +74,7 @@ def _where(root: Path | None, folder: Path | None) -> dict[str, Path | None]:
 def export(family: ModelFamily, *, check_samples: Sequence[Sample], options: ExportSection, max_length: int,
            root: Path | None = None, folder: Path | None = None) -> StageResult:
     """PyTorch -> model.onnx, checked against PyTorch on `check_samples`, with the family's files beside it."""
-    from edgepack.exporters.onnx import ExportOptions, export_onnx
+    from edgepack.exporters.onnx import ExportOptions
 
     if not check_samples:
         raise BadInputError("export needs at least one sample for the ONNX Runtime vs PyTorch check")
@@ -87,8 +87,8 @@ def export(family: ModelFamily, *, check_samples: Sequence[Sample], options: Exp
 
     def work(tmp: Path) -> dict[str, Any]:
         with get_reporter().step(f"export {family.name} to ONNX and check against PyTorch"):
-            metrics = export_onnx(family, tmp / "model.onnx", check_feeds=feeds,
-                                  options=ExportOptions(opset=options.opset, atol=options.atol))
+            metrics = family.export(tmp / "model.onnx", check_feeds=feeds,
+                                    options=ExportOptions(opset=options.opset, atol=options.atol))
         carry_files(family, tmp)
         return metrics
 
@@ -146,13 +146,14 @@ def quantize(fp32: Path, family: ModelFamily, *, calibration: Sequence[Sample], 
     from edgepack.quantization.sensitivity import QuantBudget
 
     recipe = options.recipe if options.recipe != "auto" else family.quant_recipe
+    mode = quantize_mode(family, options)
     graph = resolve_graph(options.graph, fp32=fp32, recipe=recipe, providers=providers)
     q_options = QuantizeOptions(calibrator=options.calibrator, smoothquant=options.smoothquant, family=recipe,
                                 per_channel=options.per_channel, activation_type=options.activation_type,
                                 weight_type=options.weight_type, exclude_nodes=tuple(options.exclude_nodes),
                                 graph=graph)
-    config = {**options.model_dump(), "recipe": recipe, "graph": graph, "max_length": max_length,
-              "padding": padding}
+    config = {**options.model_dump(exclude={"weight_only"}), "mode": mode, "recipe": recipe, "graph": graph,
+              "max_length": max_length, "padding": padding}
     inputs = {"model": model_digest(fp32), "data": samples_hash(calibration)}
     key = calibration_key(family, calibration, max_length=max_length, padding=padding)
 
@@ -160,7 +161,7 @@ def quantize(fp32: Path, family: ModelFamily, *, calibration: Sequence[Sample], 
         return family.feeds(calibration, batch_size=1, max_length=max_length, padding=padding)
 
     def work(tmp: Path) -> dict[str, Any]:
-        get_reporter().info(f"- {options.mode} INT8 ({recipe} recipe, {graph} graph): calibrating on "
+        get_reporter().info(f"- {mode} INT8 ({recipe} recipe, {graph} graph): calibrating on "
                             f"{len(calibration)} samples")
         budget = None if options.max_cosine_drop is None else QuantBudget(options.max_cosine_drop,
                                                                           options.max_fallback_layers)
@@ -169,7 +170,7 @@ def quantize(fp32: Path, family: ModelFamily, *, calibration: Sequence[Sample], 
                  family.primary_output) if wants_check else None
         cache = RangeCache(cache_dir, key) if cache_dir is not None else None
         estimate = _guard_calibration(fp32, family, calibration, max_length=max_length)
-        if options.mode == "dynamic":
+        if mode == "dynamic":
             from edgepack.quantization.dynamic import quantize_dynamic_int8
 
             metrics = quantize_dynamic_int8(fp32, tmp / "model.onnx", calibration_feeds=calibration_feeds,
@@ -195,6 +196,59 @@ def _guard_calibration(fp32: Path, family: ModelFamily, calibration: Sequence[Sa
     estimate = memory_guard.estimate_calibration(fp32, worst)
     memory_guard.check(estimate)
     return estimate.to_json()
+
+
+def quantize_mode(family: ModelFamily, options: QuantizeSection) -> str:
+    """static, dynamic or weight-only: the recipe's `quantize.mode`, or for auto the family's (weight-only for
+    causal-lm, static otherwise). The one place `auto` is resolved; INT8 of activations is refused for a family
+    that quantizes weights only (a decoder's KV-cache graph has no calibration path for activation ranges)."""
+    decoder = family.quant_recipe == "weight-only"
+    if options.mode == "auto":
+        return "weight-only" if decoder else "static"
+    if decoder and options.mode != "weight-only":
+        raise BadInputError(f"quantize.mode: {options.mode} does not apply to family {family.name} (INT8 activations "
+                            "through a KV cache); write mode: weight-only or auto")
+    return options.mode
+
+
+def quantize_weight_only(fp32: Path, family: ModelFamily, *, calibration: Sequence[Sample], section: Any,
+                         variant: Any, root: Path | None = None, folder: Path | None = None) -> StageResult:
+    """Weight-only INT4 / INT8 (MatMulNBits) of `fp32`, one recipe variant; a mixed variant searches its plan."""
+    from edgepack.quantization.weight_only import (
+        calibration_feeds,
+        collect_hessians,
+        find_targets,
+        mixed_precision,
+        quantize_weight_only,
+    )
+
+    texts = calibration[: section.calibration_samples]
+    config = {"mode": "weight-only", "variant": variant.model_dump(), "calibration_samples": len(texts),
+              "calibration_tokens": section.calibration_tokens}
+    inputs = {"model": sha256_file(fp32), "data": samples_hash(texts)}
+
+    def work(tmp: Path) -> dict[str, Any]:
+        import onnx
+
+        feeds = calibration_feeds(family.feeds(texts, max_length=section.calibration_tokens))
+        hessians = None
+        if variant.method == "gptq":
+            with get_reporter().step(f"{variant.name}: input statistics for gptq on {len(texts)} calibration texts"):
+                hessians = collect_hessians(fp32, find_targets(onnx.load(str(fp32), load_external_data=True)), feeds)
+        plan, mixed = None, None
+        if variant.mixed is not None:
+            plan, mixed = mixed_precision(fp32, variant=variant, calibration=feeds, hessians=hessians)
+        with get_reporter().step(f"{variant.name}: weight-only {variant.bits}-bit ({variant.method}, block "
+                                 f"{variant.block_size}, {'symmetric' if variant.symmetric else 'asymmetric'})"):
+            metrics = quantize_weight_only(fp32, tmp / "model.onnx", variant=variant, calibration=feeds, plan=plan,
+                                           hessians=hessians)
+        if mixed is not None:
+            metrics["mixed"] = mixed
+        metrics["size_ratio"] = model_bytes(tmp / "model.onnx") / model_bytes(fp32)
+        carry_files(family, tmp)
+        return metrics
+
+    return run_stage("quantize", config, inputs, work, model=family.artifact_record(), **_where(root, folder))
 
 
 # ----------------------------------------------------------------------------------------------------- validate

@@ -124,3 +124,11 @@ def tiny_classifier_dir(tmp_path_factory: pytest.TempPathFactory, minilm_path: P
     model.save_pretrained(folder, safe_serialization=True)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 2-layer GQA Llama (4 query heads, 2 KV heads) with a byte-level BPE tokenizer, trained for seconds."""
+    from tests.tiny_llama import build_tiny_llama
+
+    return build_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))

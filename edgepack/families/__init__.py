@@ -13,6 +13,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 # One line per family (registration by import).
+from edgepack.families import causal_lm as _causal_lm  # noqa: E402,F401
 from edgepack.families import onnx_model as _onnx_model  # noqa: E402,F401
 from edgepack.families import sentence_encoder as _sentence_encoder  # noqa: E402,F401
 from edgepack.families import sequence_classifier as _sequence_classifier  # noqa: E402,F401

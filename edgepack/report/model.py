@@ -52,6 +52,40 @@ class Coverage(_Open):
     partitions: int | None = None
 
 
+class MemoryPoint(_Closed):
+    """Peak RSS of a fresh process whose KV cache holds `context` tokens, and what the arithmetic predicted."""
+
+    context: int
+    peak_rss_mb: float
+    predicted_mb: float | None = None
+    cache_mb: float | None = None
+    after_session_mb: float | None = None
+    baseline_mb: float | None = None
+
+
+class ContextFit(_Closed):
+    budget_mb: float
+    longest_context: int
+    fits: bool
+
+
+class MemoryPlan(_Closed):
+    """Memory a decoder needs: weights + KV cache per token (config arithmetic) against measured peaks, and the
+    longest context that fits each budget."""
+
+    weight_bytes: int
+    kv_dtype: str
+    kv_bytes_per_token: int
+    kv_formula: str
+    fixed_mb: float
+    measured_bytes_per_token: float | None = None
+    kv_copies_predicted: int = 2
+    points: list[MemoryPoint] = Field(default_factory=list)
+    fits: list[ContextFit] = Field(default_factory=list)
+    max_positions: int | None = None
+    method: str = ""
+
+
 class ProviderResult(_Closed):
     status: Literal["ok", "unavailable", "failed"]
     how: Literal["device", "emulated", "static-analysis"]
@@ -67,6 +101,10 @@ class ProviderResult(_Closed):
     evaluation_samples: int | None = None
     #: why a fidelity figure is missing (e.g. output widths differ), when it is
     fidelity_note: str | None = None
+    #: decoders (family causal-lm): memory you can plan with
+    memory_plan: MemoryPlan | None = None
+    #: a family task (e.g. a memory measurement) that failed: task -> error
+    task_errors: dict[str, str] | None = None
 
 
 class EvaluationSetResult(_Closed):

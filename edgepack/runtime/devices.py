@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import re
 import shlex
 import shutil
@@ -82,10 +83,16 @@ class LocalDevice(Device):
 
         return {"label": self.label, **device_facts()}
 
-    def run_probe(self, request: Path, result: Path, *, timeout_s: float) -> str | None:
+    def run_probe(self, request: Path, result: Path, *, timeout_s: float,
+                  env: dict[str, str] | None = None) -> str | None:
+        """`env`: extra environment variables for the child; the folder that holds `edgepack` goes first on
+        PYTHONPATH, so a task child can import its module from this edgepack even uninstalled."""
         command = [sys.executable, str(CHILD_FILE), str(request), str(result)]
+        root = str(CHILD_FILE.parents[2])
+        child_env = {**os.environ, **(env or {})}
+        child_env["PYTHONPATH"] = os.pathsep.join(part for part in (root, child_env.get("PYTHONPATH")) if part)
         try:
-            done = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s,
+            done = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s, env=child_env,
                                   stdin=subprocess.DEVNULL, check=False)
         except subprocess.TimeoutExpired:
             return f"the probe process did not finish within {timeout_s:g} s and was killed"

@@ -27,7 +27,7 @@ from edgepack.calibration_data import Feed, Sample
 from edgepack.errors import BadInputError, EdgepackError
 from edgepack.families import ModelFamily
 from edgepack.reporter import get_reporter
-from edgepack.runtime.probe import ProbeOptions, ProbeResult, measure
+from edgepack.runtime.probe import ProbeOptions, ProbeResult, TaskResult, measure, measure_task
 from edgepack.runtime.providers import ExecutionProvider, get_provider
 
 #: the fidelity_note of a row measured on generated inputs
@@ -73,6 +73,8 @@ class _Run:
             self.full = _EvalSet(samples, family.evaluation_feeds(samples, max_length=settings.max_length))
             self.latency_feed = family.latency_feed(samples, sequence_length=settings.sequence_length)
         self._cpu_outputs: dict[tuple[str, int], list[Any]] = {}
+        self.tasks = family.probe_tasks(samples, settings=settings)  # the family's own measurements, if any
+        self._cpu_tasks: dict[str, dict[str, TaskResult]] = {}
 
     def eval_set(self, provider: ExecutionProvider) -> _EvalSet:
         if provider.how != "emulated" or len(self.full.samples) <= self.settings.emulated_samples:
@@ -99,6 +101,18 @@ class _Run:
                              workdir=self.workdir / f"reference-{variant}-{count}", options=options)
             self.remember(variant, result, count)
         return self._cpu_outputs[(variant, count)]
+
+    def task_results(self, variant: str, provider: ExecutionProvider, workdir: Path) -> dict[str, TaskResult]:
+        """The family's tasks on `variant` x `provider`, each in a fresh process; CPU results are kept (parents')."""
+        if provider.key == "cpu" and variant in self._cpu_tasks:
+            return self._cpu_tasks[variant]
+        options = ProbeOptions(provider=provider.key, intra_op_threads=self.settings.threads,
+                               timeout_s=self.settings.timeout_s, cache_dir=self.cache_dir)
+        results = {task.name: measure_task(self.variants[variant], task=task, workdir=workdir / f"task-{task.name}",
+                                           options=options) for task in self.tasks}
+        if provider.key == "cpu":
+            self._cpu_tasks[variant] = results
+        return results
 
     def remember(self, variant: str, result: ProbeResult, count: int) -> None:
         if result.status != "ok":
@@ -179,7 +193,22 @@ def _measure_row(run: _Run, variant: str, provider: ExecutionProvider, *, parent
     entry = {**provider_entry(result, metrics), "evaluation_samples": len(eval_set.samples)}
     if note:
         entry["fidelity_note"] = note
+    if run.tasks and provider.how == "device":
+        _add_tasks(run, entry, variant, provider, parent=parent, workdir=workdir)
     return entry
+
+
+def _add_tasks(run: _Run, entry: dict[str, Any], variant: str, provider: ExecutionProvider, *, parent: str,
+               workdir: Path) -> None:
+    """The family's task figures (against the parent's CPU results) into the row: metrics, memory plan, errors."""
+    results = run.task_results(variant, provider, workdir)
+    reference = None if parent == variant else run.task_results(parent, get_provider("cpu"), workdir.parent / parent)
+    report = run.family.task_report(results, reference, model=run.variants[variant])
+    entry["metrics"].update(report.get("metrics", {}))
+    if report.get("memory_plan"):
+        entry["memory_plan"] = report["memory_plan"]
+    if report.get("errors"):
+        entry["task_errors"] = report["errors"]
 
 
 def _fidelity(family: ModelFamily, reference: Sequence[Any], outputs: Sequence[Any], *,
@@ -187,6 +216,8 @@ def _fidelity(family: ModelFamily, reference: Sequence[Any], outputs: Sequence[A
     """The family's fidelity figures, or none with a note when the outputs cannot be compared element-wise (a
     distilled student whose embedding is narrower than its teacher's is compared by task metric only)."""
     name = family.primary_output
+    if not reference or not outputs:  # a family scored by its probe tasks only (causal-lm)
+        return {}, None
     ref_shape, got_shape = reference[0][name].shape, outputs[0][name].shape
     if ref_shape != got_shape:
         return {}, (f"'{name}' is {list(got_shape)} here and {list(ref_shape)} in '{parent}': no cosine; compared "

@@ -44,7 +44,11 @@ from edgepack.runtime.quiet import ort_log_severity
 if TYPE_CHECKING:
     from edgepack.calibration_data import Feed
 
-__all__ = ["MEMORY_METHOD", "ProbeOptions", "ProbeResult", "measure", "memory_breakdown"]
+__all__ = ["MEMORY_METHOD", "ProbeOptions", "ProbeResult", "ProbeTask", "TaskResult", "measure", "measure_task",
+           "memory_breakdown"]
+#: Task processes return every large freed block to the OS (glibc otherwise keeps some on its heap, and which ones
+#: depends on the order of allocations: the same run's peak RSS then moved by ~100 MB between processes).
+TASK_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
 _MIB = 2**20
 
 
@@ -93,6 +97,31 @@ class ProbeResult:
         return {**report, "latency_ms": self.latency_ms, "memory_mb": self.memory_mb, "coverage": self.coverage}
 
 
+@dataclass(frozen=True)
+class ProbeTask:
+    """A family's own measurement, run in a fresh process after the session is created (`measure_task`).
+
+    `module` is a torch-free module with `run(session, payload, arrays) -> {"metrics": {...}, "arrays": {...}}`
+    (e.g. `edgepack.runtime.decoding`: autoregressive generation); `payload` is JSON, `arrays` numpy inputs.
+    Tasks run on this machine only (the child imports `module` from this edgepack).
+    """
+
+    name: str
+    module: str
+    payload: dict[str, Any]
+    arrays: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+@dataclass
+class TaskResult:
+    status: str  # "ok" | "unavailable" | "failed"
+    error: str | None = None
+    metrics: dict[str, Any] = field(default_factory=dict)
+    arrays: dict[str, np.ndarray] = field(default_factory=dict)
+    #: {"baseline", "after_session", "peak"} MiB of the task's process
+    memory_mb: dict[str, Any] = field(default_factory=dict)
+
+
 # ---------------------------------------------------------------------------------------------------- parent
 
 
@@ -135,6 +164,42 @@ def measure(model_path: Path, *, latency_feed: Feed, evaluation_feeds: Sequence[
                 path.unlink()
         if (probe_dir / "ort").is_dir():
             (probe_dir / "ort").rmdir()
+
+
+def measure_task(model_path: Path, *, task: ProbeTask, workdir: Path, options: ProbeOptions) -> TaskResult:
+    """Run `task` on the model in a fresh local subprocess on `options.provider` (same session settings as `measure`)."""
+    provider = _one_provider(options.provider)
+    reason = provider.availability()
+    if reason is not None:
+        return TaskResult(status="unavailable", error=reason)
+    workdir.mkdir(parents=True, exist_ok=True)
+    probe_dir = Path(tempfile.mkdtemp(prefix=f"task-{task.name}-", dir=workdir))
+    plan = provider.session_plan(cache_dir=options.cache_dir or probe_dir.parent)
+    request = {"mode": "task", "model": str(Path(model_path).resolve()), "plan": plan.to_json(),
+               "intra_op_threads": plan.threads if plan.threads is not None else options.intra_op_threads,
+               "ort_log_severity": ort_log_severity(), "module": task.module, "payload": task.payload,
+               "arrays": str(_save_arrays(probe_dir / "task_in.npz", task.arrays)),
+               "outputs": str(probe_dir / "task_out.npz")}
+    (probe_dir / "request.json").write_text(json.dumps(request, indent=1))
+    try:
+        failure = LocalDevice().run_probe(probe_dir / "request.json", probe_dir / "result.json",
+                                          timeout_s=options.timeout_s, env=TASK_ENV)
+        if failure is not None:
+            return TaskResult(status="failed", error=failure)
+        payload = json.loads((probe_dir / "result.json").read_text())
+        if payload["status"] != "ok":
+            return TaskResult(status="failed", error=payload["error"])
+        with np.load(probe_dir / "task_out.npz", allow_pickle=False) as data:
+            arrays = {key: data[key] for key in data.files}
+        return TaskResult(status="ok", metrics=payload["metrics"], arrays=arrays, memory_mb=payload["memory_mb"])
+    finally:
+        for path in probe_dir.glob("*.npz"):
+            path.unlink()
+
+
+def _save_arrays(path: Path, arrays: dict[str, np.ndarray]) -> Path:
+    np.savez(path, **{name: np.asarray(value) for name, value in arrays.items()})
+    return path
 
 
 def _one_provider(key: str) -> ExecutionProvider:

@@ -384,6 +384,26 @@ def probe(request: dict[str, Any]) -> dict[str, Any]:
             "evaluation_count": request["evaluation_count"]}
 
 
+def task(request: dict[str, Any]) -> dict[str, Any]:
+    """Task mode (`probe.measure_task`): baseline -> session -> the family's task -> peak; arrays to "outputs".
+
+    `request["module"]` is imported by name, so task children run where edgepack is importable (this machine).
+    """
+    import importlib
+
+    module = importlib.import_module(request["module"])
+    with np.load(request["arrays"], allow_pickle=False) as data:
+        arrays = {key: data[key] for key in data.files}
+    baseline, _, method = memory_mb()
+    session = _session(request, _session_options(request))
+    after_session, _, _ = memory_mb()
+    output = module.run(session, request["payload"], arrays)
+    _, peak, _ = memory_mb()
+    np.savez(request["outputs"], **output.get("arrays", {}))
+    return {"status": "ok", "metrics": output["metrics"],
+            "memory_mb": {"baseline": baseline, "after_session": after_session, "peak": peak, "method": method}}
+
+
 def one_line(error: BaseException) -> str:
     return " ".join(f"{type(error).__name__}: {error}".split())
 
@@ -400,7 +420,7 @@ def child_main(request_path: Path, result_path: Path) -> int:
     request = _resolve(json.loads(request_path.read_text()), request_path.resolve().parent)
     ort.set_default_logger_severity(request.get("ort_log_severity", DEFAULT_LOG_SEVERITY))
     try:
-        result = probe(request)
+        result = task(request) if request.get("mode") == "task" else probe(request)
     except Exception as error:  # an ORT rejection is the measurement's result, reported as "failed"
         result = {"status": "failed", "error": one_line(error)}
     # Write then rename: a crash mid-write must not leave a result.json that looks complete.

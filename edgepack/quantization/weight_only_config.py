@@ -1,0 +1,98 @@
+"""Recipe keys of weight-only quantization (`quantize.mode: weight-only`, `quantize.weight_only:`), torch-free.
+
+Each entry of `variants` makes one quantized model, compared to the FP32 it came from:
+
+    quantize:
+      mode: weight-only            # auto: the model family's (causal-lm chooses weight-only)
+      weight_only:
+        calibration_samples: 32
+        variants:
+          - {name: int8, bits: 8, method: rtn}
+          - {name: int4, bits: 4, block_size: 128, method: gptq}
+          - {name: int4-mixed, bits: 4, block_size: 128, method: gptq, mixed: {max_perplexity_ratio: 1.05}}
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from edgepack.errors import BadInputError
+
+METHODS = ("rtn", "gptq", "ort-default", "ort-hqq")
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class MixedPrecision(_Section):
+    """Per-layer INT4/INT8 choice: layers (and lm_head) ranked by the perplexity each one costs alone at `bits`,
+    the most sensitive kept at `promote_bits` until the calibration perplexity is within the budget."""
+
+    max_perplexity_ratio: float = Field(1.05, gt=1.0)
+    promote_bits: Literal[8] = 8
+
+
+class WeightOnlyVariant(_Section):
+    name: str = "int4"
+    bits: Literal[4, 8] = 4
+    #: input rows per scale (a power of two >= 16 that divides every quantized input width)
+    block_size: int = 32
+    symmetric: bool = True
+    #: MatMulNBits accuracy_level: 4 computes with int8 activations (the CPU fast path), 0 in float32
+    accuracy_level: Literal[0, 1, 2, 3, 4] = 4
+    #: rtn: round to nearest (ours: min/max grid); gptq: ours, calibration-aware; ort-default / ort-hqq: ONNX
+    #: Runtime's MatMulNBitsQuantizer (DEFAULT, HQQ: 4-bit only), which leaves a tied lm_head in float
+    method: Literal["rtn", "gptq", "ort-default", "ort-hqq"] = "gptq"
+    #: search a range shrink factor per block that minimises the squared rounding error (rtn, gptq)
+    clip_search: bool = True
+    #: quantize the embedding table too: a tied one shares lm_head's codes (GatherBlockQuantized), an untied one
+    #: is rounded on its own at `bits`
+    embeddings: bool = True
+    exclude_nodes: list[str] = Field(default_factory=list)
+    mixed: MixedPrecision | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _simple_name(cls, value: str) -> str:
+        if not value or "/" in value or value == "fp32":
+            raise ValueError("must be a non-empty name without '/', other than 'fp32'")
+        return value
+
+    @field_validator("block_size")
+    @classmethod
+    def _block(cls, value: int) -> int:
+        if value < 16 or value & (value - 1):
+            raise BadInputError(f"quantize.weight_only block_size {value}: MatMulNBits needs a power of two >= 16 "
+                                "(16, 32, 64, 128, 256)")
+        return value
+
+    @model_validator(mode="after")
+    def _method_bits(self) -> WeightOnlyVariant:
+        if self.method == "ort-hqq" and self.bits != 4:
+            raise BadInputError(f"quantize.weight_only variant {self.name}: ONNX Runtime's HQQ is 4-bit only; use "
+                                "method rtn or gptq for 8 bits")
+        if self.mixed is not None and self.bits != 4:
+            raise BadInputError(f"quantize.weight_only variant {self.name}: mixed precision promotes INT4 layers to "
+                                "INT8; set bits 4")
+        return self
+
+
+class WeightOnlySection(_Section):
+    #: calibration texts (from the data split's calibration part) for gptq and the mixed-precision search
+    calibration_samples: int = Field(32, ge=1)
+    #: tokens per calibration text (its first ones)
+    calibration_tokens: int = Field(256, ge=8)
+    variants: list[WeightOnlyVariant] = Field(
+        default_factory=lambda: [WeightOnlyVariant(name="int8", bits=8, method="rtn", accuracy_level=0),
+                                 WeightOnlyVariant(name="int4", bits=4, block_size=32, method="gptq")])
+
+    @field_validator("variants")
+    @classmethod
+    def _unique(cls, value: list[WeightOnlyVariant]) -> list[WeightOnlyVariant]:
+        names = [v.name for v in value]
+        if len(set(names)) != len(names):
+            raise ValueError(f"variant names must be distinct, got {names}")
+        return value

