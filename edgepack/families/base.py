@@ -210,6 +210,10 @@ class ModelFamily(ABC):
 
         return generate_inputs(model, sizes=sizes, vocab_size=self.vocab_size(), seed=seed)
 
+    def feed_for(self, feed: Feed, model: Path) -> Feed:
+        """`feed` as variant `model` takes it (default: unchanged; causal-lm: the cache in the variant's type)."""
+        return feed
+
     # --------------------------------------------------------------------------------------------- scoring
 
     def fidelity(self, reference: Sequence[Mapping[str, np.ndarray]],

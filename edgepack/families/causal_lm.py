@@ -220,7 +220,8 @@ class CausalLM(HFTextFamily):
             raise BadInputError("the evaluation texts tokenize to nothing; give the causal LM some text")
         return np.resize(ids, max(len(ids), at_least))
 
-    def prefill_feed(self, ids: np.ndarray) -> Feed:
+    def prefill_feed(self, ids: np.ndarray, *, cache_dtype: Any = np.float32) -> Feed:
+        """Batch 1, positions 0..T-1, an empty cache (of the graph's cache type: float32, or int8)."""
         cfg = self.decoder
         self.check_context(len(ids), what="a prefill")
         feed: Feed = {"input_ids": ids.reshape(1, -1).astype(np.int64),
@@ -228,8 +229,15 @@ class CausalLM(HFTextFamily):
                       "position_ids": np.arange(len(ids), dtype=np.int64).reshape(1, -1)}
         for i in range(cfg.layers):
             for kind in ("key", "value"):
-                feed[f"past_key_values.{i}.{kind}"] = np.zeros((1, cfg.kv_heads, 0, cfg.head_dim), np.float32)
+                feed[f"past_key_values.{i}.{kind}"] = np.zeros((1, cfg.kv_heads, 0, cfg.head_dim), cache_dtype)
         return feed
+
+    def feed_for(self, feed: Feed, model: Path) -> Feed:
+        """`feed` with its empty cache in `model`'s cache type (an INT8-KV variant takes int8 past tensors)."""
+        from edgepack.families.causal_lm_eval import cache_element_bytes
+
+        dtype = np.dtype(cache_element_bytes(model)[0])
+        return {k: (v.astype(dtype) if k.startswith("past_key_values.") else v) for k, v in feed.items()}
 
     def check_context(self, tokens: int, *, what: str) -> None:
         limit = self.decoder.max_positions

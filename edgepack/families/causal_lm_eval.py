@@ -46,16 +46,15 @@ MIN_AGREEMENT = 0.99
 
 def check_decoder(family: CausalLM, onnx_path: Path, *, feeds: Sequence[Feed], atol: float | None) -> dict[str, Any]:
     """ONNX Runtime vs PyTorch on prefill and on cached decode; one ExportMismatchError listing every miss."""
-    import onnxruntime as ort
     import torch
 
-    from edgepack.runtime.decoding import KVSession
+    from edgepack.runtime.decoding import KVSession, cpu_session
 
     if not feeds:
         raise BadInputError("the causal-LM export check needs at least one text sample")
     tolerance = atol if atol is not None else family.io.output("logits").atol
     model = family.load_torch().model
-    kv = KVSession(ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"]))
+    kv = KVSession(cpu_session(onnx_path))
     worst, agree, tokens = 0.0, 0, 0
     reference: list[np.ndarray] = []
     for feed in feeds:

@@ -151,7 +151,9 @@ def quantize_gptq(weight: np.ndarray, hessian: np.ndarray, spec: BlockSpec, *, d
             col = start + i
             if col % spec.block_size == 0:
                 group = col // spec.block_size
-                span = np.concatenate([block[:, i:], wt[:, stop:]], axis=1)[:, : spec.block_size]
+                inside = block[:, i: i + spec.block_size]  # the group's columns, as updated so far
+                span = inside if inside.shape[1] == spec.block_size else np.concatenate(
+                    [inside, wt[:, stop: stop + spec.block_size - inside.shape[1]]], axis=1)
                 scale, zero = quantize_rtn_group(span, spec)
                 scales[:, group], zeros[:, group] = scale, zero
             group = col // spec.block_size

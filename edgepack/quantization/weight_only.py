@@ -44,6 +44,7 @@ from edgepack.quantization.blockwise import (
 )
 from edgepack.quantization.weight_only_config import WeightOnlyVariant
 from edgepack.reporter import get_reporter
+from edgepack.runtime.decoding import cpu_session, fit_cache
 
 MS = "com.microsoft"
 HESSIAN_PASS_BYTES = 200 * 2**20
@@ -114,8 +115,6 @@ def spec_for(variant: WeightOnlyVariant, bits: int) -> BlockSpec:
 
 def collect_hessians(model_path: Path, targets: list[Target], feeds: FeedSource) -> dict[str, np.ndarray]:
     """X^T X / tokens for the input X of every target (by input tensor name), float32, in bounded passes."""
-    import onnxruntime as ort
-
     model = onnx.load(str(model_path), load_external_data=False)
     widths = {t.node.input[0]: t.weight.shape[0] for t in targets}
     names = list(widths)
@@ -124,13 +123,13 @@ def collect_hessians(model_path: Path, targets: list[Target], feeds: FeedSource)
     for name in names:
         batch.append(name)
         if sum(widths[n] ** 2 * 4 for n in batch) >= HESSIAN_PASS_BYTES or name == names[-1]:
-            hessians.update(_hessian_pass(model_path, model, batch, widths, feeds, ort))
+            hessians.update(_hessian_pass(model_path, model, batch, widths, feeds))
             batch = []
     return hessians
 
 
 def _hessian_pass(model_path: Path, model: onnx.ModelProto, names: list[str], widths: Mapping[str, int],
-                  feeds: FeedSource, ort: Any) -> dict[str, np.ndarray]:
+                  feeds: FeedSource) -> dict[str, np.ndarray]:
     augmented = onnx.ModelProto()
     augmented.CopyFrom(model)
     existing = {o.name for o in augmented.graph.output}
@@ -141,7 +140,7 @@ def _hessian_pass(model_path: Path, model: onnx.ModelProto, names: list[str], wi
         path = Path(tmp) / "augmented.onnx"
         onnx.save_model(augmented, str(path))
         _link_external_data(model_path, Path(tmp))
-        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        session = cpu_session(path)
         sums = {n: np.zeros((widths[n], widths[n]), np.float64 if widths[n] <= 1024 else np.float32) for n in names}
         tokens = 0
         for feed in feeds():
@@ -328,11 +327,18 @@ def quantize_weight_only(fp32: Path, out: Path, *, variant: WeightOnlyVariant, c
         group = [t for t in targets if chosen[t.name] == bits]
         codes.update(quantized_arrays(group, variant, bits, hessians))
     done = rewrite(model, targets, codes, variant=variant)
+    if variant.kv_cache == "int8":
+        from edgepack.quantization.kv_cache import collect_kv_absmax, int8_kv_cache
+
+        if calibration is None:
+            raise BadInputError("kv_cache int8 needs calibration data for its scales")
+        done["kv_cache"] = int8_kv_cache(model, collect_kv_absmax(fp32, calibration))
     save_onnx(model, out)
     counts = {str(b): sum(1 for v in chosen.values() if v == b) for b in sorted({str(v) for v in chosen.values()})}
     return {"method": variant.method, "bits": variant.bits, "block_size": variant.block_size,
             "symmetric": variant.symmetric, "accuracy_level": variant.accuracy_level, "clip_search": variant.clip_search,
             "nodes_by_bits": counts, "embedding": done["embedding"], "plan": dict(chosen),
+            "kv_cache": done.get("kv_cache", {"kv_cache": "float32"}),
             "quantize_s": round(time.perf_counter() - start, 2)}
 
 
@@ -376,10 +382,10 @@ def calibration_nll(model: Path, feeds: FeedSource, *, overrides: Mapping[str, n
             for name, value in (overrides or {}).items()}
     for name, value in kept.items():
         options.add_initializer(name, value)
-    session = ort.InferenceSession(str(model), sess_options=options, providers=["CPUExecutionProvider"])
+    session = cpu_session(model, options)
     total, count = 0.0, 0
     for feed in feeds():
-        logits = session.run(["logits"], feed)[0][0].astype(np.float64)  # (T, V)
+        logits = session.run(["logits"], fit_cache(feed, session))[0][0].astype(np.float64)  # (T, V)
         ids = feed["input_ids"][0]
         shifted = logits[:-1] - logits[:-1].max(-1, keepdims=True)
         logp = shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))

@@ -53,6 +53,9 @@ class WeightOnlyVariant(_Section):
     embeddings: bool = True
     exclude_nodes: list[str] = Field(default_factory=list)
     mixed: MixedPrecision | None = None
+    #: the KV cache's element type: int8 stores keys and values with calibrated per-channel scales
+    #: (GroupQueryAttention's quantized cache: a quarter of float32's bytes per token)
+    kv_cache: Literal["float32", "int8"] = "float32"
 
     @field_validator("name")
     @classmethod

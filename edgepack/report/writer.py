@@ -9,6 +9,7 @@ from typing import Any
 
 from edgepack.artifacts import atomic_write_text, clear_interrupted, write_json
 from edgepack.report.auto import auto_markdown
+from edgepack.report import decoder
 from edgepack.report.model import ProviderResult, Report
 
 COLUMNS = ("variant", "EP", "how", "size MB", "size ×", "p50 ms", "p90 ms", "peak RSS MB", "cosine mean",
@@ -29,6 +30,8 @@ _OWN_COLUMNS = frozenset({"cosine_mean", "cosine_min", "max_abs_diff", "sqnr_db"
 
 
 def _task(metrics: dict[str, Any]) -> str:
+    if decoder.is_decoder(metrics):  # decoders: perplexity and agreement here, the rest in their own section
+        return decoder.table_cell(metrics)
     task = [(SHORT_METRICS.get(k, k), v) for k, v in metrics.items() if k not in _OWN_COLUMNS and v is not None]
     return ", ".join(f"{k} {v:.4f}" for k, v in task) or "–"
 
@@ -101,6 +104,7 @@ def render_markdown(report: Report) -> str:
         lines += [f"| {g.name} | {g.variant} | {g.threshold} | {_fmt(g.value, '.4f')} | "
                   f"{'yes' if g.passed else '**no**'} |" for g in report.gates]
         lines.append("")
+    lines += decoder.decoder_lines(report)
     lines += _quantization_lines(report.quantization.model_dump() if report.quantization else None)
     lines += auto_markdown(report)
     lines += ["## Artifacts", ""]
@@ -165,6 +169,8 @@ def _short(tensor: str) -> str:
 def _quantization_lines(q: dict[str, Any] | None) -> list[str]:
     if not q:
         return []
+    if q.get("mode") == "weight-only":
+        return decoder.weight_only_lines(q)
     lines = ["## INT8 quantization", ""]
     budget = q.get("budget")
     if budget:

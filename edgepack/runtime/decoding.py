@@ -30,13 +30,15 @@ class KVSession:
 
     def __init__(self, session: Any) -> None:
         self.session = session
-        inputs = {i.name: i for i in session.get_inputs()}
+        # a past with an empty default (edgepack's graphs) is an overridable initializer, not a required input
+        inputs = {i.name: i for i in [*session.get_inputs(), *session.get_overridable_initializers()]}
         self.past_names = sorted((n for n in inputs if n.startswith("past_key_values.")),
                                  key=lambda n: (int(n.split(".")[1]), n.endswith("value")))
         self.layers = len(self.past_names) // 2
         first = inputs[self.past_names[0]]
         self.kv_heads, self.head_dim = int(first.shape[1]), int(first.shape[3])
         self.cache_dtype = _DTYPES[first.type]
+        self.input_names = set(inputs)  # graphs that compute positions from the mask (GenAI's) have no position_ids
         self.output_names = [o.name for o in session.get_outputs()]
         self.present_names = [n.replace("past_key_values.", "present.") for n in self.past_names]
 
@@ -48,12 +50,30 @@ class KVSession:
         """Run tokens `ids` (S,) at positions start..start+S-1 on `past`; (logits (S, V), the new cache)."""
         length = len(ids)
         feed = {"input_ids": ids.reshape(1, length).astype(np.int64),
-                "attention_mask": np.ones((1, start + length), np.int64),
-                "position_ids": np.arange(start, start + length, dtype=np.int64).reshape(1, length), **past}
+                "attention_mask": np.ones((1, start + length), np.int64), **past}
+        if "position_ids" in self.input_names:
+            feed["position_ids"] = np.arange(start, start + length, dtype=np.int64).reshape(1, length)
         wanted = (["logits"] if logits else []) + self.present_names
         outputs = self.session.run(wanted, feed)
         present = dict(zip(self.past_names, outputs[1:] if logits else outputs, strict=True))
         return (outputs[0][0] if logits else None), present
+
+
+def cpu_session(path: Any, options: Any = None) -> Any:
+    """A CPU InferenceSession that logs errors only: edgepack's decoder graphs give every past input an empty
+    default (an initializer listed as a graph input), which ONNX Runtime reports once per input as a warning."""
+    import onnxruntime as ort
+
+    options = options or ort.SessionOptions()
+    options.log_severity_level = 3
+    return ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
+
+
+def fit_cache(feed: Mapping[str, np.ndarray], session: Any) -> dict[str, np.ndarray]:
+    """`feed` with its past tensors in the session's cache type (float32, or int8 for a quantized cache)."""
+    types = {i.name: _DTYPES.get(i.type) for i in session.get_inputs()}
+    return {k: (v.astype(types[k]) if k.startswith("past_key_values.") and types.get(k) else v)
+            for k, v in feed.items()}
 
 
 def _log_softmax(logits: np.ndarray) -> np.ndarray:

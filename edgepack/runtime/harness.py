@@ -97,10 +97,14 @@ class _Run:
         if (variant, count) not in self._cpu_outputs:
             options = ProbeOptions(provider="cpu", intra_op_threads=self.settings.threads, warmup=0, runs=1,
                                    timeout_s=self.settings.timeout_s, device=self.settings.device)
-            result = measure(self.variants[variant], latency_feed=self.latency_feed, evaluation_feeds=eval_set.feeds,
-                             workdir=self.workdir / f"reference-{variant}-{count}", options=options)
+            result = measure(self.variants[variant], latency_feed=self.feed_for(variant),
+                             evaluation_feeds=eval_set.feeds, workdir=self.workdir / f"reference-{variant}-{count}",
+                             options=options)
             self.remember(variant, result, count)
         return self._cpu_outputs[(variant, count)]
+
+    def feed_for(self, variant: str) -> Feed:
+        return self.family.feed_for(self.latency_feed, self.variants[variant])
 
     def task_results(self, variant: str, provider: ExecutionProvider, workdir: Path) -> dict[str, TaskResult]:
         """The family's tasks on `variant` x `provider`, each in a fresh process; CPU results are kept (parents')."""
@@ -164,7 +168,7 @@ def validate_variants(variants: Mapping[str, Path], *, family: ModelFamily, samp
     report: dict[str, Any] = {name: {"providers": {}, "compared_to": compared_to.get(name)} for name in variants}
     run = _Run(family, variants, samples, settings, workdir, cache_dir=cache_dir, generated=generated)
     for name, path in variants.items():
-        check_inputs_fit(path, run.latency_feed, variant=name)
+        check_inputs_fit(path, run.feed_for(name), variant=name)
     for variant, provider in get_reporter().track(order, total=len(order), title="validate variants x EPs"):
         label = f"{variant}-{provider.key.replace('/', '_')}"
         entry = _measure_row(run, variant, provider, parent=compared_to.get(variant) or variant,
@@ -179,7 +183,7 @@ def validate_variants(variants: Mapping[str, Path], *, family: ModelFamily, samp
 def _measure_row(run: _Run, variant: str, provider: ExecutionProvider, *, parent: str,
                  workdir: Path) -> dict[str, Any]:
     eval_set = run.eval_set(provider)
-    result = measure(run.variants[variant], latency_feed=run.latency_feed, evaluation_feeds=eval_set.feeds,
+    result = measure(run.variants[variant], latency_feed=run.feed_for(variant), evaluation_feeds=eval_set.feeds,
                      workdir=workdir, options=run.options(provider))
     if provider.key == "cpu" and result.status == "ok":
         run.remember(variant, result, len(eval_set.samples))
@@ -202,7 +206,8 @@ def _add_tasks(run: _Run, entry: dict[str, Any], variant: str, provider: Executi
                workdir: Path) -> None:
     """The family's task figures (against the parent's CPU results) into the row: metrics, memory plan, errors."""
     results = run.task_results(variant, provider, workdir)
-    reference = None if parent == variant else run.task_results(parent, get_provider("cpu"), workdir.parent / parent)
+    # the reference variant is compared to itself (ratios 1, agreements 1), as cosines are for the other families
+    reference = results if parent == variant else run.task_results(parent, get_provider("cpu"), workdir.parent / parent)
     report = run.family.task_report(results, reference, model=run.variants[variant])
     entry["metrics"].update(report.get("metrics", {}))
     if report.get("memory_plan"):

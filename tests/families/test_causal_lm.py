@@ -10,7 +10,6 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 
 from edgepack import stages
@@ -21,7 +20,7 @@ from edgepack.quantization.blockwise import BlockSpec, quantize_gptq, quantize_r
 from edgepack.quantization.weight_only import calibration_feeds, calibration_nll, quantize_weight_only
 from edgepack.quantization.weight_only_config import WeightOnlyVariant
 from edgepack.recipe import ExportSection, parse_recipe
-from edgepack.runtime.decoding import KVSession, greedy, teacher_forced
+from edgepack.runtime.decoding import KVSession, cpu_session, greedy, teacher_forced
 from edgepack.runtime.probe import TaskResult
 
 FAMILY = "causal-lm"
@@ -65,7 +64,7 @@ def test_export_position_ids_are_honoured(exported):
     """RoPE at the given positions: a gap in position_ids changes the logits as it does in PyTorch."""
     import torch
 
-    kv = KVSession(ort.InferenceSession(str(exported), providers=["CPUExecutionProvider"]))
+    kv = KVSession(cpu_session(exported))
     ids = np.arange(5, 17, dtype=np.int64)
     feed = {"input_ids": ids[None], "attention_mask": np.ones((1, 12), np.int64),
             "position_ids": np.concatenate([np.arange(4), np.arange(40, 48)])[None].astype(np.int64), **kv.empty()}
@@ -93,7 +92,7 @@ def test_export_folder_runs_in_onnxruntime_genai_as_is(exported):
     while not generator.is_done():
         generator.generate_next_token()
     genai = np.array(generator.get_sequence(0))[len(prompt):]
-    ours, _, _ = greedy(KVSession(ort.InferenceSession(str(exported), providers=["CPUExecutionProvider"])),
+    ours, _, _ = greedy(KVSession(cpu_session(exported)),
                         prompt, len(genai))
     assert len(genai) == 10 and genai.tolist() == ours.tolist()
     tokenizer = og.Tokenizer(model)
@@ -106,7 +105,7 @@ def test_metric_perplexity_agrees_with_torch_and_scores_compare_to_the_parent(ex
 
     family = open_model(str(exported))
     window = family.stream(prose(3))[:128]
-    kv = KVSession(ort.InferenceSession(str(exported), providers=["CPUExecutionProvider"]))
+    kv = KVSession(cpu_session(exported))
     nll, argmax = teacher_forced(kv, [window])
     source = json.loads((exported.parent / "manifest.json").read_text())["config"]["model"]["source"]
     model = AutoModelForCausalLM.from_pretrained(source, attn_implementation="eager").eval()
@@ -188,7 +187,7 @@ def test_quantize_int4_int8_weight_only_with_the_tied_table_shared(exported, tmp
         metrics = quantize_weight_only(exported, out, variant=variant, calibration=calibration)
         model = onnx.load(str(out))
         ops = [n.op_type for n in model.graph.node]
-        assert ops.count("MatMulNBits") == 2 * 3 + 1 and "MatMul" not in ops  # qkv, o, gate_up, down x2, lm_head
+        assert ops.count("MatMulNBits") == 2 * 4 + 1 and "MatMul" not in ops  # (qkv, o, gate_up, down) x 2, lm_head
         assert ops.count("GatherBlockQuantized") == 1 and "Transpose" not in ops
         assert not any(i.name == "model.embed_tokens.weight" for i in model.graph.initializer)  # no float table
         assert "tied embedding" in metrics["embedding"]
