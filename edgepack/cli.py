@@ -146,6 +146,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "skips calibration (`edgepack run` keeps its own in <run>/cache: pass that to share it)")
     p.add_argument("--sensitivity", type=int, default=0, metavar="N",
                    help="rank every quantized layer by leave-one-out sensitivity and print the top N")
+    p.add_argument("--bits", type=int, default=4, choices=[4, 8],
+                   help="decoders (family causal-lm): weight-only bits (4: GPTQ, 8: round to nearest; default 4)")
+    p.add_argument("--block-size", type=int, default=32, help="decoders: weight-only block size (default 32)")
     p.add_argument("--max-cosine-drop", type=float, default=0.005,
                    help="accuracy budget: 1 - mean output cosine vs FP32 on 32 calibration samples; the most "
                         "sensitive layers fall back to float until it holds (exit 3 if it cannot); -1 disables")
@@ -408,6 +411,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         get_reporter().info(f"- {args.calibration}: {len(samples)} samples, fewer than --samples {args.samples}: "
                             f"calibrating on all {len(samples)}")
     samples = samples[: args.samples]
+    if stages.quantize_mode(family, QuantizeSection()) == "weight-only":
+        return _quantize_weight_only(args, family, samples, out)
     options = QuantizeSection(calibrator=args.calibrator, smoothquant=args.smoothquant, recipe=args.recipe,
                               mode=args.mode, graph=args.graph,
                               max_cosine_drop=None if args.max_cosine_drop < 0 else args.max_cosine_drop,
@@ -415,6 +420,24 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     result = stages.quantize(args.model, family, calibration=samples, options=options, max_length=args.max_length,
                              padding="longest", folder=out, cache_dir=args.range_cache)
     _print_quantize(result, out, args)
+    return 0
+
+
+def _quantize_weight_only(args: argparse.Namespace, family: Any, samples: list[Any], out: Path) -> int:
+    """A decoder (family causal-lm): weight-only MatMulNBits at --bits, GPTQ on the calibration text."""
+    from edgepack import stages
+    from edgepack.quantization.weight_only_config import WeightOnlySection, WeightOnlyVariant
+
+    variant = WeightOnlyVariant(name=f"int{args.bits}", bits=args.bits, block_size=args.block_size,
+                                method="gptq" if args.bits == 4 else "rtn", accuracy_level=4 if args.bits == 4 else 0)
+    section = WeightOnlySection(calibration_samples=len(samples), calibration_tokens=args.max_length,
+                                variants=[variant])
+    result = stages.quantize_weight_only(args.model, family, calibration=samples, section=section, variant=variant,
+                                         folder=out)
+    model = out / "model.onnx"
+    print(f"wrote {model} ({model.stat().st_size / 1e6:.1f} MB, weight-only {variant.bits}-bit {variant.method}, "
+          f"block {variant.block_size}; {result.metrics['embedding']})")
+    print(f"next: edgepack validate {model} --reference {args.model} --data {args.calibration} --ep cpu")
     return 0
 
 

@@ -198,6 +198,24 @@ def _guard_calibration(fp32: Path, family: ModelFamily, calibration: Sequence[Sa
     return estimate.to_json()
 
 
+def _extra_calibration(section: Any, family: ModelFamily) -> list[Sample]:
+    """`weight_only.calibration_data`'s texts, joined into texts of about `calibration_tokens` tokens."""
+    from edgepack.calibration_data import read_samples, resolve_data_path
+
+    if section.calibration_data is None:
+        return []
+    samples = read_samples(resolve_data_path(section.calibration_data), pair_field=None)
+    texts = [s.text for s in samples[: section.calibration_data_samples] if isinstance(s, TextSample)]
+    joined, current = [], []
+    words = max(8, section.calibration_tokens * 3 // 4)  # ~0.75 words per token of English
+    for text in texts:
+        current.append(text)
+        if sum(len(t.split()) for t in current) >= words:
+            joined.append(TextSample(" ".join(current)))
+            current = []
+    return joined
+
+
 def quantize_mode(family: ModelFamily, options: QuantizeSection) -> str:
     """static, dynamic or weight-only: the recipe's `quantize.mode`, or for auto the family's (weight-only for
     causal-lm, static otherwise). The one place `auto` is resolved; INT8 of activations is refused for a family
@@ -222,9 +240,9 @@ def quantize_weight_only(fp32: Path, family: ModelFamily, *, calibration: Sequen
         quantize_weight_only,
     )
 
-    texts = calibration[: section.calibration_samples]
+    texts = list(calibration[: section.calibration_samples]) + _extra_calibration(section, family)
     config = {"mode": "weight-only", "variant": variant.model_dump(), "calibration_samples": len(texts),
-              "calibration_tokens": section.calibration_tokens}
+              "calibration_tokens": section.calibration_tokens, "calibration_data": section.calibration_data}
     inputs = {"model": sha256_file(fp32), "data": samples_hash(texts)}
 
     def work(tmp: Path) -> dict[str, Any]:

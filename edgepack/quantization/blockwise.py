@@ -131,13 +131,13 @@ def quantize_gptq(weight: np.ndarray, hessian: np.ndarray, spec: BlockSpec, *, d
                   columns: int = 128) -> BlockQuantized:
     """GPTQ rounding of weight (K, N) for inputs whose second moment is `hessian` (K, K) = X^T X / n."""
     k, n = weight.shape
-    wt = weight.T.astype(np.float64).copy()  # (N, K): one row per output, quantized along K
+    wt = weight.T.astype(np.float32).copy()  # (N, K): one row per output, quantized along K
     h = hessian.astype(np.float64).copy()
     dead = np.diag(h) == 0
     h[dead, dead] = 1.0
     wt[:, dead] = 0.0
     h[np.diag_indices(k)] += damp * np.mean(np.diag(h))
-    hinv = np.linalg.cholesky(np.linalg.inv(h)).T  # upper triangular: the inverse's Cholesky factor
+    hinv = np.linalg.cholesky(np.linalg.inv(h)).T.astype(np.float32)  # upper: the inverse's Cholesky factor
     groups = k // spec.block_size
     scales = np.zeros((n, groups), np.float32)
     zeros = np.zeros((n, groups), np.float32)

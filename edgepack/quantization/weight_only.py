@@ -385,11 +385,11 @@ def calibration_nll(model: Path, feeds: FeedSource, *, overrides: Mapping[str, n
     session = cpu_session(model, options)
     total, count = 0.0, 0
     for feed in feeds():
-        logits = session.run(["logits"], fit_cache(feed, session))[0][0].astype(np.float64)  # (T, V)
+        logits = session.run(["logits"], fit_cache(feed, session))[0][0]  # (T, V) float32
         ids = feed["input_ids"][0]
         shifted = logits[:-1] - logits[:-1].max(-1, keepdims=True)
-        logp = shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
-        total += float(-logp[np.arange(len(ids) - 1), ids[1:]].sum())
+        picked = shifted[np.arange(len(ids) - 1), ids[1:]].astype(np.float64)
+        total += float((np.log(np.exp(shifted).sum(-1, dtype=np.float64)) - picked).sum())
         count += len(ids) - 1
     return total / max(count, 1)
 
@@ -422,16 +422,18 @@ def mixed_precision(fp32: Path, *, variant: WeightOnlyVariant, calibration: Feed
     high = quantized_arrays(targets, variant.model_copy(update={"method": "rtn"}), variant.mixed.promote_bits, None)
     fp32_nll = calibration_nll(fp32, calibration)
     units = list(dict.fromkeys(t.unit for t in targets))
+    ranking_feeds = calibration_feeds(list(calibration())[: variant.mixed.sensitivity_samples])
+    ranking_base = calibration_nll(fp32, ranking_feeds)
 
-    def nll_with_low(low_units: set[str], *, others_high: bool = True) -> float:
+    def nll_with_low(low_units: set[str], *, others_high: bool = True, feeds: FeedSource = calibration) -> float:
         chosen = {t.name: low[t.name] if t.unit in low_units else high[t.name] for t in targets
                   if t.unit in low_units or others_high}
-        return calibration_nll(fp32, calibration, overrides=_overrides(targets, chosen))
+        return calibration_nll(fp32, feeds, overrides=_overrides(targets, chosen))
 
     sensitivity = {}
     with get_reporter().step(f"mixed precision: {len(units)} units, each alone at INT{variant.bits}"):
         for unit in units:
-            sensitivity[unit] = nll_with_low({unit}, others_high=False) - fp32_nll
+            sensitivity[unit] = nll_with_low({unit}, others_high=False, feeds=ranking_feeds) - ranking_base
     ranked = sorted(units, key=lambda u: -sensitivity[u])
     budget = float(np.log(variant.mixed.max_perplexity_ratio))
     tried = {len(ranked): nll_with_low(set())}  # every unit at the promoted bits

@@ -33,6 +33,8 @@ class MixedPrecision(_Section):
 
     max_perplexity_ratio: float = Field(1.05, gt=1.0)
     promote_bits: Literal[8] = 8
+    #: calibration texts the per-unit ranking reads (the budget itself is checked on all of them)
+    sensitivity_samples: int = Field(8, ge=1)
 
 
 class WeightOnlyVariant(_Section):
@@ -88,6 +90,11 @@ class WeightOnlySection(_Section):
     calibration_samples: int = Field(32, ge=1)
     #: tokens per calibration text (its first ones)
     calibration_tokens: int = Field(256, ge=8)
+    #: more calibration text from another file (`bundled:<name>` or a path; .txt / .jsonl / .csv, its `text` field):
+    #: GPTQ's input statistics need thousands of tokens. Texts of the evaluation split are never among them.
+    calibration_data: str | None = None
+    #: at most this many texts of `calibration_data` (in file order), joined in runs of `calibration_tokens` tokens
+    calibration_data_samples: int = Field(256, ge=1)
     variants: list[WeightOnlyVariant] = Field(
         default_factory=lambda: [WeightOnlyVariant(name="int8", bits=8, method="rtn", accuracy_level=0),
                                  WeightOnlyVariant(name="int4", bits=4, block_size=32, method="gptq")])

@@ -76,19 +76,15 @@ def fit_cache(feed: Mapping[str, np.ndarray], session: Any) -> dict[str, np.ndar
             for k, v in feed.items()}
 
 
-def _log_softmax(logits: np.ndarray) -> np.ndarray:
-    shifted = logits - logits.max(axis=-1, keepdims=True)
-    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
-
-
 def teacher_forced(kv: KVSession, windows: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     """Per predicted token of every window: its negative log-likelihood and the model's argmax (float64, int32)."""
     nll, argmax = [], []
     for window in windows:
         logits, _ = kv.step(window, kv.empty(), 0)
         assert logits is not None
-        logp = _log_softmax(logits[:-1].astype(np.float64))  # (T-1, V): position t predicts token t+1
-        nll.append(-logp[np.arange(len(window) - 1), window[1:]])
+        shifted = logits[:-1] - logits[:-1].max(axis=-1, keepdims=True)  # (T-1, V): position t predicts token t+1
+        log_total = np.log(np.exp(shifted).sum(axis=-1, dtype=np.float64))
+        nll.append(log_total - shifted[np.arange(len(window) - 1), window[1:]].astype(np.float64))
         argmax.append(logits[:-1].argmax(axis=-1).astype(np.int32))
     return np.concatenate(nll), np.concatenate(argmax)
 

@@ -374,3 +374,18 @@ def test_smollm2_from_gguf_exports_answers_and_quantizes(smollm2_gguf, tmp_path)
                    - calibration_nll(tmp_path / "fp32" / "model.onnx", held_out))
     assert ratio < 1.10
     assert (tmp_path / "int4.onnx").stat().st_size < 0.2 * (tmp_path / "fp32" / "model.onnx").stat().st_size
+
+
+def test_export_and_quantize_from_the_cli(tiny_llama_dir, tmp_path, capsys):
+    from edgepack.cli import main
+
+    prose_file = tmp_path / "prose.txt"
+    prose_file.write_text("\n".join(s.text for s in prose(6)) + "\n")
+    assert main(["export", str(tiny_llama_dir), "--out", str(tmp_path / "fp32"), "--data", str(prose_file)]) == 0
+    assert main(["quantize", str(tmp_path / "fp32" / "model.onnx"), "--calibration", str(prose_file), "--out",
+                 str(tmp_path / "int4"), "--bits", "4", "--block-size", "16"]) == 0
+    out = capsys.readouterr().out
+    assert "weight-only 4-bit gptq, block 16" in out and "tied embedding" in out
+    ops = {n.op_type for n in onnx.load(str(tmp_path / "int4" / "model.onnx")).graph.node}
+    assert {"MatMulNBits", "GatherBlockQuantized", "GroupQueryAttention"} <= ops
+    assert (tmp_path / "int4" / "genai_config.json").is_file() and (tmp_path / "int4" / "tokenizer.json").is_file()
