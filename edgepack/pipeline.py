@@ -222,7 +222,8 @@ def build_variants(ctx: RunContext) -> tuple[dict[str, Path], dict[str, str | No
         section = options.weight_only
         for variant in section.variants:
             done = ctx.record(stages.quantize_weight_only(variants[last], last_family, calibration=split.calibration,
-                                                          section=section, variant=variant, root=ctx.out))
+                                                          section=section, variant=variant, root=ctx.out,
+                                                          cache_dir=ctx.out / "cache"))
             variants[variant.name], compared[variant.name] = done.folder / "model.onnx", last
         return variants, compared, last_family
     recipe = options.recipe if options.recipe != "auto" else last_family.quant_recipe

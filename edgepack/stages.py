@@ -229,16 +229,32 @@ def quantize_mode(family: ModelFamily, options: QuantizeSection) -> str:
     return options.mode
 
 
+def gptq_statistics(fp32: Path, feeds: Any, *, key: str, cache_dir: Path | None) -> dict[str, Any]:
+    """GPTQ's input statistics of `fp32` on the calibration feeds, kept in `cache_dir/hessians-<key>.npz` so the
+    variants of a run (and a rerun) compute them once."""
+    import numpy as np
+    import onnx
+
+    from edgepack.quantization.weight_only import collect_hessians, find_targets
+
+    path = None if cache_dir is None else cache_dir / f"hessians-{key}.npz"
+    if path is not None and path.is_file():
+        with np.load(path) as data:
+            return {name.replace("|", "/"): data[name] for name in data.files}
+    hessians = collect_hessians(fp32, find_targets(onnx.load(str(fp32))), feeds)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_suffix(".partial.npz")
+        np.savez(partial, **{name.replace("/", "|"): value for name, value in hessians.items()})
+        partial.replace(path)
+    return hessians
+
+
 def quantize_weight_only(fp32: Path, family: ModelFamily, *, calibration: Sequence[Sample], section: Any,
-                         variant: Any, root: Path | None = None, folder: Path | None = None) -> StageResult:
+                         variant: Any, root: Path | None = None, folder: Path | None = None,
+                         cache_dir: Path | None = None) -> StageResult:
     """Weight-only INT4 / INT8 (MatMulNBits) of `fp32`, one recipe variant; a mixed variant searches its plan."""
-    from edgepack.quantization.weight_only import (
-        calibration_feeds,
-        collect_hessians,
-        find_targets,
-        mixed_precision,
-        quantize_weight_only,
-    )
+    from edgepack.quantization.weight_only import calibration_feeds, mixed_precision, quantize_weight_only
 
     texts = list(calibration[: section.calibration_samples]) + _extra_calibration(section, family)
     config = {"mode": "weight-only", "variant": variant.model_dump(), "calibration_samples": len(texts),
@@ -246,13 +262,12 @@ def quantize_weight_only(fp32: Path, family: ModelFamily, *, calibration: Sequen
     inputs = {"model": sha256_file(fp32), "data": samples_hash(texts)}
 
     def work(tmp: Path) -> dict[str, Any]:
-        import onnx
-
         feeds = calibration_feeds(family.feeds(texts, max_length=section.calibration_tokens))
         hessians = None
         if variant.method == "gptq":
+            key = content_hash([inputs, section.calibration_tokens])
             with get_reporter().step(f"{variant.name}: input statistics for gptq on {len(texts)} calibration texts"):
-                hessians = collect_hessians(fp32, find_targets(onnx.load(str(fp32), load_external_data=True)), feeds)
+                hessians = gptq_statistics(fp32, feeds, key=key, cache_dir=cache_dir)
         plan, mixed = None, None
         if variant.mixed is not None:
             plan, mixed = mixed_precision(fp32, variant=variant, calibration=feeds, hessians=hessians)

@@ -45,7 +45,7 @@ BUILDER_VENV = Path(os.environ.get("EDGEPACK_CACHE") or Path.home() / ".cache" /
     "genai-builder-0.18.0"
 BUILDER_PINS = ["torch==2.13.0", "transformers==5.23.0", "onnxruntime-genai==0.18.0", "onnx-ir==1.1.0", "onnx",
                 "tqdm", "numpy<3", "safetensors", "sentencepiece", "protobuf"]
-OURS = ("fp32", "int8", "int4", "int4-b64", "int4-mixed")
+OURS = ("fp32", "int8", "int4", "int4-b64", "int4-kv8", "int4-mixed")
 ANCHORS = ("optimum-fp32", "optimum-int4-default", "optimum-int4-b32-acc4", "genai-int4")
 CAVEAT = ("SmolLM2's FP32 weights are dequantized GGUF Q4_1 (blocks of 32 with a scale and a min; the tied embedding "
           "Q8_0): an INT4 scheme aligned with those blocks (32 along the input axis, asymmetric min/max) can reproduce "
@@ -71,7 +71,7 @@ def build_ours(out: Path) -> dict[str, Path]:
     models = {"fp32": fp32}
     for variant in section.variants:
         result = stages.quantize_weight_only(fp32, family, calibration=ctx.split.calibration, section=section,
-                                             variant=variant, root=out)
+                                             variant=variant, root=out, cache_dir=out / "cache")
         models[variant.name] = result.folder / "model.onnx"
     return models
 
@@ -202,9 +202,10 @@ def genai_decode(folder: Path, family: Any, samples: Any, *, threads: int) -> di
 LABELS = {
     "fp32": "edgepack FP32 (GroupQueryAttention graph)",
     "int8": "edgepack INT8 weight-only, RTN, block 32 symmetric, accuracy_level 0",
-    "int4": "edgepack INT4 GPTQ, block 32 asymmetric (aligned with Q4_1)",
+    "int4": "edgepack INT4 GPTQ, block 32 asymmetric (Q4_1's block layout)",
     "int4-b64": "edgepack INT4 GPTQ, block 64 symmetric (not aligned)",
-    "int4-mixed": "edgepack INT4/INT8 mixed (block 64 symmetric GPTQ; budget 1.05x calibration perplexity)",
+    "int4-kv8": "edgepack INT4 GPTQ block 32 asymmetric + INT8 KV cache",
+    "int4-mixed": "edgepack INT4/INT8 mixed (block 32 asymmetric GPTQ; budget 1.05x calibration perplexity)",
     "optimum-fp32": "optimum export FP32",
     "optimum-int4-default": "optimum + MatMulNBitsQuantizer defaults (block 128 asymmetric, padded)",
     "optimum-int4-b32-acc4": "optimum + MatMulNBitsQuantizer block 32 symmetric, accuracy_level 4",

@@ -118,14 +118,15 @@ def probe_tasks(family: CausalLM, samples: Sequence[Sample], *, settings: Any) -
     for index, prompt in enumerate(p for p in prompts if len(p)):
         arrays[f"prompt{index:04d}"] = prompt
     arrays["prefill"] = family.stream(samples, at_least=settings.sequence_length)[: settings.sequence_length]
-    tasks = [ProbeTask("quality", "edgepack.runtime.decoding", {"task": "quality", "new_tokens": ev.new_tokens},
-                       arrays)]
+    shape = {"kv_heads": family.decoder.kv_heads, "head_dim": family.decoder.head_dim}
+    tasks = [ProbeTask("quality", "edgepack.runtime.decoding",
+                       {"task": "quality", "new_tokens": ev.new_tokens, **shape}, arrays)]
     ids = family.stream(samples, at_least=max(ev.contexts))
     for context in ev.contexts:
         decode = min(DECODE_STEPS, context - 1)
         tasks.append(ProbeTask(f"memory-{context}", "edgepack.runtime.decoding",
                                {"task": "memory", "context": context - decode, "chunk": ev.prefill_chunk,
-                                "decode": decode}, {"ids": ids[:context]}))
+                                "decode": decode, **shape}, {"ids": ids[:context]}))
     return tasks
 
 

@@ -130,41 +130,52 @@ def quantize_rtn(weight: np.ndarray, spec: BlockSpec) -> BlockQuantized:
 def quantize_gptq(weight: np.ndarray, hessian: np.ndarray, spec: BlockSpec, *, damp: float = 0.01,
                   columns: int = 128) -> BlockQuantized:
     """GPTQ rounding of weight (K, N) for inputs whose second moment is `hessian` (K, K) = X^T X / n."""
-    k, n = weight.shape
-    wt = weight.T.astype(np.float32).copy()  # (N, K): one row per output, quantized along K
+    return quantize_gptq_batch(weight[None], hessian[None], spec, damp=damp, columns=columns)[0]
+
+
+def quantize_gptq_batch(weights: np.ndarray, hessians: np.ndarray, spec: BlockSpec, *, damp: float = 0.01,
+                        columns: int = 128) -> list[BlockQuantized]:
+    """GPTQ of B weights of one shape (B, K, N) with their Hessians (B, K, K) at once: the column loop is
+    sequential, so batching the layers that share a shape (every layer's qkv, ...) runs it once for all of them."""
+    batch, k, n = weights.shape
+    wt = np.ascontiguousarray(weights.transpose(0, 2, 1), dtype=np.float32)  # (B, N, K): rows quantized along K
+    hinv = np.stack([_inverse_factor(h, wt[b], damp) for b, h in enumerate(hessians)])  # (B, K, K) upper
+    groups = k // spec.block_size
+    scales = np.zeros((batch, n, groups), np.float32)
+    zeros = np.zeros((batch, n, groups), np.float32)
+    codes = np.zeros((batch, n, k), np.float32)
+    for start in range(0, k, columns):
+        stop = min(start + columns, k)
+        block = wt[:, :, start:stop].copy()  # (B, N, c)
+        errors = np.zeros_like(block)
+        inverse = hinv[:, start:stop, start:stop]  # (B, c, c)
+        for i in range(stop - start):
+            col = start + i
+            group = col // spec.block_size
+            if col % spec.block_size == 0:
+                inside = block[:, :, i: i + spec.block_size]  # the group's columns, as updated so far
+                span = inside if inside.shape[2] == spec.block_size else np.concatenate(
+                    [inside, wt[:, :, stop: stop + spec.block_size - inside.shape[2]]], axis=2)
+                scale, zero = quantize_rtn_group(span.reshape(batch * n, -1), spec)
+                scales[:, :, group], zeros[:, :, group] = scale.reshape(batch, n), zero.reshape(batch, n)
+            q = np.clip(np.round(block[:, :, i] / scales[:, :, group]) + zeros[:, :, group], 0, spec.levels)
+            codes[:, :, col] = q
+            error = (block[:, :, i] - (q - zeros[:, :, group]) * scales[:, :, group]) / inverse[:, i, i][:, None]
+            block[:, :, i:] -= error[:, :, None] * inverse[:, None, i, i:]
+            errors[:, :, i] = error
+        wt[:, :, stop:] -= errors @ hinv[:, start:stop, stop:]
+    return [BlockQuantized(codes[b].astype(np.uint8), scales[b], zeros[b].astype(np.uint8), spec)
+            for b in range(batch)]
+
+
+def _inverse_factor(hessian: np.ndarray, wt: np.ndarray, damp: float) -> np.ndarray:
+    """Upper Cholesky factor of the damped inverse Hessian; inputs never seen (zero diagonal) get weight 0."""
     h = hessian.astype(np.float64).copy()
     dead = np.diag(h) == 0
     h[dead, dead] = 1.0
     wt[:, dead] = 0.0
-    h[np.diag_indices(k)] += damp * np.mean(np.diag(h))
-    hinv = np.linalg.cholesky(np.linalg.inv(h)).T.astype(np.float32)  # upper: the inverse's Cholesky factor
-    groups = k // spec.block_size
-    scales = np.zeros((n, groups), np.float32)
-    zeros = np.zeros((n, groups), np.float32)
-    codes = np.zeros((n, k), np.float32)
-    for start in range(0, k, columns):
-        stop = min(start + columns, k)
-        block = wt[:, start:stop].copy()  # (N, c)
-        errors = np.zeros_like(block)
-        inverse = hinv[start:stop, start:stop]
-        for i in range(stop - start):
-            col = start + i
-            if col % spec.block_size == 0:
-                group = col // spec.block_size
-                inside = block[:, i: i + spec.block_size]  # the group's columns, as updated so far
-                span = inside if inside.shape[1] == spec.block_size else np.concatenate(
-                    [inside, wt[:, stop: stop + spec.block_size - inside.shape[1]]], axis=1)
-                scale, zero = quantize_rtn_group(span, spec)
-                scales[:, group], zeros[:, group] = scale, zero
-            group = col // spec.block_size
-            q = np.clip(np.round(block[:, i] / scales[:, group]) + zeros[:, group], 0, spec.levels)
-            codes[:, col] = q
-            dequantized = (q - zeros[:, group]) * scales[:, group]
-            error = (block[:, i] - dequantized) / inverse[i, i]
-            block[:, i:] -= np.outer(error, inverse[i, i:])
-            errors[:, i] = error
-        wt[:, stop:] -= errors @ hinv[start:stop, stop:]
-    return BlockQuantized(codes.astype(np.uint8), scales, zeros.astype(np.uint8), spec)
+    h[np.diag_indices(len(h))] += damp * np.mean(np.diag(h))
+    return np.linalg.cholesky(np.linalg.inv(h)).T.astype(np.float32)
 
 
 def quantize_rtn_group(span: np.ndarray, spec: BlockSpec) -> tuple[np.ndarray, np.ndarray]:

@@ -39,7 +39,7 @@ from edgepack.quantization.blockwise import (
     check_divides,
     matmul_nbits_arrays,
     pack,
-    quantize_gptq,
+    quantize_gptq_batch,
     quantize_rtn,
 )
 from edgepack.quantization.weight_only_config import WeightOnlyVariant
@@ -47,7 +47,7 @@ from edgepack.reporter import get_reporter
 from edgepack.runtime.decoding import cpu_session, fit_cache
 
 MS = "com.microsoft"
-HESSIAN_PASS_BYTES = 200 * 2**20
+HESSIAN_PASS_BYTES = 512 * 2**20  # float32 statistics per pass over the calibration text (SmolLM2: one pass)
 FeedSource = Callable[[], Iterable[Feed]]
 
 
@@ -141,7 +141,7 @@ def _hessian_pass(model_path: Path, model: onnx.ModelProto, names: list[str], wi
         onnx.save_model(augmented, str(path))
         _link_external_data(model_path, Path(tmp))
         session = cpu_session(path)
-        sums = {n: np.zeros((widths[n], widths[n]), np.float64 if widths[n] <= 1024 else np.float32) for n in names}
+        sums = {n: np.zeros((widths[n], widths[n]), np.float32) for n in names}
         tokens = 0
         for feed in feeds():
             outputs = session.run(names, feed)
@@ -168,11 +168,18 @@ def quantized_arrays(targets: list[Target], variant: WeightOnlyVariant, bits: in
     """Codes of every target at `bits` (GPTQ where Hessians are given, else round to nearest)."""
     spec = spec_for(variant, bits)
     out = {}
-    for target in get_reporter().track(targets, total=len(targets), title=f"{variant.method} {bits}-bit"):
-        if hessians is not None and variant.method == "gptq":
-            out[target.name] = quantize_gptq(target.weight, hessians[target.node.input[0]], spec)
-        else:
+    if hessians is None or variant.method != "gptq":
+        for target in get_reporter().track(targets, total=len(targets), title=f"{variant.method} {bits}-bit"):
             out[target.name] = quantize_rtn(target.weight, spec)
+        return out
+    shapes: dict[tuple[int, ...], list[Target]] = {}
+    for target in targets:  # layers of one shape go through GPTQ's column loop together
+        shapes.setdefault(target.weight.shape, []).append(target)
+    for group in get_reporter().track(list(shapes.values()), total=len(shapes), title=f"gptq {bits}-bit"):
+        weights = np.stack([t.weight for t in group])
+        stacked = np.stack([hessians[t.node.input[0]] for t in group])
+        for target, q in zip(group, quantize_gptq_batch(weights, stacked, spec), strict=True):
+            out[target.name] = q
     return out
 
 

@@ -28,7 +28,7 @@ _DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(i
 class KVSession:
     """An ONNX Runtime session of a decoder graph, with its cache layout read from the graph inputs."""
 
-    def __init__(self, session: Any) -> None:
+    def __init__(self, session: Any, *, kv_heads: int | None = None, head_dim: int | None = None) -> None:
         self.session = session
         # a past with an empty default (edgepack's graphs) is an overridable initializer, not a required input
         inputs = {i.name: i for i in [*session.get_inputs(), *session.get_overridable_initializers()]}
@@ -36,7 +36,11 @@ class KVSession:
                                  key=lambda n: (int(n.split(".")[1]), n.endswith("value")))
         self.layers = len(self.past_names) // 2
         first = inputs[self.past_names[0]]
-        self.kv_heads, self.head_dim = int(first.shape[1]), int(first.shape[3])
+        # a graph may name these dims symbolically (GenAI's builder: 'kv_cache_dim'): the caller then says them
+        self.kv_heads = first.shape[1] if isinstance(first.shape[1], int) else kv_heads
+        self.head_dim = first.shape[3] if isinstance(first.shape[3], int) else head_dim
+        if self.kv_heads is None or self.head_dim is None:
+            raise ValueError(f"{self.past_names[0]} has symbolic cache dims {first.shape}: pass kv_heads and head_dim")
         self.cache_dtype = _DTYPES[first.type]
         self.input_names = set(inputs)  # graphs that compute positions from the mask (GenAI's) have no position_ids
         self.output_names = [o.name for o in session.get_outputs()]
@@ -137,7 +141,7 @@ def fill_cache(kv: KVSession, ids: np.ndarray, *, context: int, chunk: int, deco
 
 def run(session: Any, payload: Mapping[str, Any], arrays: Mapping[str, np.ndarray]) -> dict[str, Any]:
     """Probe-task entry point: payload["task"] is "quality" or "memory"."""
-    kv = KVSession(session)
+    kv = KVSession(session, kv_heads=payload.get("kv_heads"), head_dim=payload.get("head_dim"))
     if payload["task"] == "memory":
         result = fill_cache(kv, arrays["ids"], context=int(payload["context"]), chunk=int(payload["chunk"]),
                             decode=int(payload["decode"]))
