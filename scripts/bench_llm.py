@@ -172,11 +172,9 @@ def genai_decode(folder: Path, family: Any, samples: Any, *, threads: int) -> di
     """Decode tokens/s of 16 prompts x 32 new tokens in onnxruntime-genai's generator (its own KV handling)."""
     import onnxruntime_genai as og
 
-    config_path = folder / "genai_config.json"
-    config = json.loads(config_path.read_text())
-    config["model"]["decoder"]["session_options"]["intra_op_num_threads"] = threads
-    config_path.write_text(json.dumps(config, indent=1))
-    model = og.Model(str(folder))
+    config = og.Config(str(folder))  # the folder stays as the stage wrote it: threads go in as an overlay
+    config.overlay(json.dumps({"model": {"decoder": {"session_options": {"intra_op_num_threads": threads}}}}))
+    model = og.Model(config)
     times, tokens, ttfts = 0.0, 0, []
     ev = family.options.evaluation
     for sample in samples[: ev.prompts]:

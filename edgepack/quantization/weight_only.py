@@ -341,7 +341,7 @@ def quantize_weight_only(fp32: Path, out: Path, *, variant: WeightOnlyVariant, c
             raise BadInputError("kv_cache int8 needs calibration data for its scales")
         done["kv_cache"] = int8_kv_cache(model, collect_kv_absmax(fp32, calibration))
     save_onnx(model, out)
-    counts = {str(b): sum(1 for v in chosen.values() if v == b) for b in sorted({str(v) for v in chosen.values()})}
+    counts = {str(b): sum(1 for v in chosen.values() if str(v) == b) for b in sorted({str(v) for v in chosen.values()})}
     return {"method": variant.method, "bits": variant.bits, "block_size": variant.block_size,
             "symmetric": variant.symmetric, "accuracy_level": variant.accuracy_level, "clip_search": variant.clip_search,
             "nodes_by_bits": counts, "embedding": done["embedding"], "plan": dict(chosen),

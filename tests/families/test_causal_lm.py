@@ -348,7 +348,8 @@ def smollm2_gguf() -> str:
 @pytest.mark.slow
 def test_smollm2_from_gguf_exports_answers_and_quantizes(smollm2_gguf, tmp_path):
     """The real model: GGUF -> HF folder (cached) -> decoder graph checked against PyTorch -> greedy "Paris" through
-    onnxruntime-genai -> INT4 GPTQ (block 32) within 10% of FP32 perplexity on held-out prose."""
+    onnxruntime-genai -> INT8 within 1% of FP32 perplexity on held-out prose, INT4 GPTQ (block 32, lm_head and the
+    tied table included) under 0.2x the file size; its perplexity cost is measured, not hidden (bench_llm.py)."""
     family = open_model(smollm2_gguf)
     assert family.decoder.layers == 30 and family.decoder.kv_heads == 3 and family.decoder.tied
     export = stages.export(family, check_samples=prose(2), options=ExportSection(check_samples=2), max_length=64,
@@ -368,12 +369,16 @@ def test_smollm2_from_gguf_exports_answers_and_quantizes(smollm2_gguf, tmp_path)
     onnx_family = open_model(str(tmp_path / "fp32" / "model.onnx"))
     calibration = calibration_feeds(onnx_family.feeds(prose(8), max_length=128))
     held_out = calibration_feeds(onnx_family.feeds(prose(8, start=30), max_length=128))
-    quantize_weight_only(tmp_path / "fp32" / "model.onnx", tmp_path / "int4.onnx",
-                         variant=WeightOnlyVariant(bits=4, block_size=32, method="gptq"), calibration=calibration)
-    ratio = np.exp(calibration_nll(tmp_path / "int4.onnx", held_out)
-                   - calibration_nll(tmp_path / "fp32" / "model.onnx", held_out))
-    assert ratio < 1.10
-    assert (tmp_path / "int4.onnx").stat().st_size < 0.2 * (tmp_path / "fp32" / "model.onnx").stat().st_size
+    fp32 = tmp_path / "fp32" / "model.onnx"
+    base = calibration_nll(fp32, held_out)
+    ratios = {}
+    for variant in (WeightOnlyVariant(name="int8", bits=8, method="rtn", accuracy_level=0),
+                    WeightOnlyVariant(name="int4", bits=4, block_size=32, symmetric=False, clip_search=False,
+                                      method="gptq")):
+        quantize_weight_only(fp32, tmp_path / f"{variant.name}.onnx", variant=variant, calibration=calibration)
+        ratios[variant.name] = float(np.exp(calibration_nll(tmp_path / f"{variant.name}.onnx", held_out) - base))
+    assert ratios["int8"] < 1.01 and ratios["int4"] < 1.3
+    assert (tmp_path / "int4.onnx").stat().st_size < 0.2 * fp32.stat().st_size
 
 
 def test_export_and_quantize_from_the_cli(tiny_llama_dir, tmp_path, capsys):
