@@ -131,7 +131,8 @@ def build_genai(out: Path) -> dict[str, Path]:
 # ---------------------------------------------------------------------------------------------------- measure
 
 
-def measure(models: dict[str, Path], out: Path, *, reference: dict[str, Any] | None) -> dict[str, Any]:
+def measure(models: dict[str, Path], out: Path, *, reference: dict[str, Any] | None,
+            saved: dict[str, Any] | None = None) -> dict[str, Any]:
     """The probe tasks on each model (fresh processes), scored against our FP32's task results."""
     from edgepack.families import open_model
     from edgepack.runtime.harness import ValidationSettings
@@ -156,6 +157,9 @@ def measure(models: dict[str, Path], out: Path, *, reference: dict[str, Any] | N
         print(f"{name}: {json.dumps({k: round(v, 4) for k, v in report['metrics'].items()})}", flush=True)
         if name in ("genai-int4", "int4", "int4-mixed"):
             rows[name]["genai_runtime"] = genai_decode(path.parent, family, ctx.split.evaluation, threads=v.threads)
+        if saved is not None:  # after every model: a long run keeps what it measured
+            saved["rows"][name] = rows[name]
+            (out / "measurements.json").write_text(json.dumps(saved, indent=1, default=float))
     return {"rows": rows, "reference": reference}
 
 
@@ -259,6 +263,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--part", choices=["build", "measure", "table"], required=True)
     parser.add_argument("--models", choices=["ours", "anchors", "all"], default="all")
+    parser.add_argument("--only", help="comma-separated model names (of --models) to measure")
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "bench-llm")
     parser.add_argument("--no-write", action="store_true", help="print the table instead of writing the doc")
     args = parser.parse_args()
@@ -271,6 +276,8 @@ def main() -> int:
     if args.part == "measure":
         models = {k: Path(v) for k, v in json.loads((out / "models.json").read_text()).items()}
         wanted = {"ours": OURS, "anchors": ANCHORS, "all": (*OURS, *ANCHORS)}[args.models]
+        if args.only:
+            wanted = tuple(name for name in wanted if name in args.only.split(","))
         saved_path = out / "measurements.json"
         saved = json.loads(saved_path.read_text()) if saved_path.is_file() else {"rows": {}}
         if "fp32" not in wanted and "fp32" not in saved["rows"]:
@@ -278,11 +285,9 @@ def main() -> int:
         reference = None
         if "fp32" not in wanted:
             reference = _reference(out, models["fp32"])
-        done = measure({k: models[k] for k in wanted if k in models}, out, reference=reference)
-        ctx = _ctx(out)
-        saved["rows"].update(done["rows"])
+        saved["calibration_texts"] = len(_ctx(out).split.calibration)
+        measure({k: models[k] for k in wanted if k in models}, out, reference=reference, saved=saved)
         saved["evaluated_tokens"] = int(saved["rows"]["fp32"]["metrics"]["evaluated_tokens"])
-        saved["calibration_texts"] = len(ctx.split.calibration)
         saved_path.write_text(json.dumps(saved, indent=1, default=float))
         return 0
     text = table(out)
