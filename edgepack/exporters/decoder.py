@@ -172,14 +172,26 @@ def _linear(g: _Graph, x: str, weight: np.ndarray, name: str, bias: np.ndarray |
     return y
 
 
+def _rms_norm(g: _Graph, x: str, weight: str, name: str, eps: float) -> str:
+    """RMSNorm in standard ops (Pow, ReduceMean, Add, Sqrt, Div, Mul), which ONNX Runtime fuses into its
+    SimplifiedLayerNormalization; that op itself sits in the ONNX domain without an ONNX schema, so onnx's checker
+    (which every edgepack stage runs on a model it opens) would reject the file."""
+    (sq,) = g.node("Pow", [x, g.const(f"{name}/two", np.array(2.0, np.float32))], 1, f"{name}/Pow")
+    (mean,) = g.node("ReduceMean", [sq], 1, f"{name}/ReduceMean", axes=[-1], keepdims=1)
+    (var,) = g.node("Add", [mean, g.const(f"{name}/eps", np.array(eps, np.float32))], 1, f"{name}/Add")
+    (rms,) = g.node("Sqrt", [var], 1, f"{name}/Sqrt")
+    (y,) = g.node("Div", [x, rms], 1, f"{name}/Div")
+    (out,) = g.node("Mul", [y, weight], 1, f"{name}/Mul")
+    return out
+
+
 def _layer(g: _Graph, w: Weights, cfg: DecoderConfig, i: int, hidden: str, residual: str | None,
            shared: Mapping[str, str]) -> tuple[str, str]:
     """One decoder layer; returns (its output before the next residual add, the residual stream)."""
     p, base = f"model.layers.{i}", f"/model/layers.{i}"
     norm_w = g.const(f"{p}.input_layernorm.weight", w.get(f"{p}.input_layernorm.weight"))
     if residual is None:  # layer 0: plain RMSNorm of the embeddings, which are the residual stream
-        (normed,) = g.node("SimplifiedLayerNormalization", [hidden, norm_w], 1, f"{base}/input_layernorm",
-                           axis=-1, epsilon=cfg.rms_eps)
+        normed = _rms_norm(g, hidden, norm_w, f"{base}/input_layernorm", cfg.rms_eps)
         residual = hidden
     else:
         normed, _, _, residual = g.node("SkipSimplifiedLayerNormalization", [hidden, residual, norm_w], 4,
