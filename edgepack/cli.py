@@ -429,7 +429,7 @@ def _quantize_weight_only(args: argparse.Namespace, family: Any, samples: list[A
     from edgepack.quantization.weight_only_config import WeightOnlySection, WeightOnlyVariant
 
     variant = WeightOnlyVariant(name=f"int{args.bits}", bits=args.bits, block_size=args.block_size,
-                                method="gptq" if args.bits == 4 else "rtn", accuracy_level=4 if args.bits == 4 else 0)
+                                method="gptq" if args.bits == 4 else "rtn", accuracy_level=4)
     section = WeightOnlySection(calibration_samples=len(samples), calibration_tokens=args.max_length,
                                 variants=[variant])
     result = stages.quantize_weight_only(args.model, family, calibration=samples, section=section, variant=variant,

@@ -96,7 +96,8 @@ class WeightOnlySection(_Section):
     #: at most this many texts of `calibration_data` (in file order), joined in runs of `calibration_tokens` tokens
     calibration_data_samples: int = Field(256, ge=1)
     variants: list[WeightOnlyVariant] = Field(
-        default_factory=lambda: [WeightOnlyVariant(name="int8", bits=8, method="rtn", accuracy_level=0),
+        # accuracy_level 4 for INT8 too: at 0-1 ONNX Runtime's CPU kernel dequantizes 8-bit weights on every run
+        default_factory=lambda: [WeightOnlyVariant(name="int8", bits=8, method="rtn", accuracy_level=4),
                                  WeightOnlyVariant(name="int4", bits=4, block_size=32, method="gptq")])
 
     @field_validator("variants")
