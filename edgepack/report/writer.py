@@ -8,8 +8,8 @@ from pathlib import Path
 from typing import Any
 
 from edgepack.artifacts import atomic_write_text, clear_interrupted, write_json
-from edgepack.report.auto import auto_markdown
 from edgepack.report import decoder
+from edgepack.report.auto import auto_markdown
 from edgepack.report.model import ProviderResult, Report
 
 COLUMNS = ("variant", "EP", "how", "size MB", "size ×", "p50 ms", "p90 ms", "peak RSS MB", "cosine mean",
