@@ -134,8 +134,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="SmoothQuant alphas: search per layer on the calibration data (default), the recipe's "
                         "per-role values, or off")
     p.add_argument("--recipe", default="auto", help="quantization recipe (default: the model family's)")
-    p.add_argument("--mode", default="static", choices=["static", "dynamic"],
-                   help="static: calibrated activation ranges (default); dynamic: ranges per input at run time")
+    p.add_argument("--mode", default="auto", choices=["auto", "static", "dynamic", "weight-only"],
+                   help="static: calibrated activation ranges; dynamic: ranges per input at run time; weight-only: "
+                        "MatMulNBits (--bits, --block-size); auto (default): weight-only for decoders (causal-lm), "
+                        "else static")
     p.add_argument("--graph", default="auto", choices=["auto", "fused", "qdq"],
                    help="fused: ONNX Runtime's fused integer CPU kernels (CPU EP only); qdq: Q/DQ pairs for any EP "
                         "(QNN HTP, NNAPI, CoreML); auto (default): fused for transformer encoders, else qdq")
@@ -411,7 +413,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         get_reporter().info(f"- {args.calibration}: {len(samples)} samples, fewer than --samples {args.samples}: "
                             f"calibrating on all {len(samples)}")
     samples = samples[: args.samples]
-    if stages.quantize_mode(family, QuantizeSection()) == "weight-only":
+    if stages.quantize_mode(family, QuantizeSection(mode=args.mode)) == "weight-only":
         return _quantize_weight_only(args, family, samples, out)
     options = QuantizeSection(calibrator=args.calibrator, smoothquant=args.smoothquant, recipe=args.recipe,
                               mode=args.mode, graph=args.graph,

@@ -394,3 +394,16 @@ def test_export_and_quantize_from_the_cli(tiny_llama_dir, tmp_path, capsys):
     ops = {n.op_type for n in onnx.load(str(tmp_path / "int4" / "model.onnx")).graph.node}
     assert {"MatMulNBits", "GatherBlockQuantized", "GroupQueryAttention"} <= ops
     assert (tmp_path / "int4" / "genai_config.json").is_file() and (tmp_path / "int4" / "tokenizer.json").is_file()
+
+
+def test_quantize_mode_is_one_enum_and_auto_is_the_familys(tiny_llama_dir, tiny_bert_dir):
+    from edgepack.recipe import QuantizeSection
+
+    decoder, encoder = open_model(str(tiny_llama_dir)), open_model(str(tiny_bert_dir))
+    assert stages.quantize_mode(decoder, QuantizeSection()) == "weight-only"
+    assert stages.quantize_mode(encoder, QuantizeSection()) == "static"
+    assert stages.quantize_mode(encoder, QuantizeSection(mode="dynamic")) == "dynamic"
+    with pytest.raises(BadInputError, match="quantize.mode: dynamic does not apply to family causal-lm"):
+        stages.quantize_mode(decoder, QuantizeSection(mode="dynamic"))
+    with pytest.raises(BadInputError, match="mode"):
+        parse_recipe({"model": {"path": "x"}, "quantize": {"mode": "weights"}})
