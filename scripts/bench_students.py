@@ -174,6 +174,8 @@ def render(results: dict[str, Any]) -> str:
         missing = [n for n in {"shapes": SHAPES, "losses": LOSS_SETS}[key] if n not in {r["name"] for r in results[key]}]
         if missing:
             lines += [f"Not measured in this run: {', '.join(missing)}.", ""]
+        if key == "losses" and len(results[key]) > 1:
+            lines += [losses_spread(results[key], results.get("sizes", {})), ""]
     if not results.get("losses"):
         lines += [f"Loss sets ({', '.join(LOSS_SETS)}): not measured in this run (`bench_students.py losses`).", ""]
     if results.get("speed"):
@@ -186,6 +188,20 @@ def render(results: dict[str, Any]) -> str:
                   "Steps/s counts optimizer steps only (the per-epoch evaluation excluded); the cached runs pay "
                   "the teacher pass once before training, which the last column shows."]
     return "\n".join(lines)
+
+
+def losses_spread(rows: list[dict[str, Any]], sizes: dict[str, int]) -> str:
+    """One sentence: how far apart the loss sets are (in queries of each set) and what the token-level ones cost."""
+    spreads = []
+    for name in rows[0]["r1"]:
+        values = [r["r1"][name] for r in rows]
+        size = sizes.get(name)
+        queries = f" ({round((max(values) - min(values)) * size)} of {size} queries)" if size else ""
+        spreads.append(f"{name} {max(values) - min(values):.3f}{queries}")
+    costs = [f"{r['name']}: {(r['cache'] or {}).get('token_level_mb', 0):.0f} MB" for r in rows]
+    return (f"Spread of R@1 between the loss sets: {', '.join(spreads)}. Token-level teacher outputs each run "
+            f"cached (besides the pooled embeddings): {'; '.join(costs)}. Steps/s of these runs are not compared: "
+            "they ran at different loads, outside the bench lock (see the steps/s table for that).")
 
 
 def reuse_recipe_row(results: dict[str, Any], what: str, name: str, steps: int) -> dict[str, Any] | None:
@@ -213,7 +229,8 @@ def main() -> None:
     if args.what != "render":
         recipe = load_recipe(args.minutes)
         data = recipe_data(recipe, args.out)
-        results.update(machine=machine_line(), stats=data["stats"], teacher=teacher_scores(data, args.out))
+        results.update(machine=machine_line(), stats=data["stats"], teacher=teacher_scores(data, args.out),
+                       sizes={name: len(pairs) for name, pairs in data["sets"].items()})
         table = {"shapes": SHAPES, "losses": {k: {"losses": v} for k, v in LOSS_SETS.items()}}.get(args.what)
         if table is not None:
             chosen = [k for k in table if args.only is None or any(k.startswith(p) for p in args.only)]
