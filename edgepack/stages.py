@@ -34,6 +34,8 @@ def samples_hash(samples: Sequence[Sample]) -> str:
     def key(sample: Sample) -> Any:
         if isinstance(sample, TextSample):
             return [sample.text, sample.pair, sample.label]
+        if hasattr(sample, "hash_key"):  # an image: its file's bytes, view and label
+            return sample.hash_key()
         return {k: content_hash(v.tobytes().hex()) for k, v in sorted(sample.items())}
 
     return content_hash([key(s) for s in samples])
@@ -142,6 +144,7 @@ def quantize(fp32: Path, family: ModelFamily, *, calibration: Sequence[Sample], 
     resolved for `providers` by `resolve_graph`), an accuracy budget and a range cache."""
     import json
 
+    from edgepack.quantization.cnn import CnnOptions
     from edgepack.quantization.quantize import QuantizeOptions, RangeCache, quantize_static
     from edgepack.quantization.sensitivity import QuantBudget
 
@@ -151,7 +154,7 @@ def quantize(fp32: Path, family: ModelFamily, *, calibration: Sequence[Sample], 
     q_options = QuantizeOptions(calibrator=options.calibrator, smoothquant=options.smoothquant, family=recipe,
                                 per_channel=options.per_channel, activation_type=options.activation_type,
                                 weight_type=options.weight_type, exclude_nodes=tuple(options.exclude_nodes),
-                                graph=graph)
+                                graph=graph, cnn=CnnOptions(**options.cnn.model_dump()))
     config = {**options.model_dump(exclude={"weight_only"}), "mode": mode, "recipe": recipe, "graph": graph,
               "max_length": max_length, "padding": padding}
     inputs = {"model": model_digest(fp32), "data": samples_hash(calibration)}

@@ -221,6 +221,17 @@ def test_mobile_cpu_lean_and_ort_format_profiles(tmp_path):
     assert leftovers == []  # prepared model copies are deleted once measured
 
 
+def test_a_relative_workdir_finds_the_prepared_model(tmp_path, monkeypatch):
+    """The child runs inside its probe folder: a prepared copy (ORT format here; fixed shapes for QNN) named by a
+    relative path was looked up under that folder (NO_SUCHFILE), e.g. with `--out runs/x`."""
+    model = _mlp(tmp_path / "m.onnx")
+    monkeypatch.chdir(tmp_path)
+    feed = {"x": np.random.default_rng(3).standard_normal((2, 256)).astype(np.float32)}
+    result = measure(model, latency_feed=feed, evaluation_feeds=[feed], workdir=Path("runs") / "w",
+                     options=ProbeOptions(provider="mobile-cpu/t2-ort", warmup=0, runs=1))
+    assert result.status == "ok", result.error
+
+
 # ----------------------------------------------------------------------------------------- static analysis
 
 

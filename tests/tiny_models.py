@@ -25,3 +25,41 @@ def make_cnn() -> torch.nn.Module:
 
 #: family torch-module options for `make_cnn` (what a recipe's `model:` section states)
 CNN_OPTIONS = {"inputs": [{"name": "pixel_values", "shape": [1, 3, 16, 16]}], "outputs": ["logits"]}
+
+
+class TinyMobileNet(torch.nn.Module):
+    """Depthwise-separable blocks with BatchNorm (random statistics, so channel ranges differ as in trained nets)
+    and ReLU6: the structure of MobileNet / EfficientNet-Lite at 32 x 32."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        nn = torch.nn
+
+        def block(cin: int, cout: int, stride: int) -> nn.Sequential:
+            return nn.Sequential(nn.Conv2d(cin, cin, 3, stride, 1, groups=cin, bias=False), nn.BatchNorm2d(cin),
+                                 nn.ReLU6(), nn.Conv2d(cin, cout, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU6())
+
+        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, 2, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU6())
+        self.blocks = nn.Sequential(block(16, 24, 1), block(24, 32, 2), block(32, 32, 1))
+        self.head = nn.Linear(32, 10)
+        generator = torch.Generator().manual_seed(0)
+        for module in self.modules():
+            if isinstance(module, nn.BatchNorm2d):  # trained-looking statistics: wide per-channel scales
+                c = module.num_features
+                module.weight.data = torch.rand(c, generator=generator) * 3 + 0.2
+                module.bias.data = torch.randn(c, generator=generator) * 0.5
+                module.running_mean.data = torch.randn(c, generator=generator) * 0.5
+                module.running_var.data = torch.rand(c, generator=generator) * 2 + 0.05
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:  # (B, 3, 32, 32) -> (B, 10)
+        x = self.blocks(self.stem(pixel_values))  # (B, 32, 8, 8)
+        return self.head(x.mean(dim=(2, 3)))
+
+
+def make_mobilenet() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return TinyMobileNet().eval()
+
+
+#: family image-classifier options for `make_mobilenet` (32 x 32 RGB, ImageNet normalisation)
+MOBILENET_OPTIONS = {"preprocessing": {"resize": 36, "crop": 32}, "outputs": ["logits"]}

@@ -1,4 +1,4 @@
-"""Read calibration / evaluation samples from text, JSONL, CSV and NPZ files, and split them.
+"""Read calibration / evaluation samples from text, JSONL, CSV and NPZ files and image folders, and split them.
 
 The standard library (`json`, `csv`) and numpy (`np.load`) do the parsing; what we add is the checking: every bad
 file raises one `BadInputError` line that names the file, the line / field / array, and the fix.
@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from edgepack.calibration_data import Sample, TextSample
+from edgepack.calibration_data.images import BadImageError, ImageFolderOptions, read_image_folder
 from edgepack.errors import BadInputError, did_you_mean
 from edgepack.registry import Registry
 
@@ -42,7 +43,10 @@ class Fields:
 
     text: str = "text"
     pair: str | None = None
+    #: for image folders: "folder" (sub-folder names) or a CSV file (columns file, label)
     label: str | None = None
+    #: image folders only: views per image, what to do with a bad image, the pixel limit
+    images: ImageFolderOptions | None = None
 
 
 #: A reader takes the file and the field options and yields the samples in file order, reading as it goes.
@@ -64,7 +68,7 @@ def sample_path(name: str = "sentences.jsonl") -> Path:
 
 def read_samples(
     path: str | Path, *, format: str = "auto", field: str = "text", pair_field: str | None = None,
-    label_field: str | None = None,
+    label_field: str | None = None, images: ImageFolderOptions | None = None,
 ) -> list[Sample]:
     """Read every sample of `path`, in file order.
 
@@ -73,9 +77,12 @@ def read_samples(
     `pair_field` name columns), `npz` (.npz, every array has the sample dimension first; sample i is
     `{name: array[i]}`). `format="auto"` picks the format from the suffix. `field`, `pair_field` and `label_field`
     (a class index or name per record) apply to jsonl and csv only; a `pair_field` or `label_field` on a text or
-    npz file is an error rather than silently ignored (an NPZ carries labels as its `labels` array).
+    npz file is an error rather than silently ignored (an NPZ carries labels as its `labels` array). A folder is
+    an `image-folder` (`calibration_data.images`): its images, `label_field` "folder" or a CSV file, `images` the
+    views / error / size options.
     """
-    samples = list(iter_samples(path, format=format, field=field, pair_field=pair_field, label_field=label_field))
+    samples = list(iter_samples(path, format=format, field=field, pair_field=pair_field, label_field=label_field,
+                                images=images))
     if not samples:
         raise BadInputError(f"{path}: no samples (the file is empty, blank, or has no data rows); add at least one")
     return samples
@@ -83,7 +90,7 @@ def read_samples(
 
 def iter_samples(
     path: str | Path, *, format: str = "auto", field: str = "text", pair_field: str | None = None,
-    label_field: str | None = None, limit: int | None = None,
+    label_field: str | None = None, limit: int | None = None, images: ImageFolderOptions | None = None,
 ) -> Iterator[Sample]:
     """The samples of `path` one at a time, in file order (`read_samples` without holding them); at most `limit`.
 
@@ -92,6 +99,10 @@ def iter_samples(
     path = Path(path)
     if not path.exists():
         raise BadInputError(f"{path}: file not found; check the path (relative paths start at {Path.cwd()})")
+    if path.is_dir() and format in ("auto", "image-folder"):
+        return itertools.islice(iter(_read_image_folder(path, Fields(field, pair_field, label_field, images))), limit)
+    if format == "image-folder":
+        raise BadInputError(f"{path}: format image-folder needs a folder of images, not a file")
     if not path.is_file():
         raise BadInputError(f"{path}: is a directory, not a data file; point at a .txt, .jsonl, .csv or .npz file")
     format = _resolve_format(path, format)
@@ -223,6 +234,13 @@ def _text_value(record: dict[str, Any], path: Path, lineno: int, name: str, kind
     return value.strip()
 
 
+@data_formats.register("image-folder")
+def _read_image_folder(path: Path, fields: Fields) -> list[Sample]:
+    if fields.pair is not None:
+        raise BadInputError(f"{path}: an image folder has no pair_field; drop it")
+    return list(read_image_folder(path, fields.images or ImageFolderOptions(), labels=fields.label))
+
+
 @data_formats.register("npz")
 def _read_npz(path: Path, fields: Fields) -> Iterator[Sample]:
     arrays = _load_npz(path)
@@ -321,9 +339,67 @@ def split_samples(
             f"{source}: {len(unique)} unique samples{note}, but the recipe asks for {n_calibration} calibration + "
             f"{n_evaluation} evaluation; lower data.n_calibration / data.n_evaluation or supply more samples"
         )
-    order = np.random.default_rng(seed).permutation(len(unique))
-    chosen = [unique[i] for i in order[:needed]]
+    rng = np.random.default_rng(seed)
+    if any(hasattr(s, "group") for s in unique):
+        return _split_by_group(unique, rng, n_calibration=n_calibration, n_evaluation=n_evaluation, source=source)
+    order = rng.permutation(len(unique))
+    chosen = screen_samples([unique[i] for i in order], needed, source=source)
     return DataSplit(calibration=chosen[:n_calibration], evaluation=chosen[n_calibration:])
+
+
+def _split_by_group(samples: Sequence[Sample], rng: np.random.Generator, *, n_calibration: int, n_evaluation: int,
+                    source: str) -> DataSplit:
+    """Whole groups (the views of one image) go to calibration until it is full, the rest to evaluation: no image
+    contributes to both. Groups are shuffled, samples inside a group keep their order."""
+    groups: dict[str, list[Sample]] = {}
+    for sample in samples:
+        groups.setdefault(str(getattr(sample, "group", id(sample))), []).append(sample)
+    keys = list(groups)
+    order = [keys[i] for i in rng.permutation(len(keys))]
+    calibration: list[Sample] = []
+    evaluation: list[Sample] = []
+    for key in order:
+        if not screen_samples(groups[key][:1], 1, source=source, partial=True):
+            continue  # a bad image (on_error: skip): its views go with it
+        members = groups[key]
+        if len(calibration) < n_calibration:
+            calibration += members[: n_calibration - len(calibration)]
+        elif len(evaluation) < n_evaluation:
+            evaluation += members[: n_evaluation - len(evaluation)]
+        else:
+            break
+    if len(calibration) < n_calibration or len(evaluation) < n_evaluation:
+        raise BadInputError(
+            f"{source}: {len(groups)} images give {len(calibration)} calibration + {len(evaluation)} evaluation "
+            f"samples with no image on both sides, but the recipe asks for {n_calibration} + {n_evaluation}; "
+            "lower data.n_calibration / data.n_evaluation, raise data.images.views, or add images"
+        )
+    return DataSplit(calibration=calibration, evaluation=evaluation)
+
+
+def screen_samples(samples: Sequence[Sample], needed: int, *, source: str, partial: bool = False) -> list[Sample]:
+    """The first `needed` usable samples. A sample with a `check()` (an image) is decoded once: a bad one raises
+    its one-line error, or is skipped with a warning when it was read with on_error: skip."""
+    from edgepack.reporter import get_reporter
+
+    chosen: list[Sample] = []
+    for sample in samples:
+        if len(chosen) >= needed:
+            break
+        check = getattr(sample, "check", None)
+        if check is not None:
+            try:
+                check()
+            except BadImageError as err:
+                if not getattr(sample, "skip_bad", False):
+                    raise
+                get_reporter().warn(f"skipped: {err}")
+                continue
+        chosen.append(sample)
+    if not partial and len(chosen) < needed and len(chosen) < len(samples):
+        raise BadInputError(f"{source}: only {len(chosen)} usable samples of the {needed} needed (the others were "
+                            "skipped as bad images); add images or lower the sample counts")
+    return chosen
 
 
 def _drop_duplicates(samples: Sequence[Sample]) -> list[Sample]:
@@ -345,6 +421,9 @@ def _content_key(sample: Sample) -> bytes:
     digest = hashlib.blake2b(digest_size=16)
     if isinstance(sample, TextSample):
         digest.update(b"text\0" + sample.text.encode("utf-8", "surrogatepass"))
+        return digest.digest()
+    if hasattr(sample, "content_key"):  # an image: its file and view (the pixels are not read here)
+        digest.update(repr(sample.content_key()).encode("utf-8", "surrogatepass"))
         return digest.digest()
     for name, array in sorted(sample.items()):
         digest.update(f"{name}\0{array.dtype.str}\0{array.shape}\0".encode())
@@ -401,4 +480,4 @@ def _digests(samples: Iterable[Sample], *, block: int = 1 << 16) -> np.ndarray:
 
 
 __all__ = ["DataSplit", "Fields", "data_formats", "iter_samples", "read_samples", "read_split", "sample_path",
-           "split_samples"]
+           "screen_samples", "split_samples"]

@@ -14,6 +14,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 # One line per family (registration by import).
 from edgepack.families import causal_lm as _causal_lm  # noqa: E402,F401
+from edgepack.families import image_classifier as _image_classifier  # noqa: E402,F401
 from edgepack.families import onnx_model as _onnx_model  # noqa: E402,F401
 from edgepack.families import sentence_encoder as _sentence_encoder  # noqa: E402,F401
 from edgepack.families import sequence_classifier as _sequence_classifier  # noqa: E402,F401

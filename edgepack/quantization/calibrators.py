@@ -186,10 +186,16 @@ class EntropyOptions:
     num_bins: int = 2048
     #: Levels of the quantised distribution compared with the reference (128 as in TensorRT for |x|).
     num_quantized_bins: int = 128
+    #: No candidate threshold below this percentile of the non-zero |x| (0 = TensorRT's search as it is). On a
+    #: sparse, comb-like histogram (activations of piecewise-constant images, few distinct values) the KL curve
+    #: is jagged and its minimum clipped 85% of a ReLU6 output's non-zero values (measured); the floor keeps the
+    #: search among thresholds that clip at most 1% of them.
+    min_percentile: float = 99.0
 
     def __post_init__(self) -> None:
         _check_num_bins(self.num_bins)
         _check_int("num_quantized_bins", self.num_quantized_bins, minimum=2)
+        _check_float("min_percentile", self.min_percentile, low=0.0, high=100.0, closed_low=True)
         if self.num_quantized_bins > self.num_bins:
             raise BadInputError(
                 f"calibrator option num_quantized_bins ({self.num_quantized_bins}) must not exceed "
@@ -268,7 +274,7 @@ class MovingAverageMinMaxCalibrator(RangeCalibrator):
 class AbsHistogram:
     """`num_bins` counts of |x| over [0, top], plus the exact min and max; see the module docstring for the merge."""
 
-    __slots__ = ("counts", "top", "low", "high", "at_top")
+    __slots__ = ("counts", "top", "low", "high", "at_top", "zeros")
 
     def __init__(self, num_bins: int) -> None:
         self.counts = np.zeros(num_bins, dtype=np.int64)  # (num_bins,)
@@ -279,11 +285,16 @@ class AbsHistogram:
         # is closed (as in np.histogram) and so also holds |x| == top; after a doubling those values belong to
         # bin num_bins // 2, not to the merged last bin, and this count lets the merge move them there.
         self.at_top = 0
+        # How many values were exactly 0 (all in bin 0): ReLU / ReLU6 outputs are mostly zeros, which every
+        # quantizer represents exactly (ORT keeps 0 on the grid), so the entropy and MSE searches leave them out.
+        self.zeros = 0
 
     def add(self, data: np.ndarray, low: float, high: float) -> None:
         """`data`: (N,) float32 or float64, finite, N >= 1, with its min `low` and max `high`."""
         self.low = min(self.low, low)
         self.high = max(self.high, high)
+        if low <= 0.0 <= high:
+            self.zeros += data.size - int(np.count_nonzero(data))
         largest = max(-low, high)  # max |x|, without an (N,) array of magnitudes
         self._grow_to(largest)
         num_bins = self.counts.size
@@ -322,11 +333,25 @@ class AbsHistogram:
 
     @property
     def nbytes(self) -> int:
-        return self.counts.nbytes + 4 * 8  # counts + top, low, high, at_top
+        return self.counts.nbytes + 5 * 8  # counts + top, low, high, at_top, zeros
+
+    def nonzero_counts(self) -> np.ndarray:
+        """The counts without the exact zeros (bin 0 keeps only the values in (0, width))."""
+        counts = self.counts.copy()
+        counts[0] -= self.zeros
+        return counts
 
 
 class _HistogramCalibrator(RangeCalibrator):
-    """Shared state for histogram methods; subclasses choose a threshold on |x| from (counts, top, signed)."""
+    """Shared state for histogram methods; subclasses choose a threshold on |x| from (counts, top, signed).
+
+    `exclude_zeros`: the threshold search sees the histogram without the exact zeros. After a ReLU / ReLU6 most
+    values are exactly 0; in the KL search that spike dominates, and the best candidate was always the smallest
+    (128 bins of 2048: a ReLU6 output clipped at 0.375 instead of 6, EfficientNet-Lite0 at 0.00 top-1 agreement).
+    Zeros are quantized exactly whatever the range, so they carry no information about the threshold.
+    """
+
+    exclude_zeros: ClassVar[bool] = False
 
     def __init__(self, options: object | None = None) -> None:
         super().__init__(options)
@@ -351,7 +376,8 @@ class _HistogramCalibrator(RangeCalibrator):
         result = {}
         for tensor, histogram in self._histograms.items():
             signed = histogram.low < 0.0
-            threshold = self._threshold(histogram.counts, histogram.top, signed=signed)
+            counts = histogram.nonzero_counts() if self.exclude_zeros else histogram.counts
+            threshold = self._threshold(counts, histogram.top, signed=signed)
             result[tensor] = clipped_range(threshold, histogram.low, histogram.high)
         return result
 
@@ -388,9 +414,11 @@ class EntropyCalibrator(_HistogramCalibrator):
 
     name = "entropy"
     Options = EntropyOptions
+    exclude_zeros = True
 
     def _threshold(self, counts: np.ndarray, top: float, *, signed: bool) -> float:
-        return entropy_threshold(counts, top, self.options.num_quantized_bins)
+        floor = percentile_threshold(counts, top, self.options.min_percentile) if self.options.min_percentile else 0.0
+        return entropy_threshold(counts, top, self.options.num_quantized_bins, min_threshold=floor)
 
 
 @CALIBRATORS.register("mse")
@@ -399,6 +427,7 @@ class MseCalibrator(_HistogramCalibrator):
 
     name = "mse"
     Options = MseOptions
+    exclude_zeros = True
 
     def _threshold(self, counts: np.ndarray, top: float, *, signed: bool) -> float:
         return mse_threshold(counts, top, signed=signed, num_bits=self.options.num_bits)
@@ -422,7 +451,7 @@ def percentile_threshold(counts: np.ndarray, top: float, percentile: float) -> f
     return float((index + min(fraction, 1.0)) * width)
 
 
-def entropy_threshold(counts: np.ndarray, top: float, num_quantized_bins: int) -> float:
+def entropy_threshold(counts: np.ndarray, top: float, num_quantized_bins: int, *, min_threshold: float = 0.0) -> float:
     """TensorRT's calibration (Migacz, GTC 2017): for each candidate i, fold the counts above bin i into bin i-1
     (reference p), quantise bins [0, i) into `num_quantized_bins` levels and expand back (candidate q), and keep
     the i with the smallest KL(p || q); the threshold is the upper edge i * width.
@@ -436,13 +465,15 @@ def entropy_threshold(counts: np.ndarray, top: float, num_quantized_bins: int) -
     We smooth empty bins with eps counts and renormalise (MXNet also takes eps from the non-empty bins, which can
     turn fractional q counts negative). Ties keep the smallest threshold.
     The KL of all candidates is computed at once from prefix sums (`_clipping_divergences`): one numpy pass per
-    candidate, bin by bin, took ~80 ms per tensor (~2000 candidates), seconds per model.
+    candidate, bin by bin, took ~80 ms per tensor (~2000 candidates), seconds per model. `min_threshold` drops the
+    candidates below it (`EntropyOptions.min_percentile`).
     """
     if top == 0.0 or not counts.any():
         return 0.0
     levels = num_quantized_bins
     last = int(np.flatnonzero(counts)[-1]) + 1
-    candidates = np.arange(levels, max(last, levels) + 1)  # (C,): candidate i keeps bins [0, i)
+    first = max(levels, min(last, int(np.ceil(min_threshold * counts.size / top))))
+    candidates = np.arange(first, max(last, levels) + 1)  # (C,): candidate i keeps bins [0, i)
     sums = _PrefixSums(counts)
     rows = max(1, _KL_BLOCK // (levels + 1))
     divergence = np.concatenate([_clipping_divergences(sums, candidates[start : start + rows], levels)

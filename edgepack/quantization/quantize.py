@@ -15,7 +15,7 @@ import json
 import os
 import tempfile
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -27,8 +27,9 @@ from edgepack.calibration_data import Feed
 from edgepack.errors import BadInputError, did_you_mean
 from edgepack.onnx_files import model_digest, needs_external_data, save_onnx, without_weights
 from edgepack.quantization.calibrators import CALIBRATORS, RangeCalibrator, collect_tensor_ranges, make_calibrator
+from edgepack.quantization.cnn import CnnOptions
 from edgepack.quantization.fused import graph_note
-from edgepack.quantization.recipes import BranchPoint, QuantPlan, plan_quantization
+from edgepack.quantization.recipes import BranchPoint, QuantPlan, detect_family, plan_quantization
 from edgepack.quantization.sensitivity import QuantBudget, fit_budget, raise_unmet
 from edgepack.quantization.smoothquant import (
     apply_smoothquant,
@@ -36,12 +37,13 @@ from edgepack.quantization.smoothquant import (
     collect_channel_stats,
     search_alphas,
 )
+from edgepack.reporter import get_reporter
 
 SMOOTHQUANT_MODES = ("search", "recipe", "off")
 #: INT8 graph forms: `qdq` (QuantizeLinear / DequantizeLinear pairs: every EP, NPUs included) or `fused`
 #: (onnxruntime.transformers fusions lowered to ORT's integer CPU kernels, `quantization.fused`: CPU EP only)
 GRAPHS = ("qdq", "fused")
-_CACHE_VERSION = 1  # bump when the cached payload or what it means changes
+_CACHE_VERSION = 2  # bump when the cached payload or what it means changes
 #: Fewest calibration samples per range method. A moving average of one batch is plain MinMax; a histogram method
 #: chooses a tail threshold, which a handful of sentences / images decides by accident (ORT and NNCF default to
 #: hundreds of samples; 16 is a floor, not a recommendation).
@@ -60,6 +62,10 @@ class QuantizeOptions:
     #: or "off" (no smoothing; shared activations still get their own float branch)
     smoothquant: str = "search"
     graph: str = "qdq"  # GRAPHS
+    #: graph normalisation before quantizing (`exporters.normalize`); off only to study its effect
+    normalize: bool = True
+    #: CNN techniques for the cnn recipe (`quantization.cnn`: equalization, learned rounding, bias correction)
+    cnn: CnnOptions = field(default_factory=CnnOptions)
 
     def __post_init__(self) -> None:
         CALIBRATORS.get(self.calibrator)  # unknown name -> BadInputError listing the known ones
@@ -181,7 +187,8 @@ class RangeCache:
                             "smoothquant": options.smoothquant, "methods": plan.range_methods,
                             "nodes": plan.nodes_to_quantize, "exclude": plan.nodes_to_exclude,
                             "points": [[p.tensor, list(p.matmuls), p.alpha] for p in plan.branch_points],
-                            "v": _CACHE_VERSION})
+                            "normalize": options.normalize, "per_channel": options.per_channel,
+                            "cnn": asdict(options.cnn), "v": _CACHE_VERSION})
         return self.folder / f"ranges-{key}.json"
 
     def load(self, path: Path, plan: QuantPlan) -> tuple[Smoothing, dict[str, tuple[float, float]]] | None:
@@ -215,6 +222,9 @@ class _QDQWriter:
     ranges: dict[str, tuple[float, float]]
     options: QuantizeOptions
     workdir: Path
+    #: the FP32 weights behind a CNN-prepared model (grid-rounded weights, corrected biases): a layer left in
+    #: float gets them back, else "float" would keep its INT8 weight error
+    float_weights: Path | None = None
 
     def __call__(self, excluded: frozenset[str]) -> Path:
         from onnxruntime.quantization import CalibrationMethod, TensorData, TensorsData
@@ -229,11 +239,17 @@ class _QDQWriter:
         nodes = None if self.plan.nodes_to_quantize is None else [
             n for n in self.plan.nodes_to_quantize if n not in excluded]
         model = onnx.load(str(self.model_path))  # the quantizer edits the model it is given
+        if self.float_weights is not None:
+            restore_float_weights(model, onnx.load(str(self.float_weights)),
+                                  {*self.plan.nodes_to_exclude, *excluded})
         quantizer = QDQQuantizer(model, self.options.per_channel, False, _quant_type(self.options.weight_type),
                                  _quant_type(self.options.activation_type), tensors_range, nodes or [],
                                  [*self.plan.nodes_to_exclude, *sorted(excluded)],
                                  list(self.plan.op_types_to_quantize), extra)
         quantizer.quantize_model()
+        keep_float(quantizer.model.model, {*self.plan.nodes_to_exclude, *excluded})
+        if self.plan.float_outputs:
+            float_graph_outputs(quantizer.model.model)
         path = self.workdir / f"qdq-{len(excluded)}-{abs(hash(excluded)) % 10**8}.onnx"
         # ORT's saver sorts the graph topologically (the quantizer appends weight DequantizeLinear nodes last)
         quantizer.model.save_model_to_file(str(path), use_external_data_format=needs_external_data(model))
@@ -270,6 +286,84 @@ def graph_to_quantize(model_path: Path, graph: str, workdir: Path) -> tuple[Path
     return path, fuse_transformer(model_path, path)
 
 
+_WEIGHT_BIAS_QUANTIZED = ("Conv", "ConvTranspose", "Gemm")
+
+
+def restore_float_weights(model: onnx.ModelProto, reference: onnx.ModelProto, names: set[str]) -> None:
+    """The weight and bias initializers of nodes `names` take their values in `reference` (a bias the CNN
+    preparation added, absent there, becomes zeros)."""
+    values = {t.name: t for t in reference.graph.initializer}
+    inits = {t.name: t for t in model.graph.initializer}
+    for node in model.graph.node:
+        if node.name not in names:
+            continue
+        for name in node.input[1:3]:
+            if name not in inits:
+                continue
+            if name in values:
+                inits[name].CopyFrom(values[name])
+            else:
+                zeros = np.zeros(tuple(inits[name].dims), onnx.helper.tensor_dtype_to_np_dtype(inits[name].data_type))
+                inits[name].CopyFrom(onnx.numpy_helper.from_array(zeros, name))
+
+
+def keep_float(model: onnx.ModelProto, names: set[str]) -> int:
+    """Make the float layers of a QDQ model stay float in ONNX Runtime; returns how many needed it.
+
+    onnxruntime's `WeightBiasQuantization` optimizer (a level-1 session transformer) quantizes, per tensor, the float
+    weight of every Conv / ConvTranspose / Gemm whose input comes straight from a DequantizeLinear, so a layer left in
+    float on purpose (the accuracy budget's fallback, `exclude_nodes`) became a per-tensor INT8 layer at session
+    creation: measured on EfficientNet-Lite0, the first depthwise Conv "in float" dropped top-1 agreement from 0.97
+    to 0.47. Its input is routed through Max(x, x), an exact no-op the optimizer neither removes nor matches
+    (an Identity or a Cast of the weight is folded first); a test checks the layer runs as a float Conv.
+    """
+    producers = {o: n for n in model.graph.node for o in n.output}
+    count = 0
+    for node in list(model.graph.node):
+        if node.name not in names or node.op_type not in _WEIGHT_BIAS_QUANTIZED or not node.input:
+            continue
+        producer = producers.get(node.input[0])
+        if producer is None or producer.op_type != "DequantizeLinear":
+            continue
+        kept = f"{node.input[0]}_kept_float_{count}"
+        guard = onnx.helper.make_node("Max", [node.input[0], node.input[0]], [kept], name=f"{node.name}_keep_float")
+        model.graph.node.insert(list(model.graph.node).index(node), guard)
+        node.input[0] = kept
+        count += 1
+    return count
+
+
+def float_graph_outputs(model: onnx.ModelProto) -> int:
+    """Drop the QuantizeLinear -> DequantizeLinear pair in front of each graph output, so the last op's result
+    leaves in float (ORT's QGemm / QLinear ops then write float); returns how many outputs changed."""
+    graph = model.graph
+    producers = {o: n for n in graph.node for o in n.output}
+    readers: dict[str, int] = {}
+    for node in graph.node:
+        for name in node.input:
+            readers[name] = readers.get(name, 0) + 1
+    drop: set[int] = set()
+    for output in graph.output:
+        dq = producers.get(output.name)
+        q = producers.get(dq.input[0]) if dq is not None and dq.op_type == "DequantizeLinear" else None
+        if q is None or q.op_type != "QuantizeLinear" or readers.get(q.output[0], 0) != 1:
+            continue
+        source = producers.get(q.input[0])
+        if source is None or readers.get(q.input[0], 0) != 1:
+            continue
+        source.output[list(source.output).index(q.input[0])] = output.name
+        drop.update({id(q), id(dq)})
+    if drop:
+        keep = [n for n in graph.node if id(n) not in drop]
+        del graph.node[:]
+        graph.node.extend(keep)
+        used = {name for node in graph.node for name in node.input}
+        inits = [t for t in graph.initializer if t.name in used]  # the dropped pair's scale / zero point
+        del graph.initializer[:]
+        graph.initializer.extend(inits)
+    return len(drop) // 2
+
+
 def _fidelity_scorer(fp32_path: Path, feeds: Sequence[Feed], output: str) -> Callable[[Path], dict[str, float]]:
     """Embedding cosine of a candidate vs the FP32 model on `feeds` (held out from nothing: calibration samples)."""
     import onnxruntime as ort
@@ -277,11 +371,84 @@ def _fidelity_scorer(fp32_path: Path, feeds: Sequence[Feed], output: str) -> Cal
     from edgepack.runtime.metrics import fidelity
 
     def run(path: Path) -> list[dict[str, np.ndarray]]:
-        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        session_options = ort.SessionOptions()
+        session_options.log_severity_level = 3  # foreign graphs: no page of graph.cc warnings per candidate
+        session = ort.InferenceSession(str(path), session_options, providers=["CPUExecutionProvider"])
         return [{output: session.run([output], feed)[0]} for feed in feeds]
 
     reference = run(fp32_path)
     return lambda path: fidelity(reference, run(path), output=output)
+
+
+@dataclass(frozen=True)
+class _Graph:
+    """The model quantization works on: normalised (and, for the cnn recipe, CNN-prepared) FP32, saved in workdir."""
+
+    path: Path
+    model: onnx.ModelProto
+    recipe: str
+    per_channel: bool
+    notes: dict[str, Any]
+    float_weights: Path | None = None  # see _QDQWriter.float_weights
+
+
+def _normalized(model_path: Path, model: onnx.ModelProto, options: QuantizeOptions, workdir: Path) -> _Graph:
+    """`exporters.normalize` on the user's model (opset, Constant weights, BatchNorm, Pad, names, types)."""
+    from edgepack.exporters.normalize import MIN_OPSET, default_opset, normalize_model
+
+    recipe = detect_family(model) if options.family == "auto" else options.family
+    if not options.normalize or options.graph == "fused":  # the fused graph is our own fusion of an FP32 export
+        return _Graph(model_path, model, recipe, options.per_channel, {})
+    normalized, report = normalize_model(model)
+    get_reporter().info(f"- {report.summary()}")
+    per_channel = options.per_channel
+    notes: dict[str, Any] = {"normalization": report.as_dict()}
+    if per_channel and default_opset(normalized) < MIN_OPSET:
+        per_channel = False  # per-channel DequantizeLinear needs `axis` (opset 13)
+        notes["per_channel_note"] = (f"per-tensor weights: the model stays at opset {default_opset(normalized)} "
+                                     f"({report.opset_note}); per-channel needs opset {MIN_OPSET}")
+    if not report.changed:
+        return _Graph(model_path, model, recipe, per_channel, notes)
+    return _Graph(save_onnx(normalized, workdir / "normalized.onnx"), normalized, recipe, per_channel, notes)
+
+
+def _cnn_prepared(graph: _Graph, options: QuantizeOptions, *, calibration_feeds: Callable[[], Iterable[Feed]],
+                  n_calibration: int, workdir: Path, cached: Path | None) -> _Graph:
+    """For the cnn recipe: equalization, learned rounding, bias correction (`cnn.prepare_cnn`); a cached prepared
+    model (same model, data and options) is reused as it is."""
+    from edgepack.quantization.cnn import prepare_cnn
+
+    if graph.recipe != "cnn" or not options.cnn.active:
+        return graph
+    target = cached or workdir / "cnn-prepared.onnx"
+    float_path = target.with_name(target.stem + ".float.onnx")
+    if cached is not None and cached.is_file() and float_path.is_file():
+        model = onnx.load(str(cached))
+        notes = {**graph.notes, "cnn": json.loads(cached.with_suffix(".json").read_text())}
+        return replace(graph, path=cached, model=model, notes=notes, float_weights=float_path)
+    prepared, reference, report = prepare_cnn(graph.model, calibration_feeds, n_samples=n_calibration,
+                                              options=options.cnn, per_channel=graph.per_channel, workdir=workdir)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    path = save_onnx(prepared, target)
+    save_onnx(reference, float_path)
+    if cached is not None:
+        write_json(cached.with_suffix(".json"), report.as_dict())
+    return replace(graph, path=path, model=prepared, notes={**graph.notes, "cnn": report.as_dict()},
+                   float_weights=float_path)
+
+
+def budget_candidates(plan: QuantPlan, model: onnx.ModelProto) -> list[str]:
+    """Layers the accuracy budget may return to float: the plan's selected nodes, or (whole-graph recipes such as
+    cnn) every quantized weight layer (Conv, ConvTranspose, Gemm, MatMul with a constant weight)."""
+    if plan.nodes_to_quantize is not None:
+        return list(plan.nodes_to_quantize)
+    from edgepack.quantization.cnn import weight_layers
+
+    excluded = set(plan.nodes_to_exclude)
+    weights = {t.name for t in model.graph.initializer}
+    found = [layer.name for layer in weight_layers(model)]
+    found += [n.name for n in model.graph.node if n.op_type == "MatMul" and len(n.input) > 1 and n.input[1] in weights]
+    return [name for name in found if name not in excluded and name]
 
 
 def quantize_static(model_path: Path, out_path: Path, *, calibration_feeds: Callable[[], Iterable[Feed]],
@@ -290,30 +457,38 @@ def quantize_static(model_path: Path, out_path: Path, *, calibration_feeds: Call
                     cache: RangeCache | None = None, sensitivity_top: int = 0) -> dict[str, Any]:
     """Quantize `model_path` to QDQ INT8 at `out_path`; return metrics and the plan for the manifest.
 
-    With a `budget` and `check` = (feeds, output name), fidelity vs FP32 is measured on those feeds and the most
-    sensitive layers fall back to float until the budget holds (`sensitivity.fit_budget`); an unmeetable budget
-    raises GateFailedError (exit 3) naming the best reached and the layers tried. `sensitivity_top` > 0 ranks every
-    layer by leave-one-out sensitivity on `check` even when no fallback is needed (metrics["budget"]
-    ["sensitivity_top"]). With a `cache`, calibration results are read from / written to it (`RangeCache`).
+    The model is first normalised (`exporters.normalize`: opset >= 13, Constant weights to initializers, BatchNorm
+    and Pad folded into convolutions) and, for the cnn recipe, prepared (`cnn.prepare_cnn`: cross-layer
+    equalization, learned rounding, bias correction). With a `budget` and `check` = (feeds, output name), fidelity
+    vs FP32 is measured on those feeds and the most sensitive layers fall back to float until the budget holds
+    (`sensitivity.fit_budget`); an unmeetable budget raises GateFailedError (exit 3) naming the best reached and
+    the layers tried. `sensitivity_top` > 0 ranks every layer by leave-one-out sensitivity on `check` even when no
+    fallback is needed (metrics["budget"]["sensitivity_top"]). With a `cache`, calibration results are read from /
+    written to it (`RangeCache`).
     """
     with tempfile.TemporaryDirectory(prefix="edgepack-quantize-", dir=out_path.parent) as tmp:
         workdir = Path(tmp)
         source, fused_ops = graph_to_quantize(model_path, options.graph, workdir)
         model = onnx.load(str(source))
         _check_excluded_exist(model, options.exclude_nodes, graph=options.graph)
-        plan = plan_quantization(model, family=options.family, exclude=options.exclude_nodes)
-        _check_something_to_quantize(plan, model, model_path)
+        graph = _normalized(source, model, options, workdir)
+        plan = plan_quantization(graph.model, family=options.family, exclude=options.exclude_nodes)
+        _check_something_to_quantize(plan, graph.model, model_path)
         _check_sample_count(n_calibration, {options.calibrator, *plan.range_methods.values()})
-        cache_path = cache.path(source, options, plan) if cache is not None else None
+        effective = replace(options, per_channel=graph.per_channel)
+        cache_path = cache.path(source, effective, plan) if cache is not None else None
+        graph = _cnn_prepared(graph, effective, calibration_feeds=calibration_feeds, n_calibration=n_calibration,
+                              workdir=workdir, cached=None if cache_path is None else cache_path.with_name(
+                                  cache_path.name.replace("ranges-", "prepared-").replace(".json", ".onnx")))
         cached = cache.load(cache_path, plan) if cache is not None and cache_path is not None else None
         if cached is not None:
             smoothing, ranges = cached
-            prepared, _ = write_prepared(source, model, smoothing, workdir)
+            prepared, _ = write_prepared(graph.path, graph.model, smoothing, workdir)
             state_bytes = 0
         else:
-            smoothing = smoothing_statistics(source, model, plan, calibration_feeds=calibration_feeds,
+            smoothing = smoothing_statistics(graph.path, graph.model, plan, calibration_feeds=calibration_feeds,
                                              n_calibration=n_calibration, smoothquant=options.smoothquant)
-            prepared, prepared_model = write_prepared(source, model, smoothing, workdir)
+            prepared, prepared_model = write_prepared(graph.path, graph.model, smoothing, workdir)
             tensors = _tensors_for_graph(prepared_model, plan, options.graph)
             calibrator = PerTensorCalibrator(options.calibrator,
                                              {t: m for t, m in plan.range_methods.items() if t in tensors})
@@ -323,10 +498,11 @@ def quantize_static(model_path: Path, out_path: Path, *, calibration_feeds: Call
             if cache is not None and cache_path is not None:
                 cache.save(cache_path, smoothing, ranges)
         build: Callable[[frozenset[str]], Path] = (
-            _FusedWriter(prepared, plan, ranges, workdir, options.per_channel) if options.graph == "fused"
-            else _QDQWriter(prepared, plan, ranges, options, workdir))
-        final, metrics = build_within_budget(build, plan, model_path, budget=budget, check=check,
-                                             sensitivity_top=sensitivity_top)
+            _FusedWriter(prepared, plan, ranges, workdir, effective.per_channel) if options.graph == "fused"
+            else _QDQWriter(prepared, plan, ranges, effective, workdir, graph.float_weights))
+        final, budget_record = build_within_budget(build, plan, model_path, budget=budget, check=check,
+                                                   sensitivity_top=sensitivity_top, model=graph.model)
+        metrics: dict[str, Any] = {**graph.notes, **budget_record}
         _move_model(final, out_path)
     metrics.update({
         "graph": options.graph,
@@ -352,18 +528,19 @@ def _tensors_for_graph(model: onnx.ModelProto, plan: QuantPlan, graph: str) -> l
 
 def build_within_budget(build: Callable[[frozenset[str]], Path], plan: QuantPlan, fp32_path: Path, *,
                         budget: QuantBudget | None, check: tuple[Sequence[Feed], str] | None,
-                        sensitivity_top: int) -> tuple[Path, dict[str, Any]]:
+                        sensitivity_top: int, model: onnx.ModelProto | None = None) -> tuple[Path, dict[str, Any]]:
     """The model `build` writes with nothing in float, or, under a budget, with the fewest most-sensitive layers in
     float that meet it (`sensitivity.fit_budget`); the budget record for the manifest. Static and dynamic INT8
-    share it."""
+    share it. With the `model`, whole-graph recipes (cnn) may return any weight layer (`budget_candidates`)."""
     if (budget is None and not sensitivity_top) or check is None:
         return build(frozenset()), {}
     budget = budget if budget is not None else QuantBudget(max_cosine_drop=None)
     score = _fidelity_scorer(fp32_path, check[0], check[1])
-    candidates = list(plan.nodes_to_quantize or [])
+    candidates = budget_candidates(plan, model) if model is not None else list(plan.nodes_to_quantize or [])
     result = fit_budget(candidates, build=build, score=score, budget=budget, rank_always=sensitivity_top > 0)
     record = {"max_cosine_drop": budget.max_cosine_drop, "met": result.met, "check_samples": len(check[0]),
-              "fallback_nodes": list(result.excluded), "check_fidelity": result.scores, "history": result.history,
+              "fallback_nodes": list(result.excluded), "candidates": len(candidates),
+              "check_fidelity": result.scores, "history": result.history,
               "sensitivity_top": [vars(s) for s in result.sensitivity[:max(sensitivity_top, 10)]]}
     if not result.met:
         raise_unmet(result, budget)

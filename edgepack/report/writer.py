@@ -22,7 +22,8 @@ def _fmt(value: Any, spec: str) -> str:
 
 #: short names of task metrics in the table (report.json keeps the full names)
 SHORT_METRICS = {"paraphrase_recall_at_1": "R@1", "paraphrase_mrr": "MRR", "paraphrase_margin": "margin",
-                 "top1_agreement": "top-1 agr.", "top1_accuracy": "top-1 acc."}
+                 "top1_agreement": "top-1 agr.", "top1_accuracy": "top-1 acc.", "top5_agreement": "top-5 agr.",
+                 "top5_accuracy": "top-5 acc.", "mask_iou": "mask IoU"}
 
 
 #: the columns of their own; every other metric goes into "task metric"

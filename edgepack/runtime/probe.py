@@ -151,6 +151,7 @@ def measure(model_path: Path, *, latency_feed: Feed, evaluation_feeds: Sequence[
         raise BadInputError(f"{model_path}: model file not found; pass the path of an .onnx file")
     if not latency_feed:
         raise BadInputError("latency feed is empty; it needs one array per model input")
+    workdir = Path(workdir).resolve()  # the child runs in probe_dir: a relative prepared-model path would miss
     workdir.mkdir(parents=True, exist_ok=True)
     probe_dir = Path(tempfile.mkdtemp(prefix=f"probe-{provider.key.replace('/', '_')}-", dir=workdir))
     if provider.static_only:
