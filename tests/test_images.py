@@ -57,7 +57,7 @@ def test_csv_labels_relative_to_the_folder(folder):
 def test_empty_folder_is_one_line(tmp_path):
     (tmp_path / "empty" / "sub").mkdir(parents=True)
     (tmp_path / "empty" / "sub" / "a.gif").write_bytes(b"GIF89a")
-    with pytest.raises(BadInputError, match=r"empty: no images \(found only: \.gif\); image folders hold \.png"):
+    with pytest.raises(BadInputError, match=r"empty: no images \(found only: \.gif\); a directory is read as an image folder \(\.png"):
         read_samples(tmp_path / "empty")
 
 

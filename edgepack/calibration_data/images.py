@@ -153,8 +153,9 @@ def read_image_folder(folder: Path, options: ImageFolderOptions = ImageFolderOpt
     if not files:
         found = sorted({p.suffix.lower() for p in folder.rglob("*") if p.is_file()})
         other = f" (found only: {', '.join(found)})" if found else " (the folder is empty)"
-        raise BadInputError(f"{folder}: no images{other}; image folders hold {', '.join(IMAGE_SUFFIXES)} files, "
-                            "in sub-folders per class if you like")
+        raise BadInputError(f"{folder}: no images{other}; a directory is read as an image folder ("
+                            f"{', '.join(IMAGE_SUFFIXES)} files, in sub-folders per class if you like); for text or "
+                            "arrays point at a .txt, .jsonl, .csv or .npz file")
     label_of = _labels(folder, files, labels)
     return [ImageSample(path, label_of.get(path), view, options.seed, options.max_pixels,
                         skip_bad=options.on_error == "skip")

@@ -288,7 +288,7 @@ def _hf_logits(folder: Path | None) -> Any:
     import torch
     from transformers import AutoModelForImageClassification
 
-    model = AutoModelForImageClassification.from_pretrained(folder, local_files_only=True)
+    model = AutoModelForImageClassification.from_pretrained(folder, local_files_only=True, use_safetensors=True)
 
     class Logits(torch.nn.Module):
         """pixel_values (B, C, H, W) -> logits (B, K)."""
