@@ -395,7 +395,12 @@ def ceiling_table(ctx: Any, fp32: Path, quality: dict[str, float] | None) -> str
     table = markdown_table(["graph", "FP32 p50 ms", "INT8 p50 ms", "INT8 / FP32"], rows)
     ops = ", ".join(result["ops"]["int8"])
     bound = ""
-    if quality:
+    if quality and quality["fp32"] < fp:
+        bound = (f" Here the FP32 chain took longer than the whole FP32 model ({fp:.2f} vs {quality['fp32']:.2f} ms: "
+                 "both run ORT's MatMul kernel; the cause is not found), so on this CPU the chain's ratio is no "
+                 "bound on the model; its INT8 GEMMs alone take "
+                 f"{q / quality['int8']:.2f}x of the whole INT8 model's time.")
+    elif quality:
         float_work = quality["fp32"] - fp  # FP32 time outside the Linear layers: attention, norms, GELU, residuals
         bound = (f" Here the FP32 model spends {float_work:.1f} ms outside its Linear layers; were all of that free "
                  f"of INT8 overhead, the INT8 model would still take ({q:.2f} + {float_work:.1f}) / "
