@@ -198,8 +198,10 @@ def test_no_code_path_unpickles_evaluates_or_trusts_remote_code():
                 problems.append(f"{where} with allow_pickle=True")
             if attr == "from_pretrained" and _keyword(call, "trust_remote_code") is True:
                 problems.append(f"{where} with trust_remote_code=True")
+            # a GGUF file (gguf_file=) is parsed by the gguf package: no pickle, no safetensors to ask for
             if attr == "from_pretrained" and "Tokenizer" not in module and "Config" not in module and \
-                    _keyword(call, "use_safetensors") is not True:
+                    _keyword(call, "use_safetensors") is not True and \
+                    not any(k.arg == "gguf_file" for k in call.keywords):
                 problems.append(f"{where} without use_safetensors=True")
             if _keyword(call, "shell") is True:
                 problems.append(f"{where} with shell=True")
