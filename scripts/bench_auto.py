@@ -130,11 +130,13 @@ def phase_measure(bench: Bench, out: Path) -> None:
         m = Measurement(size_mb=model_bytes(path) / 1e6, metric=cpu["metrics"].get(metric),
                         accuracy_drop=round((ref_metric - cpu["metrics"].get(metric)) * 100, 4),
                         peak_rss_mb=memory["peak"] - memory["baseline"], process_peak_rss_mb=memory["peak"],
-                        p50_ms=cpu["latency_ms"]["p50"], how="harness")
+                        p50_ms=cpu["latency_ms"]["p50"], cosine_mean=cpu["metrics"].get("cosine_mean"),
+                        cosine_min=cpu["metrics"].get("cosine_min"), how="harness")
         measured[name] = m
         meets = all(b.met(m) for b in budgets)
-        table.append([name, f"{m.size_mb:.2f}", f"{m.metric:.4f}", f"{m.accuracy_drop:.2f}", f"{m.peak_rss_mb:.1f}",
-                      f"{m.p50_ms:.2f}", "yes" if meets else "no"])
+        cosine = "–" if m.cosine_mean is None else f"{m.cosine_mean:.4f}"
+        table.append([name, f"{m.size_mb:.2f}", f"{m.metric:.4f}", f"{m.accuracy_drop:.2f}", cosine,
+                      f"{m.peak_rss_mb:.1f}", f"{m.p50_ms:.2f}", "yes" if meets else "no"])
     _write(bench, out, table, measured, budgets, search, wall=time.perf_counter() - start)
 
 
@@ -164,12 +166,13 @@ def _write(bench: Bench, out: Path, table: list[list[str]], measured: dict[str, 
         f"## Auto search: compression x quantization against budgets (all-MiniLM-L6-v2, {bench.auto_recipe})", "",
         f"Machine: {machine_line()}", "",
         f"Budgets: {', '.join(b.describe() for b in budgets)} (accuracy_drop: paraphrase R@1 below the FP32 teacher "
-        "in points; peak_rss_mb: the model's VmHWM over the runtime baseline). Commands: `python scripts/bench_auto.py "
+        "in points; min_cosine: mean cosine of the sentence embedding to the FP32 teacher's on the same sentences; "
+        "peak_rss_mb: the model's VmHWM over the runtime baseline). Commands: `python scripts/bench_auto.py "
         f"hand --model {key}`, `... search --model {key}` (no lock), then `flock /work/bench.lock nice -n 0 python "
         f"scripts/bench_auto.py measure --model {key}` "
         f"(this table: one harness run, CPU EP, 2 threads, batch 1, sequence 128, 100 timed runs, {wall:.0f} s).", "",
-        markdown_table(["variant", "size MB", "R@1", "accuracy drop (pt)", "peak RSS MiB (model)", "p50 ms",
-                        "meets budgets"], table), "",
+        markdown_table(["variant", "size MB", "R@1", "accuracy drop (pt)", "cosine to FP32", "peak RSS MiB (model)",
+                        "p50 ms", "meets budgets"], table), "",
         f"- {verdict}",
         f"- search wall time: {search['wall_s'] / 60:.1f} min (target 60) for {len(summary.candidates)} trials on "
         f"{summary.backend}: {counts.get('built', 0)} built, {counts.get('pruned_by_proxy', 0)} pruned by proxies, "

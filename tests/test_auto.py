@@ -209,3 +209,73 @@ def test_ray_backend_on_a_local_two_worker_cluster(capsys, tmp_path, tiny_bert_d
     assert report["candidates"][report["chosen"]]["params"] == {"layers_kept": 1}  # the smaller INT8 model
     workers = {w for c in report["candidates"] for w in c["workers"]}
     assert len(workers) == 2 and "chosen: trial" in out  # jobs ran in both nodes' worker processes
+
+
+# ------------------------------------------------------------------------------------------------ fidelity
+
+
+def test_min_cosine_budget_parses_as_a_lower_limit(capsys, tmp_path):
+    budget = parse_budget("min_cosine=0.99")
+    assert budget.describe() == "min_cosine >= 0.99" and budget.met(Measurement(cosine_mean=0.995))
+    assert budget.violation(Measurement(cosine_mean=0.495)) == pytest.approx(0.5)
+    assert budget.met(Measurement(accuracy_drop=0.0)) is None  # not measured: never counted as met
+    recipe = tiny_recipe(tmp_path, tmp_path / "unused", {})
+    code, _, err = run_cli(capsys, "auto", recipe, "--budget", "min_cosine=99", "--out", tmp_path / "out")
+    assert code == 2 and "a cosine lies in (0, 1]; write e.g. min_cosine=0.99" in one_line_error(err)
+
+
+def test_early_rungs_judge_cosine_with_one_samples_slack():
+    from edgepack.auto.search import with_slack
+
+    judged = with_slack(Measurement(accuracy_drop=3.0, cosine_mean=0.97, cosine_min=0.6), 20)
+    assert judged.accuracy_drop == pytest.approx(-2.0) and judged.cosine_mean == pytest.approx(0.99)
+    assert Budget("min_cosine", 0.99).met(judged) and not Budget("min_cosine", 0.99).met(
+        with_slack(Measurement(cosine_mean=0.41, cosine_min=0.2), 26))  # the MiniLM run's chosen model: refused
+
+
+@pytest.fixture(scope="module")
+def strong_bert_dir(tmp_path_factory, minilm_path):
+    """The tiny BERT of conftest with weights 25x larger (initializer_range 0.5): its layers change the embedding
+    (the 0.02 default leaves a layer's output ~ its input: one layer or two give cosine 0.9999)."""
+    import shutil
+
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    folder = tmp_path_factory.mktemp("strong-bert")
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=256, initializer_range=0.5)
+    BertModel(config).eval().save_pretrained(folder, safe_serialization=True)
+    AutoTokenizer.from_pretrained(minilm_path).save_pretrained(folder)
+    for name in ("modules.json", "1_Pooling/config.json"):
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(minilm_path / name, folder / name)
+    return folder
+
+
+@pytest.mark.slow
+def test_min_cosine_refuses_a_candidate_that_keeps_the_task_metric(tmp_path, strong_bert_dir):
+    """One layer of the tiny BERT keeps the task budget but not the FP32 outputs: without min_cosine it is the
+    smallest and chosen (the Ray test's answer); with it, it is refused and the two-layer INT8 model is chosen."""
+    from edgepack.auto.driver import run_auto
+    from edgepack.recipe import load_recipe
+
+    recipe = load_recipe(tiny_recipe(tmp_path, strong_bert_dir, {"layers_kept": [1, 2]}, sampler="grid",
+                                     finalists=2, rungs=1))
+    without = run_auto(recipe, tmp_path / "run", budgets=["accuracy_drop=5"], backend="inline")
+    by_layers = {c.params["layers_kept"]: c for c in without.auto.candidates}
+    assert without.auto.chosen == by_layers[1].trial  # the task budget alone lets the one-layer model through
+    report = run_auto(recipe, tmp_path / "run", budgets=["accuracy_drop=5", "min_cosine=0.95"], backend="inline")
+    by_layers = {c.params["layers_kept"]: c for c in report.auto.candidates}
+    one, two = by_layers[1], by_layers[2]
+    # measured: one layer R@1 4.17 pt below FP32 (1 of 24 pairs) but cosine 0.04; two layers (INT8) cosine 0.9995
+    assert one.figures.accuracy_drop <= 5 and one.figures.size_mb < two.figures.size_mb  # keeps the task budget
+    assert one.figures.cosine_mean < 0.5 and one.meets_budgets is False  # but not the outputs: refused
+    assert two.figures.cosine_mean >= 0.95 and report.auto.chosen == two.trial and report.passed
+    assert two.figures.how == "harness"  # judged on the harness's figures (whole split, fresh processes)
+    gates = {g.name: g for g in report.gates}
+    assert gates["budget min_cosine"].passed and gates["budget min_cosine"].value >= 0.95
+    assert "min_cosine >= 0.95" in report.auto.verdict
+    md = (tmp_path / "run" / "report.md").read_text()
+    assert "min_cosine >= 0.95" in md and "cosine to FP32 (mean)" in md

@@ -1,13 +1,17 @@
 """Budgets: what a candidate must meet (`--budget accuracy_drop=0.5`), read from one `Measurement` each.
 
 A budget kind is data in the `BUDGETS` registry: its unit, what it means and which `Measurement` field it reads;
-every kind is an upper limit (lower is better). A new kind is one `register` line and, if it reads something not
-measured yet, one field of `Measurement`.
+every kind is an upper limit (lower is better) except the fidelity budget `min_cosine`, a lower limit on the mean
+cosine of the primary output to the FP32 reference's on the same samples (a task metric that saturates does not
+see a model whose outputs changed). A new kind is one `register` line and, if it reads something not measured yet,
+one field of `Measurement`.
 
 >>> parse_budget("accuracy_drop=0.5")
 Budget(name='accuracy_drop', limit=0.5)
 >>> Budget("size_mb", 10.0).violation(Measurement(size_mb=12.5))
 0.25
+>>> Budget("min_cosine", 0.99).violation(Measurement(cosine_mean=0.495))
+0.5
 """
 
 from __future__ import annotations
@@ -39,6 +43,10 @@ class Measurement:
     process_peak_rss_mb: float | None = None
     p50_ms: float | None = None
     p90_ms: float | None = None
+    #: fidelity: cosine of the primary output to the FP32 reference's on the same samples, mean and worst sample
+    #: (None: not measured, or the output's shape differs from the reference's, e.g. a narrower student)
+    cosine_mean: float | None = None
+    cosine_min: float | None = None
     samples: int = 0
     how: How = "proxy"
     #: fields that are analytic estimates, not measurements (e.g. peak_rss_mb before the first run)
@@ -53,6 +61,10 @@ class BudgetKind:
     name: str
     unit: str
     meaning: str
+    #: the `Measurement` field it reads (default: the budget's name)
+    reads: str | None = None
+    #: True: the value must be at least the limit (fidelity); False: at most
+    lower_limit: bool = False
 
 
 BUDGETS: Registry[BudgetKind] = Registry("budget")
@@ -65,6 +77,8 @@ for _kind in (
     BudgetKind("process_peak_rss_mb", "MiB", "VmHWM of that whole process, Python and onnxruntime included"),
     BudgetKind("p50_ms", "ms", "median latency, batch 1, on the budget EP"),
     BudgetKind("p90_ms", "ms", "90th-percentile latency, batch 1, on the budget EP"),
+    BudgetKind("min_cosine", "cosine", "lower limit: mean cosine of the primary output (e.g. the sentence embedding) "
+               "to the FP32 reference's on the same evaluation samples", reads="cosine_mean", lower_limit=True),
 ):
     BUDGETS.register(_kind.name)(_kind)
 
@@ -79,7 +93,7 @@ class Budget:
         return BUDGETS.get(self.name)
 
     def value(self, measured: Measurement) -> float | None:
-        return getattr(measured, self.name)
+        return getattr(measured, self.kind.reads or self.name)
 
     def violation(self, measured: Measurement) -> float | None:
         """How far past the limit, as a fraction of it (0: met); None when not measured yet."""
@@ -87,13 +101,16 @@ class Budget:
         if value is None:
             return None
         scale = abs(self.limit) if self.limit else 1.0
-        return max(0.0, (value - self.limit) / scale)
+        past = self.limit - value if self.kind.lower_limit else value - self.limit
+        return max(0.0, past / scale)
 
     def met(self, measured: Measurement) -> bool | None:
         violation = self.violation(measured)
         return None if violation is None else violation == 0.0
 
     def describe(self) -> str:
+        if self.kind.lower_limit:
+            return f"{self.name} >= {self.limit:g}"
         return f"{self.name} <= {self.limit:g} {self.kind.unit}"
 
 
@@ -113,6 +130,8 @@ def parse_budget(text: str, *, where: str = "--budget") -> Budget:
         raise BadInputError(f"{where} '{text}': '{value}' is not a number; write e.g. {name}=0.5") from None
     if not limit == limit or limit in (float("inf"), float("-inf")) or limit < 0:  # NaN, infinite, negative
         raise BadInputError(f"{where} '{text}': the limit must be a finite number >= 0")
+    if BUDGETS.get(name).lower_limit and not 0 < limit <= 1:
+        raise BadInputError(f"{where} '{text}': a cosine lies in (0, 1]; write e.g. {name}=0.99")
     return Budget(name, limit)
 
 

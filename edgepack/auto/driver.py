@@ -139,7 +139,11 @@ def harness_figures(search: Search, entry: dict[str, Any], *, size_mb: float) ->
     drop = None if metric is None or ref is None else round((ref - metric) * 100, 6)
     memory, latency = row.get("memory_mb") or {}, row.get("latency_ms") or {}
     peak, base = memory.get("peak"), memory.get("baseline")
+    fidelity = row.get("metrics") or {}  # vs the FP32 reference on CPU, on the whole evaluation split
+    if fidelity.get("cosine_mean") is None:
+        fidelity = cpu.get("metrics") or {}
     return Measurement(size_mb=size_mb, metric=metric, accuracy_drop=drop,
+                       cosine_mean=fidelity.get("cosine_mean"), cosine_min=fidelity.get("cosine_min"),
                        peak_rss_mb=None if peak is None or base is None else peak - base, process_peak_rss_mb=peak,
                        p50_ms=latency.get("p50"), p90_ms=latency.get("p90"),
                        samples=cpu.get("evaluation_samples") or 0, how="harness")

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from edgepack.errors import EdgepackError
 
 
@@ -38,6 +40,13 @@ class EvalJob:
     runs: int
     provider: str
     label: str
+    #: the FP32 reference's primary output on the same samples (its own evaluate stage's `primary.npz`): the
+    #: candidate's fidelity (cosine_mean, cosine_min, ...) is measured against it; None for the reference itself
+    reference_outputs: str | None = None
+
+
+#: the primary output of every evaluation feed, saved in each evaluate stage folder (arr_0, arr_1, ... in feed order)
+PRIMARY_OUTPUTS = "primary.npz"
 
 
 def _quiet() -> None:
@@ -110,8 +119,10 @@ def evaluate(job: EvalJob) -> dict[str, Any]:
     samples = list(load_split(recipe).evaluation[: job.samples])
     v = recipe.validate_
     config = {"samples": len(samples), "runs": job.runs, "provider": job.provider, "threads": v.threads,
-              "sequence_length": v.sequence_length, "max_length": recipe.data.max_length}
-    inputs = {"model": sha256_file(Path(job.model)), "data": stages.samples_hash(samples)}
+              "sequence_length": v.sequence_length, "max_length": recipe.data.max_length, "fidelity": True}
+    inputs = {"model": sha256_file(Path(job.model)), "data": stages.samples_hash(samples),
+              # the reference's evaluate folder is named by its content hash
+              "reference": Path(job.reference_outputs).parent.name if job.reference_outputs else None}
 
     def work(tmp: Path) -> dict[str, Any]:
         options = ProbeOptions(provider=job.provider, intra_op_threads=v.threads, warmup=min(3, v.warmup),
@@ -122,12 +133,29 @@ def evaluate(job: EvalJob) -> dict[str, Any]:
         if result.status != "ok":  # not cached: a timeout on a loaded machine may pass next time
             raise EdgepackError(f"{job.provider}: {result.status}: {result.error}")
         memory = result.memory_mb
-        return {"metrics": family.task_metrics(result.outputs, samples),
+        primary = [out[family.primary_output] for out in result.outputs]
+        np.savez(tmp / PRIMARY_OUTPUTS, *primary)
+        fidelity, note = _fidelity_to_reference(family, job.reference_outputs, primary)
+        return {"metrics": {**family.task_metrics(result.outputs, samples), **fidelity}, "fidelity_note": note,
                 "p50_ms": result.latency_ms.get("p50"), "p90_ms": result.latency_ms.get("p90"),
                 "peak_mb": memory.get("peak"), "baseline_mb": memory.get("baseline")}
 
-    metrics = run_stage("evaluate", config, inputs, work, root=Path(job.root) / "auto").metrics
-    return {"ok": True, "samples": len(samples), **metrics}
+    stage = run_stage("evaluate", config, inputs, work, root=Path(job.root) / "auto")
+    return {"ok": True, "samples": len(samples), **stage.metrics, "outputs": str(stage.folder / PRIMARY_OUTPUTS)}
+
+
+def _fidelity_to_reference(family: Any, reference_outputs: str | None,
+                           primary: list[Any]) -> tuple[dict[str, float], str | None]:
+    """The family's fidelity figures (cosine_mean, cosine_min, ...) of `primary` against the reference's saved
+    primary output, or none and the harness's note when the shapes differ (a narrower student)."""
+    if reference_outputs is None:
+        return {}, None
+    from edgepack.runtime.harness import _fidelity
+
+    name = family.primary_output
+    with np.load(reference_outputs) as saved:
+        reference = [{name: saved[f"arr_{i}"]} for i in range(len(saved.files))]
+    return _fidelity(family, reference, [{name: p} for p in primary], parent="fp32")
 
 
 __all__ = ["BuildJob", "EvalJob", "build", "evaluate", "run_job"]

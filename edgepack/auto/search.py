@@ -7,8 +7,9 @@ How measurement is spent, cheapest first:
    the sensitivity-ranked float fallback, happen inside the candidate's quantize stage);
 2. successive halving on the evaluation split (optuna's `SuccessiveHalvingPruner`): rung r measures the candidate
    in a fresh process on the first n / eta^(R-1-r) evaluation samples (task metric vs the FP32 reference on the same
-   samples, a short latency, the model's peak memory); only the best 1/eta of each rung by the objective (budget
-   violations first) go on to the next;
+   samples, its fidelity: the primary output's cosine to the reference's on the same samples, a short latency, the
+   model's peak memory); only the best 1/eta of each rung by the objective (budget violations first) go on to the
+   next; an early rung judges accuracy_drop and min_cosine with one sample's slack;
 3. the full harness (`stages.validate`: fresh processes, every EP asked, the recipe's warm-up and runs) for the
    finalists only; the choice and the budgets are judged on its figures.
 Candidates come from optuna's TPE sampler (constant liar while several are in flight); the recipe itself is the
@@ -118,8 +119,10 @@ class Search:
             return {"ok": False, "error": f"worker failed: {type(error).__name__}: {error}"[:300], "exit_code": 1}
 
     def _eval_job(self, recipe: dict[str, Any], model: str, samples: int, label: str) -> EvalJob:
+        reference = self.reference_evals.get(samples, {}).get("outputs") if label != "reference" else None
         return EvalJob(recipe=recipe, root=str(self.out), model=model, samples=samples,
-                       runs=self.recipe.auto.rung_runs, provider=self.settings.provider_for_rungs, label=label)
+                       runs=self.recipe.auto.rung_runs, provider=self.settings.provider_for_rungs, label=label,
+                       reference_outputs=reference)
 
     # ------------------------------------------------------------------------------------------- reference
 
@@ -163,14 +166,14 @@ class Search:
                 "peak_rss_mb": (ref.get("peak_mb") or 1.0) - (ref.get("baseline_mb") or 0.0)
                 }[self.settings.objective] or 1.0
 
-    def objective_value(self, m: Measurement, *, slack_points: float = 0.0) -> float:
+    def objective_value(self, m: Measurement, *, slack_samples: int | None = None) -> float:
         """Objective / the reference's when every measured budget holds; else INFEASIBLE + the violations.
 
-        `slack_points`: accuracy_drop is judged `slack_points` more leniently (an early rung: one sample of n moves
-        a fraction metric by 100/n points, more than a 0.5 point budget)."""
+        `slack_samples`: an early rung on that many samples judges the budgets read from samples with one sample's
+        slack (`with_slack`)."""
         cost = getattr(m, self.settings.objective)
         ratio = 1.0 if cost is None else float(cost) / self._reference_cost()
-        judged = replace(m, accuracy_drop=None if m.accuracy_drop is None else max(0.0, m.accuracy_drop - slack_points))
+        judged = with_slack(m, slack_samples) if slack_samples else m
         violation = sum(v for b in self.settings.budgets if (v := b.violation(judged)) is not None)
         return ratio if violation == 0 else INFEASIBLE + violation + ratio
 
@@ -187,7 +190,9 @@ class Search:
         ref_metric = ref["metrics"].get(self.metric) if self.metric else None
         drop = None if metric is None or ref_metric is None else round((ref_metric - metric) * 100, 6)
         peak, base = result.get("peak_mb"), result.get("baseline_mb")
+        fidelity = result["metrics"]
         return Measurement(size_mb=size_mb, metric=metric, accuracy_drop=drop,
+                           cosine_mean=fidelity.get("cosine_mean"), cosine_min=fidelity.get("cosine_min"),
                            peak_rss_mb=None if peak is None or base is None else peak - base,
                            process_peak_rss_mb=peak, p50_ms=result.get("p50_ms"), p90_ms=result.get("p90_ms"),
                            samples=result["samples"], how="rung")
@@ -222,6 +227,7 @@ class Search:
     def _figures(m: Measurement) -> str:
         parts = [f"{m.size_mb:.2f} MB" if m.size_mb is not None else None,
                  f"drop {m.accuracy_drop:.2f} pt on {m.samples}" if m.accuracy_drop is not None else None,
+                 f"cosine {m.cosine_mean:.4f}" if m.cosine_mean is not None else None,
                  f"p50 {m.p50_ms:.1f} ms" if m.p50_ms is not None else None,
                  f"RSS +{m.peak_rss_mb:.0f} MiB" if m.peak_rss_mb is not None and m.how != "proxy" else None]
         text = ", ".join(p for p in parts if p)
@@ -265,9 +271,13 @@ class Search:
             return None
         self.counts["rung_evaluations"] += 1
         candidate.measured = self.from_eval(result, candidate.measured.size_mb or 0.0)
+        unmeasured = self._unmeasured_fidelity(candidate.measured, result)
+        if unmeasured:
+            self.counts["pruned_by_fidelity"] = self.counts.get("pruned_by_fidelity", 0) + 1
+            self._finish(candidate, "pruned", unmeasured)
+            return None
         last = candidate.rung == len(self.sizes) - 1
-        candidate.value = self.objective_value(candidate.measured,
-                                               slack_points=0.0 if last else 100.0 / result["samples"])
+        candidate.value = self.objective_value(candidate.measured, slack_samples=None if last else result["samples"])
         trial = self._trials[candidate.trial]
         trial.report(candidate.value, step=self.eta ** candidate.rung)
         if last:
@@ -281,6 +291,15 @@ class Search:
         candidate.rung += 1
         return self._eval_job(candidate.recipe, candidate.build["model"], self.sizes[candidate.rung],
                               f"trial {candidate.trial}")
+
+    def _unmeasured_fidelity(self, m: Measurement, result: dict[str, Any]) -> str | None:
+        """A min_cosine budget on a candidate whose output cannot be compared with the reference's: refused (a budget
+        that cannot be read is not met)."""
+        budget = next((b for b in self.settings.budgets if b.name == "min_cosine"), None)
+        if budget is None or m.cosine_mean is not None:
+            return None
+        why = result.get("fidelity_note") or "the family gives no cosine for this output"
+        return f"{budget.describe()} cannot be measured: {why}"
 
     def run_trials(self) -> None:
         """Ask, build, measure rung by rung, until `trials` candidates have finished."""
@@ -308,6 +327,21 @@ class Search:
                 follow = self.on_build(candidate, result) if kind == "build" else self.on_eval(candidate, result)
                 if follow is not None:
                     inflight[self.backend.submit(run_job, follow)] = (candidate, "eval")
+
+
+def with_slack(m: Measurement, samples: int) -> Measurement:
+    """`m` as an early rung on `samples` samples judges it: one sample's slack on the figures read from samples.
+    accuracy_drop: one sample of n moves a fraction metric by 100/n points (more than a 0.5 point budget on 26);
+    cosine_mean: the mean with its worst sample counted as a perfect match, + (1 - cosine_min) / n.
+
+    >>> judged = with_slack(Measurement(accuracy_drop=5.0, cosine_mean=0.9, cosine_min=0.5), 10)
+    >>> judged.accuracy_drop, round(judged.cosine_mean, 6)
+    (-5.0, 0.95)
+    """
+    drop, cosine = m.accuracy_drop, m.cosine_mean
+    if cosine is not None and m.cosine_min is not None:
+        cosine = min(1.0, cosine + (1.0 - m.cosine_min) / samples)
+    return replace(m, accuracy_drop=None if drop is None else drop - 100.0 / samples, cosine_mean=cosine)
 
 
 def _meets(candidate: Candidate, budgets: list[Budget]) -> bool:

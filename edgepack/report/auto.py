@@ -12,8 +12,8 @@ from matplotlib.figure import Figure
 
 from edgepack.report.model import AutoCandidate, AutoFigures, AutoSummary, Report
 
-PARETO_COLUMNS = ("trial", "knobs", "size MB", "task metric", "accuracy drop (pt)", "peak RSS MiB (model)", "p50 ms",
-                  "measured", "meets budgets")
+PARETO_COLUMNS = ("trial", "knobs", "size MB", "task metric", "accuracy drop (pt)", "cosine to FP32 (mean)",
+                  "peak RSS MiB (model)", "p50 ms", "measured", "meets budgets")
 HOW = {"harness": "fresh processes, every EP, the recipe's warm-up and runs",
        "rung": "the first n evaluation samples in a fresh process, a short latency",
        "proxy": "exact size and a memory lower bound (≥), nothing run"}
@@ -38,7 +38,7 @@ def candidate_cells(c: AutoCandidate, summary: AutoSummary) -> list[str]:
     mark = " **(chosen)**" if summary.chosen == c.trial else ""
     meets = {True: "yes", False: "no", None: "–"}[c.meets_budgets]
     return [f"{c.trial}{mark}", _knobs(c.params), _fmt(f.size_mb, ".2f"), _fmt(f.metric, ".4f"),
-            _fmt(f.accuracy_drop, ".2f"), _fmt(f.peak_rss_mb, ".1f") + ("≥" if "peak_rss_mb" in f.estimated else ""),
+            _fmt(f.accuracy_drop, ".2f"), _fmt(f.cosine_mean, ".4f"), _fmt(f.peak_rss_mb, ".1f") + ("≥" if "peak_rss_mb" in f.estimated else ""),
             _fmt(f.p50_ms, ".2f"), _measured(f), meets]
 
 
@@ -54,6 +54,7 @@ def _trial_line(c: AutoCandidate) -> str:
     figures = ", ".join(p for p in (
         f"{f.size_mb:.2f} MB" if f.size_mb is not None else "",
         f"drop {f.accuracy_drop:.2f} pt on {f.samples}" if f.accuracy_drop is not None else "",
+        f"cosine {f.cosine_mean:.4f}" if f.cosine_mean is not None else "",
         f"p50 {f.p50_ms:.2f} ms" if f.p50_ms is not None and f.how != "proxy" else "") if p)
     return (f"| {c.trial} | {_knobs(c.params)} | {c.state} | {figures or '–'} | "
             f"{(c.reason or '').replace('|', '/')[:140]} |")
@@ -63,7 +64,8 @@ def auto_markdown(report: Report) -> list[str]:
     summary = report.auto
     if summary is None:
         return []
-    budgets = ", ".join(f"{b.name} <= {b.limit:g} {b.unit}" for b in summary.budgets)
+    budgets = ", ".join(f"{b.name} >= {b.limit:g}" if b.name.startswith("min_") else f"{b.name} <= {b.limit:g} {b.unit}"
+                        for b in summary.budgets)
     counts = summary.counts
     lines = ["## Auto search", "",
              f"- verdict: **{summary.verdict}**",

@@ -205,6 +205,9 @@ class AutoFigures(_Closed):
     process_peak_rss_mb: float | None = None
     p50_ms: float | None = None
     p90_ms: float | None = None
+    #: fidelity: cosine of the primary output to the FP32 reference's on the same samples (mean, worst sample)
+    cosine_mean: float | None = None
+    cosine_min: float | None = None
     samples: int = 0
     how: Literal["proxy", "rung", "harness"] = "proxy"
     #: figures that are analytic estimates (lower bounds), not measurements
