@@ -13,24 +13,29 @@ def minilm_path() -> Path:
     return Path(gt.get_model_path())
 
 
-@pytest.fixture(scope="session")
-def tiny_bert_dir(tmp_path_factory: pytest.TempPathFactory, minilm_path: Path) -> Path:
-    """A 2-layer, 32-wide BERT with sentence-transformers pooling files and MiniLM's real tokenizer."""
+def save_tiny_bert(folder: Path, minilm_path: Path, **config: object) -> Path:
+    """A 2-layer, 32-wide BERT (BertConfig fields in `config` override) with sentence-transformers pooling files and
+    MiniLM's real tokenizer, saved to `folder`."""
     import shutil
 
     import torch
     from transformers import AutoTokenizer, BertConfig, BertModel
 
-    folder = tmp_path_factory.mktemp("tiny-bert")
     torch.manual_seed(0)
-    config = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=64, max_position_embeddings=256)
-    BertModel(config).eval().save_pretrained(folder, safe_serialization=True)
+    shape = dict(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                 intermediate_size=64, max_position_embeddings=256)
+    BertModel(BertConfig(**(shape | config))).eval().save_pretrained(folder, safe_serialization=True)
     AutoTokenizer.from_pretrained(minilm_path).save_pretrained(folder)
     for name in ("modules.json", "1_Pooling/config.json"):
         (folder / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(minilm_path / name, folder / name)
     return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_dir(tmp_path_factory: pytest.TempPathFactory, minilm_path: Path) -> Path:
+    """A 2-layer, 32-wide BERT with sentence-transformers pooling files and MiniLM's real tokenizer."""
+    return save_tiny_bert(tmp_path_factory.mktemp("tiny-bert"), minilm_path)
 
 
 @pytest.fixture(scope="session")

@@ -237,21 +237,9 @@ def test_early_rungs_judge_cosine_with_one_samples_slack():
 def strong_bert_dir(tmp_path_factory, minilm_path):
     """The tiny BERT of conftest with weights 25x larger (initializer_range 0.5): its layers change the embedding
     (the 0.02 default leaves a layer's output ~ its input: one layer or two give cosine 0.9999)."""
-    import shutil
+    from tests.conftest import save_tiny_bert
 
-    import torch
-    from transformers import AutoTokenizer, BertConfig, BertModel
-
-    folder = tmp_path_factory.mktemp("strong-bert")
-    torch.manual_seed(0)
-    config = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=64, max_position_embeddings=256, initializer_range=0.5)
-    BertModel(config).eval().save_pretrained(folder, safe_serialization=True)
-    AutoTokenizer.from_pretrained(minilm_path).save_pretrained(folder)
-    for name in ("modules.json", "1_Pooling/config.json"):
-        (folder / name).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy(minilm_path / name, folder / name)
-    return folder
+    return save_tiny_bert(tmp_path_factory.mktemp("strong-bert"), minilm_path, initializer_range=0.5)
 
 
 @pytest.mark.slow
