@@ -176,6 +176,9 @@ class QuantizeSection(_Section):
     activation_type: Literal["uint8", "int8"] = "uint8"
     weight_type: Literal["int8"] = "int8"
     exclude_nodes: list[str] = Field(default_factory=list)
+    #: activation tensors quantized to 16 bits (uint16 QDQ, same range, finer step): the few whose 8-bit step
+    #: dominates the error (EfficientNet-Lite0: the stem conv's output); QDQ graph only
+    wide_activations: list[str] = Field(default_factory=list)
     #: accuracy budget: 1 - mean embedding cosine vs FP32 on `budget_samples` calibration samples; the most
     #: sensitive layers fall back to float until it holds (null: no budget)
     max_cosine_drop: float | None = Field(0.005, ge=0, le=2)

@@ -154,7 +154,8 @@ def quantize(fp32: Path, family: ModelFamily, *, calibration: Sequence[Sample], 
     q_options = QuantizeOptions(calibrator=options.calibrator, smoothquant=options.smoothquant, family=recipe,
                                 per_channel=options.per_channel, activation_type=options.activation_type,
                                 weight_type=options.weight_type, exclude_nodes=tuple(options.exclude_nodes),
-                                graph=graph, cnn=CnnOptions(**options.cnn.model_dump()))
+                                graph=graph, cnn=CnnOptions(**options.cnn.model_dump()),
+                                wide_activations=tuple(options.wide_activations))
     config = {**options.model_dump(exclude={"weight_only"}), "mode": mode, "recipe": recipe, "graph": graph,
               "max_length": max_length, "padding": padding}
     inputs = {"model": model_digest(fp32), "data": samples_hash(calibration)}

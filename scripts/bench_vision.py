@@ -14,7 +14,8 @@ out; the remaining 12 photos (96 crops) calibrate every variant. Fidelity vs FP3
 Two steps, so that only the timing holds the bench lock:
     python scripts/bench_vision.py build      # quantize every variant, fidelity, QNN-HTP coverage (~30 min)
     flock /work/bench.lock nice -n 0 python scripts/bench_vision.py time   # p50 / RSS / op profile (~5 min)
-(`python scripts/bench_vision.py qnn` redoes only the QNN-HTP coverage of a finished build.)
+(`python scripts/bench_vision.py qnn` redoes only the QNN-HTP coverage of a finished build;
+`python scripts/bench_vision.py edgepack` rebuilds only the edgepack row of a finished build, after a recipe change.)
 `time` writes the tables into docs/benchmarks.md (section `vision`).
 """
 
@@ -34,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests.vision_gra
 from _bench_common import machine_line, markdown_table, write_section  # noqa: E402
 
 OUT = Path("runs/bench_vision")
-VIEWS, CALIBRATION_PHOTOS, ROUNDS = 8, 12, 3
+VIEWS, CALIBRATION_PHOTOS, ROUNDS = 8, 12, 5
 MAIN = ("fp32", "ort-default", "ort-preprocess", "edgepack")
 CALIBRATORS = ("minmax", "percentile", "entropy", "mse", "moving-average-minmax")
 #: technique ablation: name -> quantize.cnn options (MSE ranges, no budget)
@@ -121,7 +122,8 @@ def ort_variants(fp32: Path, calibration: list[dict], out: Path) -> dict[str, Pa
 
 
 def edgepack_variant(fp32: Path, calibration: list[Any], *, folder: Path, calibrator: str = "mse",
-                     cnn: dict | None = None, budget: bool = False) -> tuple[Path, dict, float]:
+                     cnn: dict | None = None, budget: bool = False,
+                     extra: dict | None = None) -> tuple[Path, dict, float]:
     from edgepack import stages
     from edgepack.recipe import QuantizeSection, load_recipe
 
@@ -130,6 +132,7 @@ def edgepack_variant(fp32: Path, calibration: list[Any], *, folder: Path, calibr
     base.update(calibrator=calibrator, cnn={**base["cnn"], **(cnn or {})})
     if not budget:
         base["max_cosine_drop"] = None
+    base.update(extra or {})
     start = time.perf_counter()
     result = stages.quantize(fp32, family(str(fp32)), calibration=calibration, options=QuantizeSection(**base),
                              max_length=1, padding="longest", folder=folder)
@@ -163,6 +166,49 @@ def redo_qnn(out: Path) -> None:
     results["qnn"] = all_qnn_coverage(paths, feed, out)
     (out / "results.json").write_text(json.dumps(results, indent=1, default=str))
     print(json.dumps(results["qnn"], indent=1))
+
+
+#: `edgepack` step's extra row: the recipe plus the stem conv's output in 16 bits (quantize.wide_activations)
+WIDE_STEM = ["/_swish/Clip_output_0"]
+
+
+def redo_edgepack(out: Path) -> None:
+    """Only the edgepack rows of a finished build, after a recipe change: the recipe's quantize section now
+    (`edgepack`), the model it replaces (`edgepack-before`, kept from the first such rebuild) and the recipe with
+    the stem output in 16 bits (`edgepack-wide-stem`); quality, quantize record and QNN-HTP coverage into
+    results.json. The other rows, calibrators and techniques stay as built."""
+    results = json.loads((out / "results.json").read_text())
+    paths = json.loads((out / "paths.json").read_text())
+    data = protocol()
+    fp32 = Path(paths["fp32"])
+    artifact = family(str(fp32))
+    eval_feeds = artifact.evaluation_feeds(data["evaluation"], max_length=1)
+    labelled = np.array([s.label is not None for s in data["evaluation"]])
+    labels = np.array([artifact._class_id(s.label) for s in data["evaluation"] if s.label is not None])
+    reference = logits(fp32, eval_feeds)
+    before = out / "edgepack-before"
+    if not before.exists():
+        (out / "edgepack").rename(before)
+        results["quality"]["edgepack-before"] = results["quality"]["edgepack"]
+        results["qnn"]["edgepack-before"] = results["qnn"].get("edgepack")
+    paths["edgepack-before"] = str(before / "model.onnx")
+    for name, extra in (("edgepack", {}), ("edgepack-wide-stem", {"wide_activations": WIDE_STEM})):
+        import shutil
+
+        shutil.rmtree(out / name, ignore_errors=True)
+        int8, metrics, seconds = edgepack_variant(fp32, data["calibration"], folder=out / name, budget=True,
+                                                  extra=extra)
+        if name == "edgepack":
+            results["edgepack_quantize"] = {"seconds": seconds, "budget": metrics.get("budget"), "unmet": None,
+                                            "normalization": metrics.get("normalization")}
+        paths[name] = str(int8)
+        results["quality"][name] = quality(int8, reference, eval_feeds, labels, labelled)
+        results["qnn"][name] = qnn_coverage(int8, eval_feeds[0], out / "qnn")
+    results["edgepack_rebuilt"] = {"wide_stem": WIDE_STEM}
+    (out / "paths.json").write_text(json.dumps(paths, indent=1))
+    (out / "results.json").write_text(json.dumps(results, indent=1, default=str))
+    print(json.dumps({k: results[k] for k in ("edgepack_quantize", "edgepack_rebuilt")}, indent=1, default=str))
+    print(json.dumps({k: results["quality"][k] for k in ("edgepack", "edgepack-before", "edgepack-wide-stem")}))
 
 
 def build(out: Path) -> None:
@@ -339,7 +385,7 @@ def render(out: Path, timed: dict[str, Any]) -> str:
     q, qnn = results["quality"], results["qnn"]
     fp32 = q["fp32"]
     rows = []
-    for name in MAIN:
+    for name in (*MAIN, *(k for k in ("edgepack-wide-stem", "edgepack-before") if k in q)):
         entry = q.get(name, {})
         if "error" in entry:
             rows.append([name, entry["error"], "", "", "", "", "", "", "", ""])
@@ -361,14 +407,21 @@ def render(out: Path, timed: dict[str, Any]) -> str:
         lines_unmet = [f"The accuracy budget was not met ({unmet}); the row is the model without fallback."]
     else:
         lines_unmet = []
+    if results.get("edgepack_rebuilt"):
+        lines_unmet.append(
+            "The edgepack rows were rebuilt (`bench_vision.py edgepack`) after a recipe change: `edgepack` is the "
+            "recipe now, `edgepack-before` the model it replaced (budget on 32 calibration crops: it kept the stem "
+            "conv in float), `edgepack-wide-stem` the recipe with `quantize.wide_activations: "
+            f"{results['edgepack_rebuilt']['wide_stem']}` (the stem conv's output in 16 bits), all timed in the same "
+            "passes. The calibrator and technique tables below are from the full build before that change.")
     lines = [main, "", *lines_unmet,
              f"Held-out: {data['evaluation']} crops of 14 photos (FP32 labelled accuracy "
              f"{results['fp32_accuracy']:.3f} on {data['labelled']} crops of the 6 labelled photos); calibration: "
              f"{data['calibration']} crops of 12 other photos. edgepack quantized in "
              f"{results['edgepack_quantize']['seconds']:.0f} s; the budget kept "
              f"{', '.join(budget.get('fallback_nodes') or []) or 'no layer'} in float "
-             f"(cosine {budget.get('check_fidelity', {}).get('cosine_mean', float('nan')):.4f} on 32 calibration "
-             "crops).", "", _targets(results, timed, edge), "", _calibrators(results), "", _techniques(results), "",
+             f"(cosine {budget.get('check_fidelity', {}).get('cosine_mean', float('nan')):.4f} on "
+             f"{budget.get('check_samples', 32)} calibration crops).", "", _targets(results, timed, edge), "", _calibrators(results), "", _techniques(results), "",
              _profile(timed["profile"]), "", _foreign(results["foreign"])]
     return "\n".join(lines)
 
@@ -446,11 +499,12 @@ def _foreign(foreign: dict[str, Any]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("step", choices=["build", "qnn", "time"], help="qnn: redo only the QNN-HTP coverage")
+    parser.add_argument("step", choices=["build", "qnn", "edgepack", "time"],
+                        help="qnn: redo only the QNN-HTP coverage; edgepack: rebuild only the edgepack row")
     parser.add_argument("--out", type=Path, default=OUT)
     args = parser.parse_args()
-    if args.step in ("build", "qnn"):
-        (build if args.step == "build" else redo_qnn)(args.out)
+    if args.step in ("build", "qnn", "edgepack"):
+        {"build": build, "qnn": redo_qnn, "edgepack": redo_edgepack}[args.step](args.out)
         return
     timed = timing(args.out)
     (args.out / "timing.json").write_text(json.dumps(timed, indent=1))

@@ -66,6 +66,9 @@ class QuantizeOptions:
     normalize: bool = True
     #: CNN techniques for the cnn recipe (`quantization.cnn`: equalization, learned rounding, bias correction)
     cnn: CnnOptions = field(default_factory=CnnOptions)
+    #: activation tensors quantized to 16 bits (uint16 QDQ, same calibrated range, 256x finer step; ORT's
+    #: com.microsoft Q/DQ below opset 21): the few tensors whose 8-bit step dominates the error
+    wide_activations: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         CALIBRATORS.get(self.calibrator)  # unknown name -> BadInputError listing the known ones
@@ -77,6 +80,9 @@ class QuantizeOptions:
         if self.graph == "fused" and self.activation_type != "uint8":
             raise BadInputError("quantize.graph fused: activation_type must be uint8 (ONNX Runtime's QAttention "
                                 "takes uint8 inputs); use activation_type uint8 or graph qdq")
+        if self.graph == "fused" and self.wide_activations:
+            raise BadInputError("quantize.wide_activations needs graph qdq (the fused integer ops are 8-bit); "
+                                "use graph qdq or drop wide_activations")
 
 
 class PerTensorCalibrator(RangeCalibrator):
@@ -437,6 +443,31 @@ def _cnn_prepared(graph: _Graph, options: QuantizeOptions, *, calibration_feeds:
                    float_weights=float_path)
 
 
+def widen_activations(plan: QuantPlan, model: onnx.ModelProto, tensors: Sequence[str]) -> QuantPlan:
+    """`plan` with `tensors` quantized as uint16 (ORT TensorQuantOverrides; contrib Q/DQ below opset 21).
+
+    A 16-bit tensor keeps its calibrated range; the ops around it run in float on CPU (no 16-bit integer
+    kernels), QNN HTP runs them as 16-bit activations. A name that is no activation of `model` is a BadInputError.
+    """
+    if not tensors:
+        return plan
+    from onnxruntime.quantization import QuantType
+
+    from edgepack.exporters.normalize import default_opset
+
+    known = {o for n in model.graph.node for o in n.output} | {i.name for i in model.graph.input}
+    for name in tensors:
+        if name not in known:
+            raise BadInputError(f"quantize.wide_activations: no tensor '{name}' in the model"
+                                f"{did_you_mean(name, sorted(known))}; name a node output or graph input")
+    overrides = {**plan.tensor_overrides, **{t: [{"quant_type": QuantType.QUInt16}] for t in tensors}}
+    extra = {**plan.extra_options}
+    if default_opset(model) < 21:
+        extra["UseQDQContribOps"] = True
+    notes = (*plan.notes, f"{len(tensors)} activation tensor(s) in 16 bits: {', '.join(tensors)}")
+    return replace(plan, tensor_overrides=overrides, extra_options=extra, notes=notes)
+
+
 def budget_candidates(plan: QuantPlan, model: onnx.ModelProto) -> list[str]:
     """Layers the accuracy budget may return to float: the plan's selected nodes, or (whole-graph recipes such as
     cnn) every quantized weight layer (Conv, ConvTranspose, Gemm, MatMul with a constant weight)."""
@@ -472,7 +503,9 @@ def quantize_static(model_path: Path, out_path: Path, *, calibration_feeds: Call
         model = onnx.load(str(source))
         _check_excluded_exist(model, options.exclude_nodes, graph=options.graph)
         graph = _normalized(source, model, options, workdir)
-        plan = plan_quantization(graph.model, family=options.family, exclude=options.exclude_nodes)
+        plan = widen_activations(plan_quantization(graph.model, family=options.family,
+                                                   exclude=options.exclude_nodes), graph.model,
+                                 options.wide_activations)
         _check_something_to_quantize(plan, graph.model, model_path)
         _check_sample_count(n_calibration, {options.calibrator, *plan.range_methods.values()})
         effective = replace(options, per_channel=graph.per_channel)
