@@ -17,7 +17,6 @@ folder records the source types, and the causal-lm family reports them beside ev
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -25,6 +24,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from edgepack.artifacts import sha256_file
 from edgepack.errors import BadInputError
 
 #: GGUF tokenizer.ggml.pre -> (split digits one by one, byte-level regex) of the model's original tokenizer.json
@@ -46,14 +46,6 @@ def _need(module: str, package: str, what: str) -> Any:
     except ImportError:
         raise BadInputError(f"{what} needs the Python package '{package}', which is not installed; run "
                             f"`pip install {package}` (or `pip install 'edgepack[llm]'`)") from None
-
-
-def _file_sha(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 22), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def read_gguf_metadata(path: Path) -> dict[str, Any]:
@@ -141,7 +133,7 @@ def hf_folder_from_gguf(path: Path) -> Path:
     """The cached HF folder converted from GGUF file `path` (converted on first use; keyed by the file's sha256)."""
     if not path.is_file():
         raise BadInputError(f"GGUF file {path} does not exist")
-    sha = _file_sha(path)
+    sha = sha256_file(path)
     out = cache_root() / f"{path.stem.lower()}-{sha[:12]}"
     if (out / "provenance.json").is_file():
         return out

@@ -22,7 +22,6 @@ venv); adb only as far as a machine without an Android device allows (docs/devic
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -38,6 +37,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
+from edgepack.artifacts import sha256_file
 from edgepack.errors import BadInputError, did_you_mean
 
 if TYPE_CHECKING:
@@ -224,7 +224,7 @@ class RemoteDevice(Device):
 
     def _ensure_model(self, model: Path) -> str:
         """Copy `model` and the external-data files it names to `<root>/models/<sha256>/` unless already there."""
-        digest = _sha256(model)
+        digest = sha256_file(model)
         folder = f"{self.root}/models/{digest}"
         marker = f"{folder}/.complete"
         have = self._shell(f"test -f {shlex.quote(marker)} && echo have || echo need",
@@ -240,14 +240,6 @@ class RemoteDevice(Device):
         self._push(files, folder)
         self._checked(f"touch {shlex.quote(marker)}")
         return digest
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def model_companions(model: Path) -> list[Path]:
