@@ -71,9 +71,12 @@ def build_parser() -> argparse.ArgumentParser:
             "edgepack auto my.yaml --budget accuracy_drop=1 --budget p50_ms=5 --ep cpu --trials 40 --workers 2\n"
             "edgepack auto my.yaml --budget size_mb=10 --backend ray --address head-node:6379")
     p.add_argument("recipe", type=Path, help="recipe YAML with an auto: section (see recipes/minilm-auto.yaml)")
+    from edgepack.auto.budgets import BUDGETS  # the budget kinds are data there; the help lists every one
+
+    kinds = ", ".join(f"{k.name} ({k.unit}{', at least' if k.lower_limit else ''})"
+                      for k in map(BUDGETS.get, BUDGETS.names()))
     p.add_argument("--budget", action="append", default=[], metavar="NAME=VALUE",
-                   help="a limit every chosen model meets (repeatable): accuracy_drop (points), size_mb, "
-                        "peak_rss_mb (the model's MiB over the runtime baseline), process_peak_rss_mb, p50_ms, p90_ms")
+                   help=f"a limit every chosen model meets (repeatable): {kinds}")
     p.add_argument("--ep", default="cpu", help="execution provider the budgets are measured on (default cpu; the "
                    "finalists are also measured on the recipe's validate.providers)")
     p.add_argument("--backend", default="local", help="where candidates run: local (process pool, default), ray, "
