@@ -321,29 +321,37 @@ class DataSplit:
     evaluation: list[Sample]
 
 
+def _check_counts(n_calibration: int, n_evaluation: int, source: str) -> None:
+    if n_calibration < 1:
+        raise BadInputError(f"{source}: n_calibration is {n_calibration}; calibration needs at least 1 sample")
+    if n_evaluation < 0:
+        raise BadInputError(f"{source}: n_evaluation is {n_evaluation}; use 0 or more")
+
+
+def _check_enough(unique: int, total: int, n_calibration: int, n_evaluation: int, source: str) -> None:
+    """`unique` distinct samples of `total` read must cover both parts of the split."""
+    if unique < n_calibration + n_evaluation:
+        dropped = total - unique
+        note = f" ({dropped} duplicates dropped)" if dropped else ""
+        raise BadInputError(
+            f"{source}: {unique} unique samples{note}, but the recipe asks for {n_calibration} calibration + "
+            f"{n_evaluation} evaluation; lower data.n_calibration / data.n_evaluation or supply more samples"
+        )
+
+
 def split_samples(
     samples: Sequence[Sample], *, n_calibration: int, n_evaluation: int, seed: int, source: str
 ) -> DataSplit:
     """Drop exact duplicates (first one kept), shuffle with `numpy.random.default_rng(seed)`, then take
     `n_calibration` samples for calibration and the next `n_evaluation` for evaluation (never the same content)."""
-    if n_calibration < 1:
-        raise BadInputError(f"{source}: n_calibration is {n_calibration}; calibration needs at least 1 sample")
-    if n_evaluation < 0:
-        raise BadInputError(f"{source}: n_evaluation is {n_evaluation}; use 0 or more")
+    _check_counts(n_calibration, n_evaluation, source)
     unique = _drop_duplicates(samples)
-    needed = n_calibration + n_evaluation
-    if len(unique) < needed:
-        dropped = len(samples) - len(unique)
-        note = f" ({dropped} duplicates dropped)" if dropped else ""
-        raise BadInputError(
-            f"{source}: {len(unique)} unique samples{note}, but the recipe asks for {n_calibration} calibration + "
-            f"{n_evaluation} evaluation; lower data.n_calibration / data.n_evaluation or supply more samples"
-        )
+    _check_enough(len(unique), len(samples), n_calibration, n_evaluation, source)
     rng = np.random.default_rng(seed)
     if any(hasattr(s, "group") for s in unique):
         return _split_by_group(unique, rng, n_calibration=n_calibration, n_evaluation=n_evaluation, source=source)
     order = rng.permutation(len(unique))
-    chosen = screen_samples([unique[i] for i in order], needed, source=source)
+    chosen = screen_samples([unique[i] for i in order], n_calibration + n_evaluation, source=source)
     return DataSplit(calibration=chosen[:n_calibration], evaluation=chosen[n_calibration:])
 
 
@@ -438,24 +446,14 @@ def read_split(
     """`split_samples(read_samples(path, ...), ...)` in two streaming passes: the first keeps a digest per record
     (to drop duplicates and count), the second keeps only the chosen records. Same result, same errors."""
     options = {"format": format, "field": field, "pair_field": pair_field, "label_field": label_field}
-    if n_calibration < 1:
-        raise BadInputError(f"{source}: n_calibration is {n_calibration}; calibration needs at least 1 sample")
-    if n_evaluation < 0:
-        raise BadInputError(f"{source}: n_evaluation is {n_evaluation}; use 0 or more")
+    _check_counts(n_calibration, n_evaluation, source)
     digests = _digests(iter_samples(path, **options))  # (records, 16) uint8: ~16 bytes a record
     if not len(digests):
         raise BadInputError(f"{path}: no samples (the file is empty, blank, or has no data rows); add at least one")
     _, first = np.unique(digests.view(np.dtype((np.void, 16))).ravel(), return_index=True)
     unique_positions = np.sort(first)  # file positions of the first copy of each sample, in file order
+    _check_enough(len(unique_positions), len(digests), n_calibration, n_evaluation, source)
     needed = n_calibration + n_evaluation
-    if len(unique_positions) < needed:
-        dropped = len(digests) - len(unique_positions)
-        note = f" ({dropped} duplicates dropped)" if dropped else ""
-        raise BadInputError(
-            f"{source}: {len(unique_positions)} unique samples{note}, but the recipe asks for {n_calibration} "
-            f"calibration + {n_evaluation} evaluation; lower data.n_calibration / data.n_evaluation or supply more "
-            "samples"
-        )
     order = np.random.default_rng(seed).permutation(len(unique_positions))[:needed]
     wanted = {int(unique_positions[i]): rank for rank, i in enumerate(order)}
     chosen: list[Sample | None] = [None] * needed
