@@ -25,6 +25,7 @@ from typing import Any
 import psutil
 
 from edgepack import __version__
+from edgepack.errors import BadInputError
 
 MANIFEST = "manifest.json"
 
@@ -84,6 +85,18 @@ def write_json(path: Path, payload: Any) -> None:
     """Strict JSON: non-finite floats (e.g. the SQNR of identical outputs) become null."""
     text = json.dumps(_finite(payload), indent=2, allow_nan=False, default=_json_default)
     atomic_write_text(path, text + "\n")
+
+
+def read_json_object(path: Path, *, written_by: str) -> dict[str, Any]:
+    """A JSON object file (a config a tool wrote); anything else is one line naming the file and `written_by`."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise BadInputError(f"{path}: not readable JSON ({type(err).__name__}); restore the file {written_by} "
+                            "wrote") from None
+    if not isinstance(data, dict):
+        raise BadInputError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
 
 
 def _finite(value: Any) -> Any:

@@ -16,7 +16,6 @@ raw pixels (no normalisation), for models that take bytes.
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any, Literal
@@ -24,6 +23,7 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from edgepack.artifacts import read_json_object
 from edgepack.errors import BadInputError
 
 #: PIL's resampling filter codes (Image.Resampling), as HF preprocessor configs store them.
@@ -172,13 +172,7 @@ def _vector(value: float | list[float]) -> np.ndarray:
 def from_hf_config(path: Path) -> ImagePreprocessing:
     """The spec a Hugging Face `preprocessor_config.json` states (ViT, ConvNeXt, ResNet, MobileNet image
     processors): size / shortest_edge, crop_pct, crop_size, rescale_factor, image_mean / image_std, resample."""
-    try:
-        config = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise BadInputError(f"{path}: not readable JSON ({type(err).__name__}); restore the file the image "
-                            "processor's `save_pretrained` wrote") from None
-    if not isinstance(config, dict):
-        raise BadInputError(f"{path}: expected a JSON object, got {type(config).__name__}")
+    config = read_json_object(path, written_by="the image processor's `save_pretrained`")
     resize, crop = _hf_sizes(config, path)
     fields: dict[str, Any] = {"resize": resize, "crop": crop}
     fields["interpolation"] = _PIL_FILTERS.get(int(config.get("resample", 2)), "bilinear")

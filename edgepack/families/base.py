@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from edgepack.artifacts import read_json_object
 from edgepack.calibration_data import Feed, Sample
 from edgepack.errors import BadInputError, did_you_mean
 from edgepack.registry import Registry
@@ -305,14 +306,7 @@ def inspect_source(text: str) -> ModelSource:
 
 
 def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise BadInputError(f"{path}: not readable JSON ({type(err).__name__}); restore the file the model's "
-                            "`save_pretrained` wrote") from None
-    if not isinstance(data, dict):
-        raise BadInputError(f"{path}: expected a JSON object, got {type(data).__name__}")
-    return data
+    return read_json_object(path, written_by="the model's `save_pretrained`")
 
 
 def _artifact_record(folder: Path) -> dict[str, Any] | None:
