@@ -6,6 +6,7 @@ every run (the ONNX file's sha256 is reproducible) and no gradient buffers are a
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -33,18 +34,22 @@ def make_big_mlp():  # -> torch.nn.Module
         return BigMLP().eval().requires_grad_(False)
 
 
-def make_onnx_mlp(path: Path, *, layers: int, width: int) -> Path:
-    """x (batch, width) -> MatMul/Relu x `layers` -> y, named nodes, seeded weights scaled to keep activations O(1)."""
+def _mlp_weights(layers: int, width: int) -> Iterator[np.ndarray]:
+    """Seeded weights scaled to keep activations O(1), one layer at a time."""
+    rng = np.random.default_rng(0)
+    for _ in range(layers):
+        yield rng.standard_normal((width, width), dtype=np.float32) * np.float32(np.sqrt(2 / width))
+
+
+def _save_mlp(path: Path, inits: list, width: int) -> Path:
+    """x (batch, width) -> MatMul/Relu per initializer in `inits` -> y, named nodes, saved at `path`."""
     import onnx
-    from onnx import TensorProto, numpy_helper
+    from onnx import TensorProto
     from onnx import helper as oh
 
-    rng = np.random.default_rng(0)
-    inits, nodes, x = [], [], "x"
-    for i in range(layers):
-        weight = rng.standard_normal((width, width), dtype=np.float32) * np.float32(np.sqrt(2 / width))
-        inits.append(numpy_helper.from_array(weight, f"W{i}"))
-        out = "y" if i == layers - 1 else f"r{i}"
+    nodes, x = [], "x"
+    for i in range(len(inits)):
+        out = "y" if i == len(inits) - 1 else f"r{i}"
         nodes += [oh.make_node("MatMul", [x, f"W{i}"], [f"m{i}"], name=f"matmul{i}"),
                   oh.make_node("Relu", [f"m{i}"], [out], name=f"relu{i}")]
         x = out
@@ -56,17 +61,21 @@ def make_onnx_mlp(path: Path, *, layers: int, width: int) -> Path:
     return path
 
 
+def make_onnx_mlp(path: Path, *, layers: int, width: int) -> Path:
+    """x (batch, width) -> MatMul/Relu x `layers` -> y, named nodes, seeded weights scaled to keep activations O(1)."""
+    from onnx import numpy_helper
+
+    inits = [numpy_helper.from_array(w, f"W{i}") for i, w in enumerate(_mlp_weights(layers, width))]
+    return _save_mlp(path, inits, width)
+
+
 def make_onnx_mlp_external(path: Path, *, layers: int, width: int) -> Path:
     """`make_onnx_mlp` with its weights written to `<name>.data` a layer at a time (memory: one layer)."""
-    import onnx
     from onnx import TensorProto
-    from onnx import helper as oh
 
-    rng = np.random.default_rng(0)
-    inits, nodes, x = [], [], "x"
+    inits = []
     with open(path.with_name(path.name + ".data"), "wb") as data:
-        for i in range(layers):
-            weight = rng.standard_normal((width, width), dtype=np.float32) * np.float32(np.sqrt(2 / width))
+        for i, weight in enumerate(_mlp_weights(layers, width)):
             tensor = TensorProto(name=f"W{i}", data_type=TensorProto.FLOAT, dims=weight.shape)
             tensor.data_location = TensorProto.EXTERNAL
             for key, value in (("location", path.name + ".data"), ("offset", str(data.tell())),
@@ -75,13 +84,4 @@ def make_onnx_mlp_external(path: Path, *, layers: int, width: int) -> Path:
                 entry.key, entry.value = key, value
             data.write(weight.tobytes())
             inits.append(tensor)
-            out = "y" if i == layers - 1 else f"r{i}"
-            nodes += [oh.make_node("MatMul", [x, f"W{i}"], [f"m{i}"], name=f"matmul{i}"),
-                      oh.make_node("Relu", [f"m{i}"], [out], name=f"relu{i}")]
-            x = out
-    graph = oh.make_graph(nodes, "mlp", [oh.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", width])],
-                          [oh.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", width])], inits)
-    model = oh.make_model(graph, opset_imports=[oh.make_opsetid("", 17)])
-    model.ir_version = 8
-    onnx.save(model, str(path))
-    return path
+    return _save_mlp(path, inits, width)
