@@ -128,6 +128,9 @@ from edgepack.calibration_data import read_split
 def rss(key):
     return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith(key)) * 1024
 
+small = Path(sys.argv[1]).with_name("small.jsonl")  # warm up lazy imports and the allocator's arenas first
+small.write_text("".join(f'{{"text": "warm {i}"}}\\n' for i in range(400)), encoding="utf-8")
+read_split(small, n_calibration=200, n_evaluation=100, seed=0, source="small")
 before = rss("VmRSS:")
 split = read_split(Path(sys.argv[1]), n_calibration=200, n_evaluation=100, seed=0, source="big")
 print(len(split.calibration), len(split.evaluation), rss("VmHWM:") - before)
@@ -146,4 +149,6 @@ def test_a_data_file_is_streamed_not_read_whole(tmp_path):
                             timeout=300)
     calibration, evaluation, grew = (int(v) for v in result.stdout.split())
     assert (calibration, evaluation) == (200, 100)
-    assert grew < size / 8, f"peak grew {grew / 1e6:.1f} MB reading a {size / 1e6:.0f} MB file"
+    # Read whole, the file alone would be `size` bytes of str; streamed, the growth is the 300 chosen records, the
+    # 1 MB of digests and allocator slack (CI measured 8.3 MB without the warm-up; reading whole is >= 66 MB).
+    assert grew < size / 4, f"peak grew {grew / 1e6:.1f} MB reading a {size / 1e6:.0f} MB file"
