@@ -154,6 +154,9 @@ class CnnSection(_Section):
     bias_correction: bool = True
     adaround_iterations: int = Field(300, ge=1)
     adaround_samples: int = Field(32, ge=1)
+    #: activation tensors kept in float with the layer computing them and every layer reading them (no Q/DQ on
+    #: them): the few activations whose 8-bit step dominates the error; names as in the normalised graph
+    float_activations: list[str] = Field(default_factory=list)
 
 
 class QuantizeSection(_Section):

@@ -468,6 +468,22 @@ def widen_activations(plan: QuantPlan, model: onnx.ModelProto, tensors: Sequence
     return replace(plan, tensor_overrides=overrides, extra_options=extra, notes=notes)
 
 
+def keep_float_activations(plan: QuantPlan, graph: _Graph, tensors: Sequence[str]) -> QuantPlan:
+    """`plan` with the nodes around `tensors` excluded (`cnn.float_activation_nodes`), so those activations stay
+    float; the excluded layers get their FP32 weights back (`restore_float_weights`). cnn recipe only."""
+    if not tensors:
+        return plan
+    if graph.recipe != "cnn":
+        raise BadInputError(f"quantize.cnn.float_activations applies to the cnn recipe; this model quantizes with "
+                            f"the {graph.recipe} recipe: drop float_activations or set quantize.recipe cnn")
+    from edgepack.quantization.cnn import float_activation_nodes
+
+    nodes = [n for n in float_activation_nodes(graph.model, tensors) if n not in plan.nodes_to_exclude]
+    notes = (*plan.notes, f"{len(tensors)} activation tensor(s) kept in float ({', '.join(tensors)}): "
+                          f"{len(nodes)} node(s) left unquantized ({', '.join(nodes)})")
+    return replace(plan, nodes_to_exclude=(*plan.nodes_to_exclude, *nodes), notes=notes)
+
+
 def budget_candidates(plan: QuantPlan, model: onnx.ModelProto) -> list[str]:
     """Layers the accuracy budget may return to float: the plan's selected nodes, or (whole-graph recipes such as
     cnn) every quantized weight layer (Conv, ConvTranspose, Gemm, MatMul with a constant weight)."""
@@ -506,6 +522,7 @@ def quantize_static(model_path: Path, out_path: Path, *, calibration_feeds: Call
         plan = widen_activations(plan_quantization(graph.model, family=options.family,
                                                    exclude=options.exclude_nodes), graph.model,
                                  options.wide_activations)
+        plan = keep_float_activations(plan, graph, options.cnn.float_activations)
         _check_something_to_quantize(plan, graph.model, model_path)
         _check_sample_count(n_calibration, {options.calibrator, *plan.range_methods.values()})
         effective = replace(options, per_channel=graph.per_channel)
