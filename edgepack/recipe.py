@@ -7,6 +7,7 @@ encoders, so the smallest recipe is `model: {path: ./my-model}`.
 from __future__ import annotations
 
 import reprlib
+import typing
 import warnings
 from pathlib import Path
 from typing import Any, Literal
@@ -270,13 +271,25 @@ def _known_keys(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
     """Field names (aliases) at the location of an error, for a did-you-mean."""
     current: Any = model
     for part in loc[:-1]:
+        if isinstance(part, int):  # an item of a list of sections (quantize.weight_only.variants.0)
+            continue
         field = current.model_fields.get(part) or next(
             (f for f in current.model_fields.values() if f.alias == part), None)
-        annotation = getattr(field, "annotation", None)
-        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+        current = _section_type(getattr(field, "annotation", None))
+        if current is None:
             return []
-        current = annotation
     return [f.alias or name for name, f in current.model_fields.items()]
+
+
+def _section_type(annotation: Any) -> type[BaseModel] | None:
+    """The section model of a field: itself, or inside `X | None` / `list[X]`."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in typing.get_args(annotation):
+        found = _section_type(arg)
+        if found is not None:
+            return found
+    return None
 
 
 def _format_error(error: dict[str, Any], source: str) -> str:

@@ -208,8 +208,16 @@ def _extra_calibration(section: Any, family: ModelFamily) -> list[Sample]:
 
     if section.calibration_data is None:
         return []
-    samples = read_samples(resolve_data_path(section.calibration_data), pair_field=None)
-    texts = [s.text for s in samples[: section.calibration_data_samples] if isinstance(s, TextSample)]
+    path = resolve_data_path(section.calibration_data)
+    if path.name.endswith(".gz"):  # a corpus file (the bundled distillation corpus): streamed, its first records
+        from itertools import islice
+
+        from edgepack.calibration_data.corpus import stream_records
+
+        texts = [s.text for s in islice(stream_records(path), section.calibration_data_samples)]
+    else:
+        samples = read_samples(path, pair_field=None)
+        texts = [s.text for s in samples[: section.calibration_data_samples] if isinstance(s, TextSample)]
     joined, current = [], []
     words = max(8, section.calibration_tokens * 3 // 4)  # ~0.75 words per token of English
     for text in texts:

@@ -107,7 +107,12 @@ def find_targets(model: onnx.ModelProto) -> list[Target]:
 def spec_for(variant: WeightOnlyVariant, bits: int) -> BlockSpec:
     # INT8 codes: symmetric unless asked otherwise; clip search pays off for 4 bits only
     return BlockSpec(bits=bits, block_size=variant.block_size, symmetric=variant.symmetric,
-                     clip_search=variant.clip_search and bits == 4)
+                     clip_search=variant.clip_search and bits == 4, grid=variant.grid)
+
+
+def default_bits(target: Target, variant: WeightOnlyVariant) -> int:
+    """The variant's bits for `target`: `head_bits` for lm_head where set."""
+    return variant.head_bits if variant.head_bits is not None and target.unit == "lm_head" else variant.bits
 
 
 # ------------------------------------------------------------------------------------------------ calibration
@@ -178,7 +183,8 @@ def quantized_arrays(targets: list[Target], variant: WeightOnlyVariant, bits: in
     for group in get_reporter().track(list(shapes.values()), total=len(shapes), title=f"gptq {bits}-bit"):
         weights = np.stack([t.weight for t in group])
         stacked = np.stack([hessians[t.node.input[0]] for t in group])
-        for target, q in zip(group, quantize_gptq_batch(weights, stacked, spec), strict=True):
+        codes = quantize_gptq_batch(weights, stacked, spec, damp=variant.damp, act_order=variant.act_order)
+        for target, q in zip(group, codes, strict=True):
             out[target.name] = q
     return out
 
@@ -281,7 +287,7 @@ def _rewrite_embeddings(model: onnx.ModelProto, targets: list[Target], replaced:
             notes.append(f"tied embedding {gather.input[0]}: GatherBlockQuantized over lm_head's {q.spec.bits}-bit "
                          "MatMulNBits codes (one copy)")
         else:
-            spec = spec_for(variant, variant.bits)
+            spec = spec_for(variant, variant.head_bits or variant.bits)
             array = numpy_helper.to_array(table).astype(np.float32)
             if array.shape[1] % spec.block_size:
                 continue
@@ -320,7 +326,8 @@ def quantize_weight_only(fp32: Path, out: Path, *, variant: WeightOnlyVariant, c
         return _quantize_with_ort(fp32, out, variant=variant, start=start)
     model = onnx.load(str(fp32))
     targets = [t for t in find_targets(model) if t.name not in variant.exclude_nodes]
-    chosen = {t.name: (plan.get(t.name, variant.bits) if plan is not None else variant.bits) for t in targets}
+    chosen = {t.name: (plan.get(t.name, variant.bits) if plan is not None else default_bits(t, variant))
+              for t in targets}
     for target in targets:
         if chosen[target.name] is not None:
             check_divides(spec_for(variant, 4), target.weight.shape[0], where=f"node {target.name}")
@@ -428,7 +435,9 @@ def mixed_precision(fp32: Path, *, variant: WeightOnlyVariant, calibration: Feed
     low = quantized_arrays(targets, variant, variant.bits, hessians)
     high = quantized_arrays(targets, variant.model_copy(update={"method": "rtn"}), variant.mixed.promote_bits, None)
     fp32_nll = calibration_nll(fp32, calibration)
-    units = list(dict.fromkeys(t.unit for t in targets))
+    # lm_head at `head_bits` 8 is promoted from the start, outside the search
+    fixed = {"lm_head"} if variant.head_bits == variant.mixed.promote_bits else set()
+    units = [u for u in dict.fromkeys(t.unit for t in targets) if u not in fixed]
     ranking_feeds = calibration_feeds(list(calibration())[: variant.mixed.sensitivity_samples])
     ranking_base = calibration_nll(fp32, ranking_feeds)
 
@@ -454,7 +463,7 @@ def mixed_precision(fp32: Path, *, variant: WeightOnlyVariant, calibration: Feed
             lo = mid + 1
     promoted = set(ranked[:lo])
     nll = tried[lo] if lo in tried else nll_with_low(set(ranked[lo:]))
-    plan: dict[str, int | None] = {t.name: variant.mixed.promote_bits if t.unit in promoted else variant.bits
+    plan: dict[str, int | None] = {t.name: variant.mixed.promote_bits if t.unit in promoted | fixed else variant.bits
                                    for t in targets}
     info = {"max_perplexity_ratio": variant.mixed.max_perplexity_ratio, "units": len(units),
             "promoted": [u for u in ranked if u in promoted], "promote_bits": variant.mixed.promote_bits,

@@ -48,8 +48,20 @@ class WeightOnlyVariant(_Section):
     #: rtn: round to nearest (ours: min/max grid); gptq: ours, calibration-aware; ort-default / ort-hqq: ONNX
     #: Runtime's MatMulNBitsQuantizer (DEFAULT, HQQ: 4-bit only), which leaves a tied lm_head in float
     method: Literal["rtn", "gptq", "ort-default", "ort-hqq"] = "gptq"
-    #: search a range shrink factor per block that minimises the squared rounding error (rtn, gptq)
+    #: search a range shrink factor per block that minimises the squared rounding error (rtn, gptq; grid minmax)
     clip_search: bool = True
+    #: each block's scale and zero point: minmax (the block's range, shrunk by `clip_search`) or mse (candidate
+    #: scales and integer zero points, the scale refitted by least squares, minimising the squared error weighted by
+    #: the inputs' second moments under gptq: llama.cpp's search on MatMulNBits' integer zero-point grid)
+    grid: Literal["minmax", "mse"] = "minmax"
+    #: gptq: quantize the inputs in order of decreasing second moment, with static groups (each block's grid from
+    #: the original weights)
+    act_order: bool = False
+    #: gptq: damping added to the Hessian's diagonal, as a fraction of its mean
+    damp: float = Field(0.01, gt=0.0, le=1.0)
+    #: bits of lm_head (and the tied embedding that reads its codes); null: `bits`. llama.cpp's Q4_K_M keeps the
+    #: output matrix at 6 bits for the same reason: its error reaches every logit
+    head_bits: Literal[4, 8] | None = None
     #: quantize the embedding table too: a tied one shares lm_head's codes (GatherBlockQuantized), an untied one
     #: is rounded on its own at `bits`
     embeddings: bool = True
@@ -90,8 +102,9 @@ class WeightOnlySection(_Section):
     calibration_samples: int = Field(32, ge=1)
     #: tokens per calibration text (its first ones)
     calibration_tokens: int = Field(256, ge=8)
-    #: more calibration text from another file (`bundled:<name>` or a path; .txt / .jsonl / .csv, its `text` field):
-    #: GPTQ's input statistics need thousands of tokens. Texts of the evaluation split are never among them.
+    #: more calibration text from another file (`bundled:<name>` or a path; .txt / .jsonl / .csv, its `text` field,
+    #: or a gzip corpus such as `bundled:distill-corpus-python.jsonl.gz`): GPTQ's input statistics need tens of
+    #: thousands of tokens. Texts of the evaluation split are never among them.
     calibration_data: str | None = None
     #: at most this many texts of `calibration_data` (in file order), joined in runs of `calibration_tokens` tokens
     calibration_data_samples: int = Field(256, ge=1)

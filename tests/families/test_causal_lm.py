@@ -91,9 +91,11 @@ def test_export_folder_runs_in_onnxruntime_genai_as_is(exported):
     while not generator.is_done():
         generator.generate_next_token()
     genai = np.array(generator.get_sequence(0))[len(prompt):]
-    ours, _, _ = greedy(KVSession(cpu_session(exported)),
-                        prompt, len(genai))
-    assert len(genai) == 10 and genai.tolist() == ours.tolist()
+    kv = KVSession(cpu_session(exported))
+    ours, _, _ = greedy(kv, prompt, len(genai))
+    shared, _, _ = greedy(kv, prompt, len(genai), shared=True)  # past and present in one buffer, as GenAI's config
+    assert json.loads((exported.parent / "genai_config.json").read_text())["search"]["past_present_share_buffer"]
+    assert len(genai) == 10 and genai.tolist() == ours.tolist() == shared.tolist()
     tokenizer = og.Tokenizer(model)
     assert tokenizer.decode(prompt.astype(np.int32)) == family.tokenizer.decode(prompt.tolist())
 
@@ -170,6 +172,66 @@ def test_quantize_gptq_rounds_better_than_rtn_on_correlated_inputs():
     same = quantize_gptq(w, np.eye(64, dtype=np.float32), spec, damp=0.0)  # uncorrelated inputs: nothing to spread
     assert np.array_equal(same.codes, quantize_rtn(w, spec).codes)
     assert np.abs(quantize_rtn(w, BlockSpec(bits=8, block_size=32)).dequantize() - w).max() < 0.02 * np.abs(w).max()
+
+
+def test_quantize_gptq_act_order_and_mse_grid_on_correlated_inputs():
+    """GPTQ's act-order (static groups, codes kept in input order) and the mse grid (integer zero points, scales
+    refitted by least squares, weighted by the inputs' second moments) on correlated, uneven inputs."""
+    rng = np.random.default_rng(1)
+    mix = rng.standard_normal((64, 64)) * (rng.random(64) ** 3)[None]
+    x = rng.standard_normal((2048, 64)) @ mix
+    w = rng.standard_normal((64, 48)).astype(np.float32)
+    hessian = (x.T @ x / len(x)).astype(np.float32)
+    minmax = BlockSpec(bits=4, block_size=32, symmetric=False)
+    mse = BlockSpec(bits=4, block_size=32, symmetric=False, grid="mse")
+
+    def output_error(q):
+        return float(((x @ (q.dequantize() - w)) ** 2).mean())
+
+    weight_error = {name: float(((quantize_rtn(w, spec).dequantize() - w) ** 2).sum())
+                    for name, spec in (("minmax", minmax), ("mse", mse))}
+    assert weight_error["mse"] < 0.95 * weight_error["minmax"]  # min/max is the search's first candidate
+    importance = np.diag(hessian)
+    assert output_error(quantize_rtn(w, mse, importance)) < output_error(quantize_rtn(w, minmax))
+    rtn = output_error(quantize_rtn(w, minmax))
+    for spec in (minmax, mse):
+        for act_order in (False, True):
+            assert output_error(quantize_gptq(w, hessian, spec, act_order=act_order)) < 0.85 * rtn
+    # uncorrelated inputs of uneven energy: act-order permutes the columns but has no error to spread, so its codes
+    # (back in input order) are round-to-nearest's on the static groups
+    diagonal = np.diag(rng.random(64).astype(np.float32) + 0.1)
+    for spec in (minmax, mse):
+        permuted = quantize_gptq(w, diagonal, spec, damp=1e-6, act_order=True)
+        plain = quantize_rtn(w, spec, np.diag(diagonal))
+        assert np.array_equal(permuted.codes, plain.codes) and np.allclose(permuted.scales, plain.scales)
+    with pytest.raises(BadInputError, match="grid 'lsq'"):
+        BlockSpec(grid="lsq")
+
+
+def test_quantize_head_bits_8_with_act_order_and_mse_grid_through_the_graph(exported, tmp_path):
+    """lm_head (and the tied table reading its codes) at INT8, the decoder layers at INT4 GPTQ with act-order,
+    the mse grid and a stronger damping: the graph carries both widths and held-out perplexity stays close."""
+    family = open_model(str(exported))
+    calibration = calibration_feeds(family.feeds(prose(8), max_length=96))
+    held_out = calibration_feeds(family.feeds(prose(8, start=20), max_length=96))
+    variant = WeightOnlyVariant(name="int4-h8", bits=4, block_size=16, symmetric=False, method="gptq", grid="mse",
+                                act_order=True, damp=0.05, head_bits=8)
+    out = tmp_path / "int4-h8.onnx"
+    metrics = quantize_weight_only(exported, out, variant=variant, calibration=calibration)
+    model = onnx.load(str(out))
+
+    def bits(node):
+        return next(onnx.helper.get_attribute_value(a) for a in node.attribute if a.name == "bits")
+
+    widths = {n.name: bits(n) for n in model.graph.node if n.op_type == "MatMulNBits"}
+    assert [b for name, b in widths.items() if "lm_head" in name] == [8]
+    assert {b for name, b in widths.items() if "lm_head" not in name} == {4} and len(widths) == 9
+    assert [bits(n) for n in model.graph.node if n.op_type == "GatherBlockQuantized"] == [8]
+    assert metrics["nodes_by_bits"] == {"4": 8, "8": 1} and "8-bit MatMulNBits codes" in metrics["embedding"]
+    ratio = float(np.exp(calibration_nll(out, held_out) - calibration_nll(exported, held_out)))
+    assert ratio < 1.1
+    with pytest.raises(BadInputError, match=r"did you mean 'act_order'"):
+        parse_recipe({"model": {"path": "x"}, "quantize": {"weight_only": {"variants": [{"act_ordr": True}]}}})
 
 
 def test_quantize_int4_int8_weight_only_with_the_tied_table_shared(exported, tmp_path):
