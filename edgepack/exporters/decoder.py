@@ -299,7 +299,8 @@ def build_decoder(folder: Path, out_path: Path) -> dict[str, Any]:
 
 def genai_config(cfg: DecoderConfig, *, eos: int | list[int], bos: int | None, pad: int, filename: str,
                  context_length: int | None = None) -> dict[str, Any]:
-    """onnxruntime-genai's genai_config.json for this graph (greedy search; separate past and present buffers)."""
+    """onnxruntime-genai's genai_config.json for this graph (greedy search; past and present share one buffer of
+    `max_length` tokens per layer, as GenAI's own builder sets for GroupQueryAttention: no per-step cache copy)."""
     context = context_length or cfg.max_positions
     return {
         "model": {
@@ -318,6 +319,6 @@ def genai_config(cfg: DecoderConfig, *, eos: int | list[int], bos: int | None, p
         },
         "search": {"diversity_penalty": 0.0, "do_sample": False, "early_stopping": True, "length_penalty": 1.0,
                    "max_length": context, "min_length": 0, "no_repeat_ngram_size": 0, "num_beams": 1,
-                   "num_return_sequences": 1, "past_present_share_buffer": False, "repetition_penalty": 1.0,
+                   "num_return_sequences": 1, "past_present_share_buffer": True, "repetition_penalty": 1.0,
                    "temperature": 1.0, "top_k": 1, "top_p": 1.0},
     }

@@ -120,7 +120,8 @@ def probe_tasks(family: CausalLM, samples: Sequence[Sample], *, settings: Any) -
     arrays["prefill"] = family.stream(samples, at_least=settings.sequence_length)[: settings.sequence_length]
     shape = {"kv_heads": family.decoder.kv_heads, "head_dim": family.decoder.head_dim}
     tasks = [ProbeTask("quality", "edgepack.runtime.decoding",
-                       {"task": "quality", "new_tokens": ev.new_tokens, **shape}, arrays)]
+                       {"task": "quality", "new_tokens": ev.new_tokens, "shared_cache": True, **shape},
+                       arrays)]
     ids = family.stream(samples, at_least=max(ev.contexts))
     for context in ev.contexts:
         decode = min(DECODE_STEPS, context - 1)

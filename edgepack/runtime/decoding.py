@@ -11,6 +11,11 @@ is handed in). It knows the graph contract of `edgepack.exporters.decoder`: `inp
 
 Every call is batch 1: GroupQueryAttention reads a row's length from the attention mask, which suits batch 1 (and
 right padding) only.
+
+Greedy decoding shares the past and present buffers (`SharedCache`), as onnxruntime-genai does with
+`past_present_share_buffer`: one cache of the run's full length per layer, bound through IO binding as both the past
+input and the present output, so GroupQueryAttention writes each new token's keys and values in place instead of
+returning a copy of the whole cache every step (the graph is the same one; measured: the same tokens and logits).
 """
 
 from __future__ import annotations
@@ -63,6 +68,38 @@ class KVSession:
         return (outputs[0][0] if logits else None), present
 
 
+class SharedCache:
+    """A static-size KV cache (`length` tokens per layer) shared by the past inputs and present outputs of a
+    GroupQueryAttention graph through IO binding: each step writes its tokens in place (no per-step copy)."""
+
+    def __init__(self, kv: KVSession, length: int) -> None:
+        from onnxruntime import OrtValue
+
+        self.kv, self.length = kv, length
+        self.buffers = {n: OrtValue.ortvalue_from_numpy(np.zeros((1, kv.kv_heads, length, kv.head_dim),
+                                                                 kv.cache_dtype)) for n in kv.past_names}
+        self.binding = kv.session.io_binding()
+
+    def step(self, ids: np.ndarray, start: int) -> np.ndarray:
+        """Run tokens `ids` (S,) at positions start..start+S-1 on the cache so far; logits (S, V)."""
+        length = len(ids)
+        if start + length > self.length:
+            raise ValueError(f"the shared cache holds {self.length} tokens; {start + length} asked")
+        io = self.binding
+        io.clear_binding_inputs()
+        io.clear_binding_outputs()
+        io.bind_cpu_input("input_ids", ids.reshape(1, length).astype(np.int64))
+        io.bind_cpu_input("attention_mask", np.ones((1, start + length), np.int64))
+        if "position_ids" in self.kv.input_names:
+            io.bind_cpu_input("position_ids", np.arange(start, start + length, dtype=np.int64).reshape(1, length))
+        io.bind_output("logits")
+        for past, present in zip(self.kv.past_names, self.kv.present_names, strict=True):
+            io.bind_ortvalue_input(past, self.buffers[past])
+            io.bind_ortvalue_output(present, self.buffers[past])
+        self.kv.session.run_with_iobinding(io)
+        return io.get_outputs()[0].numpy()[0]
+
+
 def cpu_session(path: Any, options: Any = None) -> Any:
     """A CPU InferenceSession that logs errors only: edgepack's decoder graphs give every past input an empty
     default (an initializer listed as a graph input), which ONNX Runtime reports once per input as a warning."""
@@ -93,19 +130,31 @@ def teacher_forced(kv: KVSession, windows: Sequence[np.ndarray]) -> tuple[np.nda
     return np.concatenate(nll), np.concatenate(argmax)
 
 
-def greedy(kv: KVSession, prompt: np.ndarray, new_tokens: int) -> tuple[np.ndarray, float, list[float]]:
+def greedy(kv: KVSession, prompt: np.ndarray, new_tokens: int, *, shared: bool = False
+           ) -> tuple[np.ndarray, float, list[float]]:
     """Greedy continuation of `prompt` by `new_tokens` tokens (EOS does not stop it, so runs compare position by
-    position); returns (tokens, time to first token in s, per-token decode times in s)."""
+    position); returns (tokens, time to first token in s, per-token decode times in s). `shared`: through a
+    `SharedCache` of the run's length (past and present in one buffer), else a new cache returned every step."""
     start = time.perf_counter()
-    logits, past = kv.step(prompt, kv.empty(), 0)
-    assert logits is not None
+    if shared:
+        cache = SharedCache(kv, len(prompt) + new_tokens)
+        run_step = cache.step
+    else:
+        past = kv.empty()
+
+        def run_step(ids: np.ndarray, position: int) -> np.ndarray:
+            nonlocal past
+            logits, past = kv.step(ids, past, position)
+            assert logits is not None
+            return logits
+
+    logits = run_step(prompt, 0)
     token = int(logits[-1].argmax())
     ttft = time.perf_counter() - start
     tokens, times = [token], []
     for position in range(len(prompt), len(prompt) + new_tokens - 1):
         begin = time.perf_counter()
-        logits, past = kv.step(np.array([token]), past, position)
-        assert logits is not None
+        logits = run_step(np.array([token]), position)
         token = int(logits[-1].argmax())
         times.append(time.perf_counter() - begin)
         tokens.append(token)
@@ -151,7 +200,7 @@ def run(session: Any, payload: Mapping[str, Any], arrays: Mapping[str, np.ndarra
     nll, argmax = teacher_forced(kv, windows)
     generated, ttfts, decode_times = [], [], []
     for prompt in prompts:
-        tokens, ttft, times = greedy(kv, prompt, int(payload["new_tokens"]))
+        tokens, ttft, times = greedy(kv, prompt, int(payload["new_tokens"]), shared=bool(payload.get("shared_cache")))
         generated.append(tokens)
         ttfts.append(ttft)
         decode_times += times
