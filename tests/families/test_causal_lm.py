@@ -234,6 +234,15 @@ def test_quantize_head_bits_8_with_act_order_and_mse_grid_through_the_graph(expo
         parse_recipe({"model": {"path": "x"}, "quantize": {"weight_only": {"variants": [{"act_ordr": True}]}}})
 
 
+def test_quantize_calibration_data_streams_the_bundled_gzip_corpus():
+    from edgepack.quantization.weight_only_config import WeightOnlySection
+
+    section = WeightOnlySection(calibration_data="bundled:distill-corpus-python.jsonl.gz",
+                                calibration_data_samples=200, calibration_tokens=64)
+    texts = stages._extra_calibration(section, None)
+    assert 3 <= len(texts) <= 200 and all(len(t.text.split()) >= 48 for t in texts)  # runs of ~0.75 words/token
+
+
 def test_quantize_int4_int8_weight_only_with_the_tied_table_shared(exported, tmp_path):
     family = open_model(str(exported))
     calibration = calibration_feeds(family.feeds(prose(8), max_length=96))
