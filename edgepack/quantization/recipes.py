@@ -155,8 +155,8 @@ QUANT_RECIPES.register("cnn")(QuantRecipe(
         "whole-graph INT8 (QDQ): ORT fuses QLinearConv / QLinearAdd / QLinearGlobalAveragePool / QGemm; graph "
         "normalised first (BatchNorm and Pad folded into Conv: a Pad between Q/DQ pairs ran in float)",
         "bias correction of every Conv / Gemm on the calibration set (EfficientNet-Lite0: logit cosine 0.976 -> "
-        "0.994 with MinMax); learned rounding (AdaRound) and cross-layer equalization are options (quantize.cnn), "
-        "measured in docs/benchmarks.md",
+        "0.994 with MinMax); learned rounding (AdaRound), cross-layer equalization and float activations (named tensors "
+        "kept float with the layers around them) are options (quantize.cnn), measured in docs/benchmarks.md",
         "graph outputs (logits, probability maps) stay float: their 8-bit step alone flipped close top-1 calls; "
         "graph inputs take MinMax ranges whatever the calibrator (pixels are data: (x - 127) / 128 then lands "
         "exactly on the uint8 grid)",
