@@ -15,9 +15,10 @@ out; the remaining 12 photos (96 crops) calibrate every variant. Fidelity vs FP3
 Two steps, so that only the timing holds the bench lock:
     python scripts/bench_vision.py build      # quantize every variant, fidelity, QNN-HTP coverage (~30 min)
     flock /work/bench.lock nice -n 0 python scripts/bench_vision.py time   # p50 / RSS / op profile (~5 min)
-(`python scripts/bench_vision.py qnn` redoes only the QNN-HTP coverage of a finished build; `techniques` measures
-only the TECHNIQUES rows a finished build lacks; `calibrators` re-measures every calibrator with the recipe now;
-`python scripts/bench_vision.py edgepack` rebuilds only the edgepack row of a finished build, after a recipe change.)
+(`python scripts/bench_vision.py qnn` redoes only the QNN-HTP coverage of a finished build; `edgepack` rebuilds
+only the edgepack rows after a recipe change; `techniques` measures only the TECHNIQUES rows a build lacks;
+`calibrators` re-measures every calibrator with the recipe now; `render` rewrites the tables from the last
+`time` step's timings.)
 `time` writes the tables into docs/benchmarks.md (section `vision`).
 """
 
@@ -623,17 +624,20 @@ def _foreign(foreign: dict[str, Any]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("step", choices=["build", "qnn", "edgepack", "techniques", "calibrators", "time"],
+    parser.add_argument("step", choices=["build", "qnn", "edgepack", "techniques", "calibrators", "time", "render"],
                         help="qnn: redo only the QNN-HTP coverage; edgepack: rebuild only the edgepack row")
     parser.add_argument("--out", type=Path, default=OUT)
     args = parser.parse_args()
-    if args.step != "time":
+    if args.step not in ("time", "render"):
         steps = {"build": build, "qnn": redo_qnn, "edgepack": redo_edgepack, "techniques": redo_techniques,
                  "calibrators": redo_calibrators}
         steps[args.step](args.out)
         return
-    timed = timing(args.out)
-    (args.out / "timing.json").write_text(json.dumps(timed, indent=1))
+    if args.step == "render":  # the tables again from the last `time` step's timing.json (after a rebuild step)
+        timed = json.loads((args.out / "timing.json").read_text())
+    else:
+        timed = timing(args.out)
+        (args.out / "timing.json").write_text(json.dumps(timed, indent=1))
     body = render(args.out, timed)
     write_section("vision", "## EfficientNet-Lite0 static INT8 (CPU EP, QNN-HTP emulated)\n\n"
                   "`python scripts/bench_vision.py build` then `flock /work/bench.lock nice -n 0 python "
