@@ -238,6 +238,9 @@ def quantize_mode(family: ModelFamily, options: QuantizeSection) -> str:
     if decoder and options.mode != "weight-only":
         raise BadInputError(f"quantize.mode: {options.mode} does not apply to family {family.name} (INT8 activations "
                             "through a KV cache); write mode: weight-only or auto")
+    if options.mode == "weight-only" and family.weight_only_fidelity is None:
+        raise BadInputError(f"quantize.mode: weight-only does not apply to family {family.name} (its graphs have no "
+                            "MatMul weights for MatMulNBits); write mode: static or dynamic")
     return options.mode
 
 
@@ -262,6 +265,15 @@ def gptq_statistics(fp32: Path, feeds: Any, *, key: str, cache_dir: Path | None)
     return hessians
 
 
+def mixed_fidelity(fp32: Path, family: ModelFamily, mixed: Any) -> Any:
+    """What a weight-only mixed plan keeps within budget, as the family declares it (`weight_only_fidelity`)."""
+    from edgepack.quantization.weight_only import cosine_fidelity, perplexity_fidelity
+
+    if family.weight_only_fidelity == "perplexity":
+        return perplexity_fidelity(fp32, mixed.max_perplexity_ratio)
+    return cosine_fidelity(fp32, family.primary_output, mixed.max_cosine_drop)
+
+
 def quantize_weight_only(fp32: Path, family: ModelFamily, *, calibration: Sequence[Sample], section: Any,
                          variant: Any, root: Path | None = None, folder: Path | None = None,
                          cache_dir: Path | None = None) -> StageResult:
@@ -282,7 +294,8 @@ def quantize_weight_only(fp32: Path, family: ModelFamily, *, calibration: Sequen
                 hessians = gptq_statistics(fp32, feeds, key=key, cache_dir=cache_dir)
         plan, mixed = None, None
         if variant.mixed is not None:
-            plan, mixed = mixed_precision(fp32, variant=variant, calibration=feeds, hessians=hessians)
+            plan, mixed = mixed_precision(fp32, variant=variant, calibration=feeds, hessians=hessians,
+                                          fidelity=mixed_fidelity(fp32, family, variant.mixed))
         with get_reporter().step(f"{variant.name}: weight-only {variant.bits}-bit ({variant.method}, block "
                                  f"{variant.block_size}, {'symmetric' if variant.symmetric else 'asymmetric'})"):
             metrics = quantize_weight_only(fp32, tmp / "model.onnx", variant=variant, calibration=feeds, plan=plan,

@@ -37,6 +37,10 @@ BENCHES = {
     "minilm": Bench("recipes/minilm-auto.yaml", ("recipes/minilm.yaml", "recipes/minilm-small.yaml")),
     # the quick one: the teacher pruned without training, against the teacher in INT8 (about 30 minutes here)
     "minilm-int8": Bench("recipes/minilm-auto-int8.yaml", ("recipes/minilm.yaml",), budgets=("accuracy_drop=0.5",)),
+    # per-part precision (weight-only INT4 / INT8 per layer and for the embedding table), against the static INT8
+    # recipe and the INT4-everywhere one
+    "minilm-int4": Bench("recipes/minilm-auto-int4.yaml", ("recipes/minilm.yaml", "recipes/minilm-int4.yaml"),
+                         budgets=("accuracy_drop=0.5", "min_cosine=0.99")),
 }
 
 

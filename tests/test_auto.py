@@ -82,6 +82,24 @@ def test_space_applies_knobs_and_dotted_keys(tiny_bert_dir):
     assert grid.base_point() == {"quantize": True, "layers_kept": 2}
 
 
+def test_space_reaches_a_weight_only_variant_by_index(tiny_bert_dir):
+    """Per-part precision knobs write the last weight-only variant (`quantize.weight_only.variants.-1`)."""
+    recipe = parse_recipe({"model": {"path": str(tiny_bert_dir)}, "quantize": {"mode": "weight-only", "weight_only": {
+        "variants": [{"name": "int4", "bits": 4}]}}, "auto": {"space": {
+            "embedding_bits": [4, 8], "int8_layers_cosine": [None, 0.004], "weight_block": [32, 64],
+            "quantize.weight_only.variants.0.method": ["rtn", "gptq"]}}})
+    space = SearchSpace.build(recipe)
+    variant = space.recipe({"embedding_bits": 8, "int8_layers_cosine": 0.004, "weight_block": 64,
+                            "quantize.weight_only.variants.0.method": "rtn"}).quantize.weight_only.variants[-1]
+    assert (variant.bits, variant.embedding_bits, variant.block_size, variant.method) == (4, 8, 64, "rtn")
+    assert variant.mixed is not None and variant.mixed.max_cosine_drop == 0.004
+    assert space.recipe({"int8_layers_cosine": None}).quantize.weight_only.variants[-1].mixed is None
+    with pytest.raises(BadInputError) as error:
+        SearchSpace.build(parse_recipe({"model": {"path": str(tiny_bert_dir)}, "auto": {"space": {
+            "quantize.weight_only.variants.3.bits": [4]}}}))
+    assert "'3' is not an index of a list of 2 (0..1, or -1 for the last)" in str(error.value)
+
+
 @pytest.mark.parametrize(("space", "message"), [
     ({"layer_kept": [1]}, "auto.space.layer_kept: unknown knob (did you mean 'layers_kept'?)"),
     ({"smoothquant": ["sometimes"]}, "auto.space.smoothquant='sometimes'"),
@@ -185,6 +203,25 @@ def test_no_candidate_meets_the_budgets_exit_3(searched, capsys):
         in line
     report = json.loads((tmp / "run" / "report.json").read_text())  # still written
     assert report["passed"] is False and report["auto"]["chosen"] is None
+
+
+@pytest.mark.slow
+def test_tpe_repeats_are_not_built_again(searched):
+    """TPE on the 4-point grid asked for 8 trials: the repeats are told the earlier result, never built or measured
+    again; the search ends when every proposal repeats (its candidates come from the grid run's stage folders)."""
+    from edgepack.auto.driver import run_auto
+    from edgepack.recipe import load_recipe
+
+    tmp, _ = searched
+    tpe = tmp / "tpe"
+    tpe.mkdir(exist_ok=True)
+    recipe = load_recipe(tiny_recipe(tpe, tmp / "unused", GRID, sampler="tpe", trials=8, startup_trials=2))
+    recipe = recipe.model_copy(update={"model": load_recipe(tmp / "tiny-auto.yaml").model})
+    report = run_auto(recipe, tmp / "run", budgets=["size_mb=2", "accuracy_drop=100"], backend="inline")
+    points = [tuple(sorted(c.params.items())) for c in report.auto.candidates]
+    assert len(points) == len(set(points)) == 4  # each point of the space built once
+    assert report.auto.counts["repeats_skipped"] >= 1
+    assert report.auto.chosen is not None and report.passed
 
 
 @pytest.mark.slow

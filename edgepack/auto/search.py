@@ -27,6 +27,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from edgepack.artifacts import content_hash
 from edgepack.auto.backends import Backend
 from edgepack.auto.budgets import Budget, Measurement
 from edgepack.auto.jobs import BuildJob, EvalJob, run_job
@@ -37,6 +38,8 @@ from edgepack.reporter import get_reporter
 
 #: objective value of a candidate that misses a budget: above every candidate that meets them all
 INFEASIBLE = 10.0
+#: proposals in a row that repeat an earlier candidate's recipe before the search counts the space as exhausted
+MAX_REPEATS = 50
 #: fewest evaluation samples a rung measures (a task metric on fewer says little)
 MIN_RUNG_SAMPLES = 8
 
@@ -94,6 +97,8 @@ class Search:
                                              min_resource=1, reduction_factor=self.eta))
         self.candidates: list[Candidate] = []
         self._trials: dict[int, Any] = {}
+        #: candidate recipe's content hash -> the candidate (repeats are not built again)
+        self._by_recipe: dict[str, Candidate] = {}
         self.reference: dict[str, Any] = {}
         self.reference_evals: dict[int, dict[str, Any]] = {}
         self.sizes: list[int] = []
@@ -199,13 +204,30 @@ class Search:
 
     # ----------------------------------------------------------------------------------------------- trials
 
-    def _ask(self) -> Candidate:
-        trial = self.study.ask()
-        params = self.space.suggest(trial)
-        candidate = Candidate(trial.number, params, self.space.tree(params))
-        self._trials[trial.number] = trial
-        self.candidates.append(candidate)
-        return candidate
+    def _ask(self) -> Candidate | None:
+        """A candidate whose recipe no earlier trial had. TPE re-proposes points of a small categorical space: a
+        repeat is told the earlier trial's result (its value, or pruned) and asked again, never built or measured
+        twice; None when `MAX_REPEATS` proposals in a row were repeats (the space is exhausted)."""
+        import optuna
+
+        for _ in range(MAX_REPEATS):
+            trial = self.study.ask()
+            params = self.space.suggest(trial)
+            tree = self.space.tree(params)
+            key = content_hash(tree)
+            earlier = self._by_recipe.get(key)
+            if earlier is None:
+                candidate = Candidate(trial.number, params, tree)
+                self._trials[trial.number] = trial
+                self._by_recipe[key] = candidate
+                self.candidates.append(candidate)
+                return candidate
+            self.counts["repeats_skipped"] = self.counts.get("repeats_skipped", 0) + 1
+            if earlier.state == "complete" and earlier.value is not None:
+                self.study.tell(trial, earlier.value)
+            else:
+                self.study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+        return None
 
     def _finish(self, candidate: Candidate, state: str, reason: str | None = None) -> None:
         import optuna
@@ -317,6 +339,9 @@ class Search:
             while len(inflight) < self.backend.workers and asked < self.settings.trials:
                 candidate = self._ask()
                 asked += 1
+                if candidate is None:  # every proposal repeats a measured candidate
+                    asked = self.settings.trials
+                    break
                 job = BuildJob(candidate.recipe, str(self.out), f"trial {candidate.trial}")
                 inflight[self.backend.submit(run_job, job)] = (candidate, "build")
             if not inflight:

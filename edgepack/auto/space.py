@@ -93,20 +93,49 @@ knob("activation_type", "quantize.activation_type", "uint8 or int8 activations")
 knob("float_fallback", "quantize.max_cosine_drop", "per-layer precision: the most sensitive layers (leave-one-out "
      "ranking) stay in float until 1 - cosine vs FP32 is at most this (null: every layer INT8)")
 knob("max_float_layers", "quantize.max_fallback_layers", "at most this many layers in float for float_fallback")
+# --- per-part precision of weight-only quantization (`quantize.mode: weight-only`): the last variant is the candidate
+WEIGHT_ONLY = "quantize.weight_only.variants.-1"
+knob("weight_bits", f"{WEIGHT_ONLY}.bits", "weight-only: bits of the MatMul weights (4 or 8, MatMulNBits)")
+knob("weight_block", f"{WEIGHT_ONLY}.block_size", "weight-only: weights per scale (16, 32, 64, 128, 256)")
+knob("weight_method", f"{WEIGHT_ONLY}.method", "weight-only rounding: rtn | gptq (calibration-aware)")
+knob("weight_symmetric", f"{WEIGHT_ONLY}.symmetric", "weight-only: symmetric codes (true) or with zero points")
+knob("embedding_bits", f"{WEIGHT_ONLY}.embedding_bits", "weight-only: bits of an untied embedding table (4 or 8; "
+     "null: weight_bits)")
+knob("embedding_block", f"{WEIGHT_ONLY}.embedding_block_size", "weight-only: embedding values per scale (null: "
+     "weight_block)")
+knob("int8_layers_cosine", f"{WEIGHT_ONLY}.mixed", "weight-only per-layer INT4 / INT8: the layers most sensitive "
+     "at INT4 go to INT8 until 1 - cosine vs FP32 on calibration text is at most this (null: every layer at "
+     "weight_bits)", transform=lambda value, _: None if value is None else {"max_cosine_drop": value})
+knob("int8_layers_perplexity", f"{WEIGHT_ONLY}.mixed", "weight-only per-layer INT4 / INT8 for decoders: INT8 for "
+     "the most sensitive layers until the calibration perplexity is within this ratio of FP32 (null: none)",
+     transform=lambda value, _: None if value is None else {"max_perplexity_ratio": value})
 
 
 def _active(value: Any) -> bool:
     return bool(value) and value != [] and value != 0
 
 
+def _child(node: Any, part: str, path: str) -> Any:
+    """`node[part]`: a section's key, or a list's index (`variants.-1`: the last weight-only variant)."""
+    if isinstance(node, list):
+        try:
+            return node[int(part)]
+        except (ValueError, IndexError):
+            raise BadInputError(f"auto.space: '{path}': '{part}' is not an index of a list of {len(node)} (0.."
+                                f"{len(node) - 1}, or -1 for the last)") from None
+    child = node.get(part) if isinstance(node, dict) else None
+    if not isinstance(child, dict | list):
+        raise BadInputError(f"auto.space: '{path}' is not a recipe key ('{part}' is not a section)")
+    return child
+
+
 def _set(tree: dict[str, Any], path: str, value: Any) -> None:
     *parents, leaf = path.split(".")
-    node = tree
+    node: Any = tree
     for part in parents:
-        child = node.get(part)
-        if not isinstance(child, dict):
-            raise BadInputError(f"auto.space: '{path}' is not a recipe key ('{part}' is not a section)")
-        node = child
+        node = _child(node, part, path)
+    if not isinstance(node, dict):
+        raise BadInputError(f"auto.space: '{path}' names a list item, not a recipe key; add the key after it")
     if leaf not in node:
         raise BadInputError(f"auto.space: '{path}' is not a recipe key{did_you_mean(leaf, node)}; keys of "
                             f"'{'.'.join(parents) or 'the recipe'}': {', '.join(sorted(node))}")
@@ -116,7 +145,7 @@ def _set(tree: dict[str, Any], path: str, value: Any) -> None:
 def _get(tree: Mapping[str, Any], path: str) -> Any:
     node: Any = tree
     for part in path.split("."):
-        node = node[part]
+        node = node[int(part)] if isinstance(node, list) else node[part]
     return node
 
 

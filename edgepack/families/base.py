@@ -135,6 +135,10 @@ class ModelFamily(ABC):
     tasks: ClassVar[tuple[str, ...]] = ()
     #: quantization recipe (`edgepack.quantization.recipes.QUANT_RECIPES`), "auto" = detect from the graph
     quant_recipe: ClassVar[str] = "auto"
+    #: weight-only quantization (`quantize.mode: weight-only`, INT4 / INT8 MatMulNBits): what its mixed precision
+    #: keeps within budget: "perplexity" (a decoder's calibration NLL), "cosine" (the primary output vs FP32), or
+    #: None when the family's graphs are not served by it (no MatMul weights: convolutions)
+    weight_only_fidelity: ClassVar[str | None] = None
     #: task name the distill / prune stages train with (`edgepack.compress`); None: not supported
     compress_task: ClassVar[str | None] = None
     Options: ClassVar[type[FamilyOptions]] = FamilyOptions

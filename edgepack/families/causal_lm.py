@@ -97,6 +97,7 @@ def _wrap_torch(model: Any, layers: int) -> Any:
 class CausalLM(HFTextFamily):
     name = "causal-lm"
     tasks = ("text-generation",)
+    weight_only_fidelity = "perplexity"
     quant_recipe = "weight-only"
     compress_task = "causal-lm"
     Options = CausalLMOptions

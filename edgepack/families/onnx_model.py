@@ -61,6 +61,7 @@ def graph_signature(path: Path) -> dict[str, Any]:
 class OnnxModel(ModelFamily):
     name = "onnx"
     tasks = ("any",)
+    weight_only_fidelity = "cosine"  # a graph with MatMul weights; find_targets refuses one without
     quant_recipe = "auto"
     Options = OnnxOptions
 

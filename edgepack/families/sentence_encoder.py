@@ -80,6 +80,7 @@ def _embedder(encoder: Any, *, pooling: str, normalize: bool, input_names: list[
 class SentenceEncoder(HFTextFamily):
     name = "sentence-encoder"
     tasks = ("feature-extraction",)
+    weight_only_fidelity = "cosine"
     quant_recipe = "transformer-encoder"
     compress_task = "sentence-embedding"
     Options = SentenceEncoderOptions

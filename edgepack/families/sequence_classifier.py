@@ -60,6 +60,7 @@ def accuracy(predicted: np.ndarray, labels: Sequence[Any], *, label2id: Mapping[
 class SequenceClassifier(HFTextFamily):
     name = "sequence-classifier"
     tasks = ("text-classification",)
+    weight_only_fidelity = "cosine"
     quant_recipe = "transformer-encoder"
     compress_task = "sequence-classification"
     Options = FamilyOptions

@@ -19,6 +19,7 @@ on how many to promote). Held-out text is never used for the choice.
 
 from __future__ import annotations
 
+import re
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -47,7 +48,11 @@ from edgepack.reporter import get_reporter
 from edgepack.runtime.decoding import cpu_session, fit_cache
 
 MS = "com.microsoft"
+LAYER_PART = re.compile(r"^layers?\.\d+$")
 HESSIAN_PASS_BYTES = 512 * 2**20  # float32 statistics per pass over the calibration text (SmolLM2: one pass)
+#: token rows gathered per input before their X^T X is added, and the most bytes they may hold
+HESSIAN_CHUNK_ROWS = 1024
+HESSIAN_CHUNK_BYTES = 64 * 2**20
 FeedSource = Callable[[], Iterable[Feed]]
 
 
@@ -65,10 +70,10 @@ class Target:
 
     @property
     def unit(self) -> str:
-        """The sensitivity unit: 'layers.<i>' for a decoder layer's MatMuls, else the node name (lm_head)."""
-        parts = self.name.split("/")
-        for part in parts:
-            if part.startswith("layers."):
+        """The sensitivity unit: 'layers.<i>' for a decoder layer's MatMuls ('layer.<i>' for a BERT encoder's), else
+        the node name (lm_head)."""
+        for part in self.name.split("/"):
+            if LAYER_PART.match(part):
                 return part
         return "lm_head" if "lm_head" in self.name else self.name
 
@@ -100,7 +105,7 @@ def find_targets(model: onnx.ModelProto) -> list[Target]:
             targets.append(Target(node, numpy_helper.to_array(inits[table]).astype(np.float32).T.copy(), table))
     if not targets:
         raise BadInputError("weight-only quantization found no MatMul with a constant weight in the model; it "
-                            "quantizes decoder graphs exported by edgepack (family causal-lm)")
+                            "quantizes transformer graphs (decoders, encoders); use mode static for a CNN")
     return targets
 
 
@@ -113,6 +118,14 @@ def spec_for(variant: WeightOnlyVariant, bits: int) -> BlockSpec:
 def default_bits(target: Target, variant: WeightOnlyVariant) -> int:
     """The variant's bits for `target`: `head_bits` for lm_head where set."""
     return variant.head_bits if variant.head_bits is not None and target.unit == "lm_head" else variant.bits
+
+
+def embedding_spec(variant: WeightOnlyVariant) -> BlockSpec:
+    """An untied embedding table's codes: `embedding_bits` / `embedding_block_size`, else `head_bits` (a decoder's
+    table goes with its head) or the variant's."""
+    block = variant.embedding_block_size or variant.block_size
+    bits = variant.embedding_bits or variant.head_bits or variant.bits
+    return spec_for(variant.model_copy(update={"block_size": block}), bits)
 
 
 # ------------------------------------------------------------------------------------------------ calibration
@@ -147,16 +160,31 @@ def _hessian_pass(model_path: Path, model: onnx.ModelProto, names: list[str], wi
         _link_external_data(model_path, Path(tmp))
         session = cpu_session(path)
         sums = {n: np.zeros((widths[n], widths[n]), np.float32) for n in names}
-        tokens = 0
+        pending: dict[str, list[np.ndarray]] = {n: [] for n in names}
+        tokens, rows = 0, 0
+        row_bytes = 4 * sum(widths[n] for n in names)
         for feed in feeds():
             outputs = session.run(names, feed)
             for name, value in zip(names, outputs, strict=True):
-                x = value.reshape(-1, widths[name]).astype(sums[name].dtype)  # (T, K)
-                sums[name] += x.T @ x
+                pending[name].append(value.reshape(-1, widths[name]).astype(np.float32))  # (T, K)
             tokens += int(feed["input_ids"].size)
+            rows += int(feed["input_ids"].size)
+            # one X^T X per chunk: short texts would each pay a K x K product (a decoder's long prefills flush each)
+            if rows >= HESSIAN_CHUNK_ROWS or rows * row_bytes >= HESSIAN_CHUNK_BYTES:
+                _accumulate(sums, pending)
+                rows = 0
+        _accumulate(sums, pending)
     if tokens == 0:
         raise BadInputError("gptq needs calibration text; the calibration split gave no tokens")
     return {n: (s / tokens).astype(np.float32) for n, s in sums.items()}
+
+
+def _accumulate(sums: dict[str, np.ndarray], pending: dict[str, list[np.ndarray]]) -> None:
+    for name, chunks in pending.items():
+        if chunks:
+            x = np.concatenate(chunks)
+            sums[name] += x.T @ x
+            chunks.clear()
 
 
 def _link_external_data(model_path: Path, folder: Path) -> None:
@@ -270,16 +298,10 @@ def rewrite(model: onnx.ModelProto, targets: list[Target], codes: Mapping[str, B
 def _rewrite_embeddings(model: onnx.ModelProto, targets: list[Target], replaced: Mapping[str, onnx.NodeProto],
                         codes: Mapping[str, BlockQuantized], variant: WeightOnlyVariant,
                         inits: list[onnx.TensorProto]) -> dict[str, Any]:
-    gathers = [n for n in model.graph.node if n.op_type == "Gather" and n.input[0] in
-               {i.name for i in model.graph.initializer}]
-    tables = {i.name: i for i in model.graph.initializer}
     tied = {t.tied_table: t for t in targets if t.tied_table and t.name in codes}
     out: dict[str, list[onnx.NodeProto]] = {}
     notes = []
-    for gather in gathers:
-        table = tables[gather.input[0]]
-        if len(table.dims) != 2 or not variant.embeddings:
-            continue
+    for gather, table in _embedding_gathers(model, variant):
         if gather.input[0] in tied:
             head = tied[gather.input[0]]
             q = codes[head.name]
@@ -287,7 +309,7 @@ def _rewrite_embeddings(model: onnx.ModelProto, targets: list[Target], replaced:
             notes.append(f"tied embedding {gather.input[0]}: GatherBlockQuantized over lm_head's {q.spec.bits}-bit "
                          "MatMulNBits codes (one copy)")
         else:
-            spec = spec_for(variant, variant.head_bits or variant.bits)
+            spec = embedding_spec(variant)
             array = numpy_helper.to_array(table).astype(np.float32)
             if array.shape[1] % spec.block_size:
                 continue
@@ -296,6 +318,30 @@ def _rewrite_embeddings(model: onnx.ModelProto, targets: list[Target], replaced:
     if not variant.embeddings:
         notes.append("embeddings left in float (embeddings: false)")
     return {"replace": out, "note": "; ".join(notes) or "no embedding table found"}
+
+
+def _embedding_gathers(model: onnx.ModelProto, variant: WeightOnlyVariant
+                       ) -> list[tuple[onnx.NodeProto, onnx.TensorProto]]:
+    """The Gathers of a 2-D constant table (embeddings) that `variant` quantizes (none with embeddings: false)."""
+    if not variant.embeddings:
+        return []
+    tables = {i.name: i for i in model.graph.initializer}
+    return [(n, tables[n.input[0]]) for n in model.graph.node
+            if n.op_type == "Gather" and n.input[0] in tables and len(tables[n.input[0]].dims) == 2]
+
+
+def untied_table_overrides(model: onnx.ModelProto, targets: list[Target],
+                           variant: WeightOnlyVariant) -> dict[str, np.ndarray]:
+    """Initializer name -> the dequantized codes of every untied embedding table `rewrite` quantizes (what the
+    fake-quantized model of mixed precision reads; a tied table follows its lm_head's codes)."""
+    tied = {t.tied_table for t in targets if t.tied_table}
+    spec = embedding_spec(variant)
+    out = {}
+    for gather, table in _embedding_gathers(model, variant):
+        array = numpy_helper.to_array(table).astype(np.float32)
+        if gather.input[0] not in tied and not array.shape[1] % spec.block_size:
+            out[gather.input[0]] = quantize_rtn(array.T.copy(), spec).dequantize().T.copy()
+    return out
 
 
 def _drop_dead(model: onnx.ModelProto) -> None:
@@ -389,14 +435,7 @@ def _quantize_with_ort(fp32: Path, out: Path, *, variant: WeightOnlyVariant, sta
 def calibration_nll(model: Path, feeds: FeedSource, *, overrides: Mapping[str, np.ndarray] | None = None) -> float:
     """Mean next-token NLL over the calibration prefills, with ONNX Runtime; `overrides` replace initializers (the
     dequantized weights of a fake-quantized model) without writing a new file."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    kept = {name: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(value))
-            for name, value in (overrides or {}).items()}
-    for name, value in kept.items():
-        options.add_initializer(name, value)
-    session = cpu_session(model, options)
+    session, _kept = _override_session(model, overrides)
     total, count = 0.0, 0
     for feed in feeds():
         logits = session.run(["logits"], fit_cache(feed, session))[0][0]  # (T, V) float32
@@ -421,61 +460,130 @@ def _overrides(targets: Iterable[Target], codes: Mapping[str, BlockQuantized]) -
     return out
 
 
+@dataclass(frozen=True)
+class MixedFidelity:
+    """How mixed precision scores a fake-quantized model, as the model's family declares it
+    (`ModelFamily.weight_only_fidelity`): a loss on calibration feeds (lower is better; `overrides` replace
+    initializers of the FP32 graph) and the most it may rise above the FP32 graph's own loss."""
+
+    kind: str  # "perplexity" (decoders: next-token NLL) | "cosine" (1 - mean cosine of the primary output)
+    loss: Callable[[FeedSource, Mapping[str, np.ndarray] | None], float]
+    budget: float
+    describe: str
+
+
+def perplexity_fidelity(fp32: Path, max_perplexity_ratio: float) -> MixedFidelity:
+    return MixedFidelity("perplexity", lambda feeds, overrides: calibration_nll(fp32, feeds, overrides=overrides),
+                         float(np.log(max_perplexity_ratio)), f"calibration perplexity within {max_perplexity_ratio}x "
+                         "of FP32")
+
+
+def cosine_fidelity(fp32: Path, output: str, max_cosine_drop: float) -> MixedFidelity:
+    """1 - mean cosine of `output` (an encoder's embedding, a classifier's logits) to the FP32 graph's on the same
+    calibration feeds; the FP32 outputs of a feed source are computed once."""
+    reference: dict[int, list[np.ndarray]] = {}
+
+    def outputs(feeds: FeedSource, overrides: Mapping[str, np.ndarray] | None) -> list[np.ndarray]:
+        session, _kept = _override_session(fp32, overrides)
+        return [session.run([output], feed)[0].reshape(-1) for feed in feeds()]
+
+    def loss(feeds: FeedSource, overrides: Mapping[str, np.ndarray] | None) -> float:
+        if id(feeds) not in reference:
+            reference[id(feeds)] = outputs(feeds, None)
+        got = outputs(feeds, overrides)
+        cosines = [float(a @ b / max(np.linalg.norm(a) * np.linalg.norm(b), 1e-12))
+                   for a, b in zip(reference[id(feeds)], got, strict=True)]
+        return 1.0 - float(np.mean(cosines))
+
+    return MixedFidelity("cosine", loss, max_cosine_drop, f"1 - mean cosine of {output} vs FP32 on the calibration "
+                         f"texts at most {max_cosine_drop}")
+
+
+def _override_session(model: Path, overrides: Mapping[str, np.ndarray] | None) -> tuple[Any, dict[str, Any]]:
+    """A CPU session of `model` with initializers replaced; the OrtValues returned must outlive the session."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    kept = {name: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(value))
+            for name, value in (overrides or {}).items()}
+    for name, value in kept.items():
+        options.add_initializer(name, value)
+    return cpu_session(model, options), kept
+
+
 def mixed_precision(fp32: Path, *, variant: WeightOnlyVariant, calibration: FeedSource,
-                    hessians: Mapping[str, np.ndarray] | None) -> tuple[dict[str, int | None], dict[str, Any]]:
-    """Bits per node so that the calibration perplexity is within `variant.mixed.max_perplexity_ratio` of FP32.
+                    hessians: Mapping[str, np.ndarray] | None, fidelity: MixedFidelity | None = None
+                    ) -> tuple[dict[str, int | None], dict[str, Any]]:
+    """Bits per node so that the fake-quantized model's `fidelity` loss (default: the calibration perplexity,
+    `variant.mixed.max_perplexity_ratio`) rises at most its budget above FP32's.
 
     Sensitivity and the search use fake quantization (dequantized weights as initializer overrides of the FP32
     graph, float MatMuls); the chosen plan is then written for real by `quantize_weight_only`.
     """
     assert variant.mixed is not None
-    targets = [t for t in find_targets(onnx.load(str(fp32))) if t.name not in variant.exclude_nodes]
+    fidelity = fidelity or perplexity_fidelity(fp32, variant.mixed.max_perplexity_ratio)
+    model = onnx.load(str(fp32))
+    targets = [t for t in find_targets(model) if t.name not in variant.exclude_nodes]
     for target in targets:
         check_divides(spec_for(variant, variant.bits), target.weight.shape[0], where=f"node {target.name}")
+    tables = untied_table_overrides(model, targets, variant)  # the budget is judged with them quantized too
     low = quantized_arrays(targets, variant, variant.bits, hessians)
     high = quantized_arrays(targets, variant.model_copy(update={"method": "rtn"}), variant.mixed.promote_bits, None)
-    fp32_nll = calibration_nll(fp32, calibration)
+    fp32_loss = fidelity.loss(calibration, None)
     # lm_head at `head_bits` 8 is promoted from the start, outside the search
     fixed = {"lm_head"} if variant.head_bits == variant.mixed.promote_bits else set()
     units = [u for u in dict.fromkeys(t.unit for t in targets) if u not in fixed]
     ranking_feeds = calibration_feeds(list(calibration())[: variant.mixed.sensitivity_samples])
-    ranking_base = calibration_nll(fp32, ranking_feeds)
+    ranking_base = fidelity.loss(ranking_feeds, None)
 
-    def nll_with_low(low_units: set[str], *, others_high: bool = True, feeds: FeedSource = calibration) -> float:
+    def loss_with_low(low_units: set[str], *, others_high: bool = True, feeds: FeedSource = calibration) -> float:
         chosen = {t.name: low[t.name] if t.unit in low_units else high[t.name] for t in targets
                   if t.unit in low_units or others_high}
-        return calibration_nll(fp32, feeds, overrides=_overrides(targets, chosen))
+        return fidelity.loss(feeds, {**(tables if others_high else {}), **_overrides(targets, chosen)})
 
     sensitivity = {}
     with get_reporter().step(f"mixed precision: {len(units)} units, each alone at INT{variant.bits}"):
         for unit in units:
-            sensitivity[unit] = nll_with_low({unit}, others_high=False, feeds=ranking_feeds) - ranking_base
+            sensitivity[unit] = loss_with_low({unit}, others_high=False, feeds=ranking_feeds) - ranking_base
     ranked = sorted(units, key=lambda u: -sensitivity[u])
-    budget = float(np.log(variant.mixed.max_perplexity_ratio))
-    tried = {len(ranked): nll_with_low(set())}  # every unit at the promoted bits
+    tried = {len(ranked): loss_with_low(set())}  # every unit at the promoted bits
     lo, hi = 0, len(ranked)
     while lo < hi:  # the fewest promoted units (most sensitive first) whose model meets the budget
         mid = (lo + hi) // 2
-        tried[mid] = nll_with_low(set(ranked[mid:]))
-        if tried[mid] - fp32_nll <= budget:
+        tried[mid] = loss_with_low(set(ranked[mid:]))
+        if tried[mid] - fp32_loss <= fidelity.budget:
             hi = mid
         else:
             lo = mid + 1
     promoted = set(ranked[:lo])
-    nll = tried[lo] if lo in tried else nll_with_low(set(ranked[lo:]))
+    loss = tried[lo] if lo in tried else loss_with_low(set(ranked[lo:]))
     plan: dict[str, int | None] = {t.name: variant.mixed.promote_bits if t.unit in promoted | fixed else variant.bits
                                    for t in targets}
-    info = {"max_perplexity_ratio": variant.mixed.max_perplexity_ratio, "units": len(units),
+    all_low = tried.get(0, loss_with_low(set(ranked)))
+    info = {"fidelity": fidelity.kind, "budget": fidelity.describe, "units": len(units),
             "promoted": [u for u in ranked if u in promoted], "promote_bits": variant.mixed.promote_bits,
-            "calibration_perplexity_ratio_fake_quant": float(np.exp(nll - fp32_nll)),
-            "met_on_calibration": bool(nll - fp32_nll <= budget),
-            "all_low_ratio_fake_quant": float(np.exp(tried.get(0, nll_with_low(set(ranked))) - fp32_nll)),
-            "sensitivity_top": [{"unit": u, "perplexity_ratio_alone": float(np.exp(sensitivity[u]))}
-                                for u in ranked[:10]],
-            "method": "each unit (a decoder layer's MatMuls, or lm_head with its tied table) alone at INT4 in the "
-                      "FP32 graph (dequantized weights), calibration perplexity; then a bisection on how many of "
-                      "the most sensitive go to INT8"}
+            "met_on_calibration": bool(loss - fp32_loss <= fidelity.budget),
+            "method": f"each unit (a layer's MatMuls, or lm_head with its tied table) alone at INT{variant.bits} in "
+                      f"the FP32 graph (dequantized weights), {fidelity.kind} on calibration text; then a bisection "
+                      f"on how many of the most sensitive go to INT{variant.mixed.promote_bits}"}
+    info.update(_mixed_figures(fidelity, loss - fp32_loss, all_low - fp32_loss,
+                               {u: sensitivity[u] for u in ranked[:10]}))
+    if fidelity.kind == "perplexity":
+        info["max_perplexity_ratio"] = variant.mixed.max_perplexity_ratio
+    else:
+        info["max_cosine_drop"] = fidelity.budget
     return plan, info
+
+
+def _mixed_figures(fidelity: MixedFidelity, rise: float, all_low_rise: float,
+                   top: Mapping[str, float]) -> dict[str, Any]:
+    """The plan's figures in the fidelity's own unit: a perplexity ratio, or a cosine."""
+    if fidelity.kind == "perplexity":
+        return {"calibration_perplexity_ratio_fake_quant": float(np.exp(rise)),
+                "all_low_ratio_fake_quant": float(np.exp(all_low_rise)),
+                "sensitivity_top": [{"unit": u, "perplexity_ratio_alone": float(np.exp(v))} for u, v in top.items()]}
+    return {"calibration_cosine_fake_quant": 1.0 - rise, "all_low_cosine_fake_quant": 1.0 - all_low_rise,
+            "sensitivity_top": [{"unit": u, "cosine_alone": 1.0 - v} for u, v in top.items()]}
 
 
 def calibration_feeds(feeds: Iterator[Feed] | Iterable[Feed]) -> FeedSource:

@@ -28,10 +28,14 @@ class _Section(BaseModel):
 
 
 class MixedPrecision(_Section):
-    """Per-layer INT4/INT8 choice: layers (and lm_head) ranked by the perplexity each one costs alone at `bits`,
-    the most sensitive kept at `promote_bits` until the calibration perplexity is within the budget."""
+    """Per-layer INT4/INT8 choice: layers (and lm_head) ranked by what each one costs alone at `bits`, the most
+    sensitive kept at `promote_bits` until the calibration fidelity is within the budget. The family says which
+    fidelity (`ModelFamily.weight_only_fidelity`): a decoder's calibration perplexity (`max_perplexity_ratio`), an
+    encoder's primary output cosine to FP32 (`max_cosine_drop`)."""
 
     max_perplexity_ratio: float = Field(1.05, gt=1.0)
+    #: encoders, classifiers: 1 - mean cosine of the primary output vs FP32 on the calibration texts, at most this
+    max_cosine_drop: float = Field(0.005, gt=0.0, lt=1.0)
     promote_bits: Literal[8] = 8
     #: calibration texts the per-unit ranking reads (the budget itself is checked on all of them)
     sensitivity_samples: int = Field(8, ge=1)
@@ -65,6 +69,11 @@ class WeightOnlyVariant(_Section):
     #: quantize the embedding table too: a tied one shares lm_head's codes (GatherBlockQuantized), an untied one
     #: is rounded on its own at `bits`
     embeddings: bool = True
+    #: bits of an untied embedding table (null: `bits`): a per-part choice, e.g. INT8 MatMuls with an INT4 table
+    #: (an encoder's word embeddings are half its weights); a tied table shares lm_head's codes and bits
+    embedding_bits: Literal[4, 8] | None = None
+    #: tokens' values per scale in an untied embedding table (null: `block_size`)
+    embedding_block_size: int | None = None
     exclude_nodes: list[str] = Field(default_factory=list)
     mixed: MixedPrecision | None = None
     #: the KV cache's element type: int8 stores keys and values with calibrated per-channel scales
@@ -78,9 +87,11 @@ class WeightOnlyVariant(_Section):
             raise ValueError("must be a non-empty name without '/', other than 'fp32'")
         return value
 
-    @field_validator("block_size")
+    @field_validator("block_size", "embedding_block_size")
     @classmethod
-    def _block(cls, value: int) -> int:
+    def _block(cls, value: int | None) -> int | None:
+        if value is None:
+            return value
         if value < 16 or value & (value - 1):
             raise BadInputError(f"quantize.weight_only block_size {value}: MatMulNBits needs a power of two >= 16 "
                                 "(16, 32, 64, 128, 256)")

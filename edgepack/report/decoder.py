@@ -62,6 +62,15 @@ def decoder_lines(report: Report) -> list[str]:
     return [*lines, ""]
 
 
+def _mixed_budget(mixed: dict[str, Any]) -> str:
+    """The mixed plan's budget and what it reached on calibration text (fake quantization)."""
+    if "max_perplexity_ratio" in mixed:
+        return (f"budget {mixed['max_perplexity_ratio']} x FP32 calibration perplexity, calibration ratio "
+                f"{mixed['calibration_perplexity_ratio_fake_quant']:.4f} (fake-quant)")
+    return (f"budget cosine >= {1 - mixed['max_cosine_drop']:.4f} to FP32 on calibration text, calibration cosine "
+            f"{mixed['calibration_cosine_fake_quant']:.4f} (fake-quant)")
+
+
 def weight_only_lines(q: dict[str, Any]) -> list[str]:
     lines = ["## Weight-only quantization", ""]
     for name, m in (q.get("variants") or {}).items():
@@ -70,9 +79,7 @@ def weight_only_lines(q: dict[str, Any]) -> list[str]:
                      f"; {m.get('embedding', '')}; size {_f(m.get('size_ratio'), '.3f')} x FP32")
         mixed = m.get("mixed")
         if mixed:
-            lines.append(f"  - mixed: budget {mixed['max_perplexity_ratio']} x FP32 calibration perplexity, "
-                         f"{len(mixed['promoted'])} of {mixed['units']} units at INT{mixed['promote_bits']} "
-                         f"({', '.join(mixed['promoted']) or 'none'}); calibration ratio "
-                         f"{mixed['calibration_perplexity_ratio_fake_quant']:.4f} (fake-quant), "
+            lines.append(f"  - mixed: {_mixed_budget(mixed)}, {len(mixed['promoted'])} of {mixed['units']} units at "
+                         f"INT{mixed['promote_bits']} ({', '.join(mixed['promoted']) or 'none'}); "
                          f"{'met' if mixed['met_on_calibration'] else 'NOT met'}")
     return [*lines, ""]

@@ -111,3 +111,66 @@ def test_quantize_through_the_stage_keeps_the_embedding(tiny_bert_dir, small_sen
     got = [{"sentence_embedding": int8.run(["sentence_embedding"], f)[0]} for f in feeds]
     assert artifact.fidelity(ref, got)["cosine_mean"] > 0.95
     assert open_model(str(result.folder / "model.onnx")).name == FAMILY  # the INT8 folder reopens too
+
+
+def _weight_only(tmp_path, tiny_bert_dir, small_sentences, **variant):
+    """The tiny BERT exported, then one weight-only variant through the stage; (fp32 folder, stage, family)."""
+    from edgepack.quantization.weight_only_config import WeightOnlySection, WeightOnlyVariant
+
+    family = open_model(str(tiny_bert_dir))
+    samples = read_samples(small_sentences)
+    exported = stages.export(family, check_samples=samples[:4], options=ExportSection(), max_length=64,
+                             root=tmp_path)
+    artifact = open_model(str(exported.folder / "model.onnx"))
+    section = WeightOnlySection(calibration_samples=24)
+    result = stages.quantize_weight_only(exported.folder / "model.onnx", artifact, calibration=samples[:24],
+                                         section=section, variant=WeightOnlyVariant(**variant), root=tmp_path)
+    return exported.folder, result, artifact
+
+
+def _cosine(artifact, fp32_folder, model, samples):
+    fp32 = ort.InferenceSession(str(fp32_folder / "model.onnx"))
+    quantized = ort.InferenceSession(str(model))
+    feeds = list(artifact.feeds(samples))
+    ref = [{"sentence_embedding": fp32.run(["sentence_embedding"], f)[0]} for f in feeds]
+    got = [{"sentence_embedding": quantized.run(["sentence_embedding"], f)[0]} for f in feeds]
+    return artifact.fidelity(ref, got)["cosine_mean"]
+
+
+def test_quantize_weight_only_int4_serves_the_encoder(tiny_bert_dir, small_sentences, tmp_path):
+    """INT4 weight-only on an encoder: every MatMul becomes MatMulNBits, the embedding tables GatherBlockQuantized
+    at their own bits (a per-part choice), and the embedding stays the FP32 one's (~2 s)."""
+    fp32, result, artifact = _weight_only(tmp_path, tiny_bert_dir, small_sentences, name="int4", bits=4,
+                                          block_size=16, method="rtn", embedding_bits=8)
+    before = [n for n in onnx.load(str(fp32 / "model.onnx")).graph.node if n.op_type == "MatMul"]
+    graph = onnx.load(str(result.folder / "model.onnx")).graph
+    nbits = [n for n in graph.node if n.op_type == "MatMulNBits"]
+    weights = {i.name for i in onnx.load(str(fp32 / "model.onnx")).graph.initializer}
+    assert len(nbits) == sum(1 for n in before if n.input[1] in weights) == 12  # 2 layers x (Q, K, V, O, FFN x 2)
+    assert {onnx.helper.get_attribute_value(a) for n in nbits for a in n.attribute if a.name == "bits"} == {4}
+    tables = [n for n in graph.node if n.op_type == "GatherBlockQuantized"]
+    assert len(tables) == 3  # word, position, token type
+    assert {onnx.helper.get_attribute_value(a) for n in tables for a in n.attribute if a.name == "bits"} == {8}
+    # FP32 4.3 MB, the 30522 x 32 word table 90% of it: INT8 table + INT4 MatMuls ~0.31x (scales per 16 values)
+    assert result.metrics["size_ratio"] < 0.4
+    assert open_model(str(result.folder / "model.onnx")).name == FAMILY  # the folder reopens as the family
+    assert _cosine(artifact, fp32, result.folder / "model.onnx", read_samples(small_sentences)[30:40]) > 0.99
+    int4 = _weight_only(tmp_path, tiny_bert_dir, small_sentences, name="int4-all", bits=4, block_size=16,
+                        method="rtn")[1]
+    assert int4.metrics["size_ratio"] < result.metrics["size_ratio"] - 0.08  # the INT4 table: 4 bits fewer
+
+
+def test_quantize_weight_only_mixed_plan_keeps_the_cosine_budget(tiny_bert_dir, small_sentences, tmp_path):
+    """The family's weight-only fidelity is the embedding cosine: a budget no INT4 layer meets promotes every
+    layer to INT8, a loose one promotes none (~3 s)."""
+    assert open_model(str(tiny_bert_dir)).weight_only_fidelity == "cosine"
+    plans = {}
+    for drop in (1e-9, 0.5):
+        _, result, _ = _weight_only(tmp_path, tiny_bert_dir, small_sentences, name="mixed", bits=4, block_size=16,
+                                    method="rtn", mixed={"max_cosine_drop": drop})
+        mixed = result.metrics["mixed"]
+        assert mixed["fidelity"] == "cosine" and mixed["units"] == 2  # layer.0, layer.1
+        plans[drop] = mixed
+    assert sorted(plans[1e-9]["promoted"]) == ["layer.0", "layer.1"]
+    assert plans[0.5]["promoted"] == [] and plans[0.5]["met_on_calibration"]
+    assert 0.5 < plans[0.5]["calibration_cosine_fake_quant"] <= 1.0
