@@ -69,7 +69,7 @@ class WeightOnlyVariant(_Section):
     #: quantize the embedding table too: a tied one shares lm_head's codes (GatherBlockQuantized), an untied one
     #: is rounded on its own at `bits`
     embeddings: bool = True
-    #: bits of an untied embedding table (null: `bits`): a per-part choice, e.g. INT8 MatMuls with an INT4 table
+    #: bits of an untied embedding table (null: `head_bits`, else `bits`): a per-part choice, e.g. INT8 MatMuls with an INT4 table
     #: (an encoder's word embeddings are half its weights); a tied table shares lm_head's codes and bits
     embedding_bits: Literal[4, 8] | None = None
     #: tokens' values per scale in an untied embedding table (null: `block_size`)
