@@ -277,34 +277,37 @@ def decode_modes(models: dict[str, Path], out: Path, *, rounds: int, steps: int,
     return result
 
 
-def _copy_runner(kv: Any) -> Any:
+def _timed_greedy(step: Any, prompt: Any, steps: int) -> list[float]:
+    """Greedy decode through `step(tokens, position) -> logits`: the prompt untimed, then the seconds of each step."""
     import numpy as np
 
+    token, out = int(step(prompt, 0)[-1].argmax()), []
+    for position in range(len(prompt), len(prompt) + steps):
+        begin = time.perf_counter()
+        logits = step(np.array([token]), position)
+        out.append(time.perf_counter() - begin)
+        token = int(logits[-1].argmax())
+    return out
+
+
+def _copy_runner(kv: Any) -> Any:
+    """The copy path: every step feeds the last presents back as the pasts."""
     def run(prompt: Any, steps: int) -> list[float]:
-        logits, past = kv.step(prompt, kv.empty(), 0)
-        token, out = int(logits[-1].argmax()), []
-        for position in range(len(prompt), len(prompt) + steps):
-            begin = time.perf_counter()
-            logits, past = kv.step(np.array([token]), past, position)
-            out.append(time.perf_counter() - begin)
-            token = int(logits[-1].argmax())
-        return out
+        past = [kv.empty()]
+
+        def step(tokens: Any, position: int) -> Any:
+            logits, past[0] = kv.step(tokens, past[0], position)
+            return logits
+
+        return _timed_greedy(step, prompt, steps)
 
     return run
 
 
 def _shared_runner(kv: Any, shared_cache: Any) -> Any:
-    import numpy as np
-
+    """The shared path: one static buffer per layer bound as both past and present."""
     def run(prompt: Any, steps: int) -> list[float]:
-        cache = shared_cache(kv, len(prompt) + steps)
-        token, out = int(cache.step(prompt, 0)[-1].argmax()), []
-        for position in range(len(prompt), len(prompt) + steps):
-            begin = time.perf_counter()
-            logits = cache.step(np.array([token]), position)
-            out.append(time.perf_counter() - begin)
-            token = int(logits[-1].argmax())
-        return out
+        return _timed_greedy(shared_cache(kv, len(prompt) + steps).step, prompt, steps)
 
     return run
 

@@ -270,15 +270,21 @@ def measure_calibrators(fp32: Path, data: dict[str, list[Any]], results: dict[st
         results["calibrators"][calibrator] = {**quality(path, *evaluation), "seconds": seconds}
 
 
-def redo_calibrators(out: Path) -> None:
-    """Only the calibrator rows of a finished build, re-measured with the recipe now, into results.json."""
+def _redo(out: Path, measure: Any, **flags: Any) -> None:
+    """Re-measure one group of rows of a finished build (`measure` as measure_calibrators / measure_techniques take
+    it) with the code and recipe now, into its results.json."""
     results = json.loads((out / "results.json").read_text())
     paths = json.loads((out / "paths.json").read_text())
     data = protocol(wide=True)
     fp32 = Path(paths["fp32"])
-    measure_calibrators(fp32, data, results, out, _evaluation(family(str(fp32)), fp32, data))
-    results["calibrators_rebuilt"] = True
+    measure(fp32, data, results, out, _evaluation(family(str(fp32)), fp32, data))
+    results.update(flags)
     (out / "results.json").write_text(json.dumps(results, indent=1, default=str))
+
+
+def redo_calibrators(out: Path) -> None:
+    """Only the calibrator rows of a finished build, re-measured with the recipe now, into results.json."""
+    _redo(out, measure_calibrators, calibrators_rebuilt=True)
 
 
 def _evaluation(artifact: Any, fp32: Path, data: dict[str, list[Any]]) -> tuple:
@@ -291,12 +297,7 @@ def _evaluation(artifact: Any, fp32: Path, data: dict[str, list[Any]]) -> tuple:
 
 def redo_techniques(out: Path) -> None:
     """Only the TECHNIQUES rows a finished build lacks (after a technique was added), into results.json."""
-    results = json.loads((out / "results.json").read_text())
-    paths = json.loads((out / "paths.json").read_text())
-    data = protocol(wide=True)
-    fp32 = Path(paths["fp32"])
-    measure_techniques(fp32, data, results, out, _evaluation(family(str(fp32)), fp32, data))
-    (out / "results.json").write_text(json.dumps(results, indent=1, default=str))
+    _redo(out, measure_techniques)
 
 
 def build(out: Path) -> None:
