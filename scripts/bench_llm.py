@@ -443,12 +443,7 @@ def _decode_part(args: Any, out: Path) -> int:
     for key, row in decode_modes({k: models[k] for k in wanted if k in models}, out, rounds=5, steps=32, threads=2,
                                  context=args.context).items():
         print(f"{key}: {row}", flush=True)
-    text = decode_table(out)
-    if args.no_write:
-        print(text)
-    else:
-        write_section("bench-llm-decode", text)
-    return 0
+    return _emit(args, "bench-llm-decode", decode_table(out))
 
 
 def main() -> int:
@@ -498,11 +493,15 @@ def main() -> int:
         return 0
     if args.part == "decode":
         return _decode_part(args, out)
-    text = table(out)
+    return _emit(args, "bench-llm", table(out))
+
+
+def _emit(args: Any, section: str, text: str) -> int:
+    """A table into its docs/benchmarks.md section, or onto stdout with --no-write."""
     if args.no_write:
         print(text)
     else:
-        write_section("bench-llm", text)
+        write_section(section, text)
     return 0
 
 
