@@ -247,7 +247,7 @@ def decode_modes(models: dict[str, Path], out: Path, *, rounds: int, steps: int,
     import onnxruntime as ort
     import onnxruntime_genai as og
 
-    from edgepack.runtime.decoding import KVSession, SharedCache
+    from edgepack.runtime.decoding import KVSession
 
     options = ort.SessionOptions()
     options.intra_op_num_threads, options.inter_op_num_threads, options.log_severity_level = threads, 1, 3
@@ -259,7 +259,7 @@ def decode_modes(models: dict[str, Path], out: Path, *, rounds: int, steps: int,
         runners[f"{name} copy"] = _copy_runner(kv)
         graph = onnx.load(str(path), load_external_data=False).graph
         if any(n.op_type == "GroupQueryAttention" for n in graph.node):
-            runners[f"{name} shared"] = _shared_runner(kv, SharedCache)
+            runners[f"{name} shared"] = _shared_runner(kv)
         if (path.parent / "genai_config.json").is_file():
             config = og.Config(str(path.parent))
             config.overlay(json.dumps({"model": {"decoder": {"session_options": {"intra_op_num_threads": threads}}}}))
@@ -277,39 +277,18 @@ def decode_modes(models: dict[str, Path], out: Path, *, rounds: int, steps: int,
     return result
 
 
-def _timed_greedy(step: Any, prompt: Any, steps: int) -> list[float]:
-    """Greedy decode through `step(tokens, position) -> logits`: the prompt untimed, then the seconds of each step."""
-    import numpy as np
-
-    token, out = int(step(prompt, 0)[-1].argmax()), []
-    for position in range(len(prompt), len(prompt) + steps):
-        begin = time.perf_counter()
-        logits = step(np.array([token]), position)
-        out.append(time.perf_counter() - begin)
-        token = int(logits[-1].argmax())
-    return out
-
-
 def _copy_runner(kv: Any) -> Any:
-    """The copy path: every step feeds the last presents back as the pasts."""
-    def run(prompt: Any, steps: int) -> list[float]:
-        past = [kv.empty()]
+    """The copy path (`runtime.decoding.greedy`): every step feeds the last presents back as the pasts."""
+    from edgepack.runtime.decoding import greedy
 
-        def step(tokens: Any, position: int) -> Any:
-            logits, past[0] = kv.step(tokens, past[0], position)
-            return logits
-
-        return _timed_greedy(step, prompt, steps)
-
-    return run
+    return lambda prompt, steps: greedy(kv, prompt, steps + 1)[2]
 
 
-def _shared_runner(kv: Any, shared_cache: Any) -> Any:
-    """The shared path: one static buffer per layer bound as both past and present."""
-    def run(prompt: Any, steps: int) -> list[float]:
-        return _timed_greedy(shared_cache(kv, len(prompt) + steps).step, prompt, steps)
+def _shared_runner(kv: Any) -> Any:
+    """The shared path (`greedy(shared=True)`): one static buffer per layer bound as both past and present."""
+    from edgepack.runtime.decoding import greedy
 
-    return run
+    return lambda prompt, steps: greedy(kv, prompt, steps + 1, shared=True)[2]
 
 
 def _genai_runner(og: Any, model: Any) -> Any:

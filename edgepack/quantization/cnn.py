@@ -180,15 +180,12 @@ def float_activation_nodes(model: onnx.ModelProto, tensors: Sequence[str]) -> li
     """The nodes to leave unquantized so that each of `tensors` stays float: the node computing it, traced back
     through elementwise activations (a Clip reading a Conv: the Conv too), and every node reading it. A name that
     is no node output or graph input of `model` is a BadInputError with the closest names."""
-    from edgepack.errors import did_you_mean
+    from edgepack.quantization.quantize import check_activation_names
 
+    check_activation_names(model, tensors, field="quantize.cnn.float_activations")
     producers = {o: node for node in model.graph.node for o in node.output}
-    known = sorted({*producers, *(i.name for i in model.graph.input)})
     nodes: list[str] = []
     for tensor in tensors:
-        if tensor not in producers and tensor not in {i.name for i in model.graph.input}:
-            raise BadInputError(f"quantize.cnn.float_activations: no tensor '{tensor}' in the model"
-                                f"{did_you_mean(tensor, known)}; name a node output or graph input")
         node = producers.get(tensor)
         while node is not None:
             nodes.append(node.name)

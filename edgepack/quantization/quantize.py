@@ -443,6 +443,16 @@ def _cnn_prepared(graph: _Graph, options: QuantizeOptions, *, calibration_feeds:
                    float_weights=float_path)
 
 
+def check_activation_names(model: onnx.ModelProto, tensors: Sequence[str], *, field: str) -> None:
+    """Each of `tensors` is a node output or graph input of `model`, else a BadInputError naming `field` and the
+    closest names (quantize.wide_activations, quantize.cnn.float_activations)."""
+    known = {o for n in model.graph.node for o in n.output} | {i.name for i in model.graph.input}
+    for name in tensors:
+        if name not in known:
+            raise BadInputError(f"{field}: no tensor '{name}' in the model{did_you_mean(name, sorted(known))}; "
+                                f"name a node output or graph input")
+
+
 def widen_activations(plan: QuantPlan, model: onnx.ModelProto, tensors: Sequence[str]) -> QuantPlan:
     """`plan` with `tensors` quantized as uint16 (ORT TensorQuantOverrides; contrib Q/DQ below opset 21).
 
@@ -455,11 +465,7 @@ def widen_activations(plan: QuantPlan, model: onnx.ModelProto, tensors: Sequence
 
     from edgepack.exporters.normalize import default_opset
 
-    known = {o for n in model.graph.node for o in n.output} | {i.name for i in model.graph.input}
-    for name in tensors:
-        if name not in known:
-            raise BadInputError(f"quantize.wide_activations: no tensor '{name}' in the model"
-                                f"{did_you_mean(name, sorted(known))}; name a node output or graph input")
+    check_activation_names(model, tensors, field="quantize.wide_activations")
     overrides = {**plan.tensor_overrides, **{t: [{"quant_type": QuantType.QUInt16}] for t in tensors}}
     extra = {**plan.extra_options}
     if default_opset(model) < 21:
