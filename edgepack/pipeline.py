@@ -59,7 +59,7 @@ def load_split(recipe: Recipe) -> DataSplit:
         samples = read_samples(path, format=data.format, field=data.field, label_field=data.label_field,
                                images=images)
         return split_samples(samples, n_calibration=data.n_calibration, n_evaluation=data.n_evaluation,
-                             seed=data.seed, source=str(path))
+                             seed=data.seed, source=str(path), hold_out_labelled=data.images.hold_out_labelled)
     # streamed in two passes (a digest per record, then the chosen records): a 10 GB file is never held
     return read_split(path, format=data.format, field=data.field, pair_field=data.pair_field,
                       label_field=data.label_field, n_calibration=data.n_calibration,

@@ -106,6 +106,10 @@ class ImageDataSection(_Section):
     views: int = Field(1, ge=1)
     on_error: Literal["error", "skip"] = "error"
     max_pixels: int = Field(89_478_485, ge=1)
+    #: images with a label never calibrate: they go to the evaluation split first (file order), the unlabelled
+    #: ones then fill calibration and the rest of evaluation in the seed's order (a few labelled photos among many:
+    #: every label measures accuracy, and the first evaluation samples, successive halving's early rungs, have them)
+    hold_out_labelled: bool = False
 
 
 class DataSection(_Section):

@@ -31,6 +31,16 @@ class Bench:
     auto_recipe: str
     hand_recipes: tuple[str, ...]
     budgets: tuple[str, ...] = ("accuracy_drop=0.5", "peak_rss_mb=40")
+    title: str = "all-MiniLM-L6-v2"
+    #: the task metric's column name, and what accuracy_drop / min_cosine read (for the section's text)
+    metric_label: str = "R@1"
+    reads: str = ("accuracy_drop: paraphrase R@1 below the FP32 teacher in points; min_cosine: mean cosine of the "
+                  "sentence embedding to the FP32 teacher's on the same sentences")
+    #: the hand recipes are built on the auto recipe's data section (calibration photos: the same split), CPU EP
+    #: validation only, no bundle (neither changes the model)
+    hand_on_auto_data: bool = False
+    #: scripts/bench_vision.py's data protocol: measure on its held-out crops (checked equal to the recipe's split)
+    vision_protocol: bool = False
 
 
 BENCHES = {
@@ -41,6 +51,15 @@ BENCHES = {
     # recipe and the INT4-everywhere one
     "minilm-int4": Bench("recipes/minilm-auto-int4.yaml", ("recipes/minilm.yaml", "recipes/minilm-int4.yaml"),
                          budgets=("accuracy_drop=0.5", "min_cosine=0.99")),
+    # the cnn static INT8 recipe's knobs, against the hand recipe calibrated on the same photos (size objective; the
+    # -fast key: p50 objective with the input resolution in the space too)
+    **{key: Bench(recipe, ("recipes/efficientnet-lite0.yaml",), budgets=("accuracy_drop=0.5", "min_cosine=0.99"),
+                  title="EfficientNet-Lite0", metric_label="top-1 (labelled)", hand_on_auto_data=True,
+                  vision_protocol=True,
+                  reads="accuracy_drop: top-1 accuracy on the 48 labelled held-out crops below FP32's, in points "
+                  "(one crop is 2.08); min_cosine: mean logit cosine to FP32 on the 112 held-out crops")
+       for key, recipe in (("efficientnet-lite0", "recipes/efficientnet-lite0-auto.yaml"),
+                           ("efficientnet-lite0-fast", "recipes/efficientnet-lite0-auto-fast.yaml"))},
 }
 
 
@@ -53,8 +72,13 @@ def phase_hand(bench: Bench, out: Path) -> None:
     from edgepack.recipe import load_recipe
 
     finals = {}
+    auto = load_recipe(REPO / bench.auto_recipe)
     for path in bench.hand_recipes:
         recipe = load_recipe(REPO / path)
+        if bench.hand_on_auto_data:
+            recipe = recipe.model_copy(update={
+                "data": auto.data, "bundle": recipe.bundle.model_copy(update={"enabled": False}),
+                "validate_": recipe.validate_.model_copy(update={"providers": ["cpu"]})})
         start = time.perf_counter()
         report = run_recipe(recipe, out / f"hand-{recipe.name}")
         final = list(report.variants)[-1]
@@ -99,9 +123,35 @@ def _variants(out: Path) -> tuple[dict[str, Path], dict[str, Any]]:
     for c in search["auto"]["candidates"]:
         if c["finalist"] or c["pareto"]:
             variants[f"auto-trial-{c['trial']}"] = auto_dir / c["model"]
+    fastest = _fastest_built(search["auto"]["candidates"])
+    if fastest is not None and f"auto-trial-{fastest['trial']}" not in variants:  # whatever budget refused it
+        variants[f"auto-trial-{fastest['trial']} (fastest, refused)"] = auto_dir / fastest["model"]
     for path, info in hand.items():
         variants[f"hand:{Path(path).stem}"] = Path(info["model"])
     return variants, search
+
+
+def _fastest_built(candidates: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The candidate with the lowest p50 at any rung (built and measured, met the budgets or not)."""
+    timed = [c for c in candidates if c.get("model") and (c.get("figures") or {}).get("p50_ms") is not None
+             and not (c.get("reason") or "").startswith("the same model as")]
+    return min(timed, key=lambda c: c["figures"]["p50_ms"], default=None)
+
+
+def _evaluation(bench: Bench, recipe: Any) -> list[Any]:
+    """The auto recipe's evaluation split; for vision, scripts/bench_vision.py's held-out crops (the same ones)."""
+    from edgepack.pipeline import load_split
+
+    split = list(load_split(recipe).evaluation)
+    if not bench.vision_protocol:
+        return split
+    from bench_vision import protocol
+
+    held_out = protocol()["evaluation"]
+    key = sorted((str(s.path), s.view) for s in held_out)
+    if key != sorted((str(s.path), s.view) for s in split):
+        raise SystemExit(f"{bench.auto_recipe}: its evaluation split is not bench_vision.py's held-out crops")
+    return held_out
 
 
 def phase_measure(bench: Bench, out: Path) -> None:
@@ -109,7 +159,6 @@ def phase_measure(bench: Bench, out: Path) -> None:
     from edgepack.auto.budgets import Measurement, merge_budgets
     from edgepack.families import open_model
     from edgepack.onnx_files import model_bytes
-    from edgepack.pipeline import load_split
     from edgepack.recipe import load_recipe
     from edgepack.runtime.harness import ValidationSettings
     from edgepack.runtime.providers import parse_providers
@@ -120,7 +169,7 @@ def phase_measure(bench: Bench, out: Path) -> None:
     settings = ValidationSettings(sequence_length=128, max_length=recipe.data.max_length, threads=2, warmup=10,
                                   runs=100)
     start = time.perf_counter()
-    result = stages.validate(variants, family, samples=load_split(recipe).evaluation, providers=parse_providers("cpu"),
+    result = stages.validate(variants, family, samples=_evaluation(bench, recipe), providers=parse_providers("cpu"),
                              settings=settings, compared_to={k: (None if k == "fp32" else "fp32") for k in variants},
                              folder=out / "measure", cache_dir=out / "ep-cache")
     rows = result.metrics["variants"]
@@ -128,6 +177,7 @@ def phase_measure(bench: Bench, out: Path) -> None:
     metric = search["auto"]["metric"]
     ref_metric = rows["fp32"]["providers"]["cpu"]["metrics"][metric]
     table, measured = [], {}
+    drop_only = [b for b in budgets if b.name == "accuracy_drop"]
     for name, path in variants.items():
         cpu = rows[name]["providers"]["cpu"]
         memory = cpu["memory_mb"]
@@ -139,49 +189,62 @@ def phase_measure(bench: Bench, out: Path) -> None:
         measured[name] = m
         meets = all(b.met(m) for b in budgets)
         cosine = "–" if m.cosine_mean is None else f"{m.cosine_mean:.4f}"
-        table.append([name, f"{m.size_mb:.2f}", f"{m.metric:.4f}", f"{m.accuracy_drop:.2f}", cosine,
-                      f"{m.peak_rss_mb:.1f}", f"{m.p50_ms:.2f}", "yes" if meets else "no"])
+        row = [name, f"{m.size_mb:.2f}", f"{m.metric:.4f}", f"{m.accuracy_drop:.2f}", cosine, f"{m.peak_rss_mb:.1f}",
+               f"{m.p50_ms:.2f}", "yes" if meets else "no"]
+        table.append([*row, "yes" if all(b.met(m) for b in drop_only) else "no"] if bench.vision_protocol else row)
     _write(bench, out, table, measured, budgets, search, wall=time.perf_counter() - start)
+
+
+def _verdict(measured: dict[str, Any], meets: set[str], chosen: str | None, objective: str) -> str:
+    """auto's chosen model against the best hand recipe meeting the same budgets, by the search's objective."""
+    unit, what = {"size_mb": ("MB", "smaller"), "p50_ms": ("ms p50", "faster"),
+                  "peak_rss_mb": ("MiB peak RSS", "leaner")}[objective]
+    hand = sorted((k for k in meets if k.startswith("hand:")), key=lambda k: getattr(measured[k], objective))
+    if not hand:
+        return "no hand recipe meets the budgets"
+    if chosen not in measured or chosen not in meets:
+        return f"auto's chosen model ({chosen}) does not meet the budgets on these figures"
+    ours, theirs = getattr(measured[chosen], objective), getattr(measured[hand[0]], objective)
+    ratio = theirs / ours
+    return (f"auto's model ({chosen}, {ours:.2f} {unit}) is **{ratio:.2f}x {what}** than the best hand recipe that "
+            f"meets the same budgets ({hand[0]}, {theirs:.2f} {unit}); target 1.5x: "
+            f"{'met' if ratio >= 1.5 else 'MISSED'}")
 
 
 def _write(bench: Bench, out: Path, table: list[list[str]], measured: dict[str, Any], budgets: list[Any],
            search: dict[str, Any], *, wall: float) -> None:
-    from edgepack.report.auto import PARETO_COLUMNS
+    from edgepack.report.auto import PARETO_COLUMNS, pareto_rows
     from edgepack.report.model import AutoSummary
 
     meets = {k for k, m in measured.items() if all(b.met(m) for b in budgets)}
-    hand = sorted((k for k in meets if k.startswith("hand:")), key=lambda k: measured[k].size_mb)
     summary = AutoSummary.model_validate(search["auto"])
     chosen = f"auto-trial-{summary.chosen}" if summary.chosen is not None else None
-    verdict = "no hand recipe meets the budgets"
-    if hand and chosen in measured and chosen in meets:
-        ratio = measured[hand[0]].size_mb / measured[chosen].size_mb
-        verdict = (f"auto's model ({chosen}, {measured[chosen].size_mb:.2f} MB) is **{ratio:.2f}x smaller** than the "
-                   f"smallest hand recipe that meets the same budgets ({hand[0]}, {measured[hand[0]].size_mb:.2f} MB); "
-                   f"target 1.5x: {'met' if ratio >= 1.5 else 'MISSED'}")
-    elif chosen is None:
-        verdict = f"auto chose nothing: {summary.verdict}"
-    from edgepack.report.auto import pareto_rows
-
+    verdict = _verdict(measured, meets, chosen, summary.objective) if chosen else \
+        f"auto chose nothing: {summary.verdict}"
     counts = summary.counts
     stage_times = ", ".join(f"{k} {v['count']}x {v['seconds']:.0f} s" for k, v in search["stages"].items())
     key = next(k for k, b in BENCHES.items() if b == bench)
+    columns = ["variant", "size MB", bench.metric_label, "accuracy drop (pt)", "cosine to FP32",
+               "peak RSS MiB (model)", "p50 ms", "meets budgets"]
+    if bench.vision_protocol:
+        columns.append("meets accuracy_drop alone")
+    shape = "224 x 224 images" if bench.vision_protocol else "sequence 128"
     body = "\n".join([
-        f"## Auto search: compression x quantization against budgets (all-MiniLM-L6-v2, {bench.auto_recipe})", "",
+        f"## Auto search: compression x quantization against budgets ({bench.title}, {bench.auto_recipe})", "",
         f"Machine: {machine_line()}", "",
-        f"Budgets: {', '.join(b.describe() for b in budgets)} (accuracy_drop: paraphrase R@1 below the FP32 teacher "
-        "in points; min_cosine: mean cosine of the sentence embedding to the FP32 teacher's on the same sentences; "
-        "peak_rss_mb: the model's VmHWM over the runtime baseline). Commands: `python scripts/bench_auto.py "
+        f"Budgets: {', '.join(b.describe() for b in budgets)} ({bench.reads}; peak_rss_mb: the model's VmHWM over "
+        f"the runtime baseline); objective {summary.objective}. Commands: `python scripts/bench_auto.py "
         f"hand --model {key}`, `... search --model {key}` (no lock), then `flock /work/bench.lock nice -n 0 python "
         f"scripts/bench_auto.py measure --model {key}` "
-        f"(this table: one harness run, CPU EP, 2 threads, batch 1, sequence 128, 100 timed runs, {wall:.0f} s).", "",
-        markdown_table(["variant", "size MB", "R@1", "accuracy drop (pt)", "cosine to FP32", "peak RSS MiB (model)",
-                        "p50 ms", "meets budgets"], table), "",
+        f"(this table: one harness run, CPU EP, 2 threads, batch 1, {shape}, 100 timed runs, {wall:.0f} s).", "",
+        markdown_table(columns, table), "",
         f"- {verdict}",
         f"- search wall time: {search['wall_s'] / 60:.1f} min (target 60) for {len(summary.candidates)} trials on "
         f"{summary.backend}: {counts.get('built', 0)} built, {counts.get('pruned_by_proxy', 0)} pruned by proxies, "
         f"{counts.get('pruned_by_halving', 0)} by successive halving (rungs {summary.rung_samples}), "
-        f"{counts.get('failed', 0)} failed, {counts.get('promoted', 0)} promoted; stage time: {stage_times}",
+        f"{counts.get('pruned_by_fidelity', 0)} unmeasurable for min_cosine, {counts.get('same_model', 0)} the same model "
+        f"as an earlier trial, {counts.get('failed', 0)} failed, {counts.get('promoted', 0)} promoted; stage time: "
+        f"{stage_times}",
         f"- the search's own verdict: {summary.verdict}", "",
         "The search's Pareto front (its own figures: harness for finalists, last rung otherwise):", "",
         markdown_table(list(PARETO_COLUMNS), pareto_rows(summary)),

@@ -304,3 +304,89 @@ def test_min_cosine_refuses_a_candidate_that_keeps_the_task_metric(tmp_path, str
     assert "min_cosine >= 0.95" in report.auto.verdict
     md = (tmp_path / "run" / "report.md").read_text()
     assert "min_cosine >= 0.95" in md and "cosine to FP32 (mean)" in md
+
+
+# ---------------------------------------------------------------------------------------- the cnn search space
+
+#: the tiny MobileNet's stem conv output (its ReLU6), named as in the exported graph
+TINY_STEM = "/stem/stem.2/Clip_output_0"
+
+
+@pytest.fixture(scope="module")
+def labelled_photos(tmp_path_factory):
+    """10 smooth RGB images in two class folders (labels 0 and 1)."""
+    import numpy as np
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("photos")
+    rng = np.random.default_rng(0)
+    for i in range(10):
+        coarse = rng.integers(0, 256, size=(6, 8, 3), dtype=np.uint8)
+        folder = root / str(i % 2)
+        folder.mkdir(exist_ok=True)
+        Image.fromarray(coarse).resize((64, 48), Image.Resampling.BICUBIC).save(folder / f"img{i}.png")
+    return root
+
+
+def test_hold_out_labelled_keeps_labelled_images_out_of_calibration(tmp_path):
+    """data.images.hold_out_labelled: the images with a label are evaluation only, and first (file order); the
+    unlabelled ones fill calibration, then the rest of evaluation; no image on both sides."""
+    import numpy as np
+    from PIL import Image
+
+    from edgepack.pipeline import load_split
+
+    for i in range(8):
+        Image.fromarray(np.full((8, 8, 3), 30 * i, dtype=np.uint8)).save(tmp_path / f"img{i}.png")
+    (tmp_path / "labels.csv").write_text("file,label\nimg2.png,3\nimg6.png,5\n")
+    data = {"path": str(tmp_path), "label_field": str(tmp_path / "labels.csv"), "images": {"views": 2},
+            "n_calibration": 8, "n_evaluation": 8, "seed": 0}
+    recipe = {"model": {"family": "image-classifier", "path": "tests.tiny_models:make_mobilenet"}}
+    held = load_split(parse_recipe({**recipe, "data": {**data, "images": {"views": 2, "hold_out_labelled": True}}}))
+    assert [(s.path.name, s.label) for s in held.evaluation[:4]] == [("img2.png", 3)] * 2 + [("img6.png", 5)] * 2
+    assert all(s.label is None for s in held.calibration) and len(held.calibration) == 8
+    assert not {s.path for s in held.calibration} & {s.path for s in held.evaluation}
+    plain = [load_split(parse_recipe({**recipe, "data": {**data, "seed": seed}})) for seed in range(8)]
+    assert any(s.label is not None for split in plain for s in split.calibration)  # without it, labels calibrate
+
+
+@pytest.mark.slow
+def test_cnn_space_reaches_the_model_and_skips_a_knob_that_changed_nothing(tmp_path, labelled_photos):
+    """A grid over the cnn recipe's float_activations x equalize on the tiny MobileNet (ReLU6 kept: no pair to
+    equalize, so CLE leaves the model as it was): the float activation reaches the built graph (no QuantizeLinear
+    on it, its two convs' weights float), the CLE candidates are the same model files as the others and are not
+    measured again, and the chosen model is the smallest file measured, meeting every budget (~20 s)."""
+    import onnx
+
+    from edgepack.auto.driver import run_auto
+
+    recipe = parse_recipe({
+        "name": "tiny-cnn-auto",
+        "model": {"family": "image-classifier", "path": "tests.tiny_models:make_mobilenet",
+                  "preprocessing": {"resize": 36, "crop": 32}, "outputs": ["logits"]},
+        "data": {"path": str(labelled_photos), "label_field": "folder", "images": {"views": 2},
+                 "n_calibration": 8, "n_evaluation": 12},
+        "quantize": {"calibrator": "minmax", "max_cosine_drop": None, "cnn": {"equalize": False}},
+        "validate": {"runs": 5, "warmup": 1}, "bundle": {"enabled": False},
+        "auto": {"sampler": "grid", "rung_runs": 3, "rungs": 2, "finalists": 2,
+                 "space": {"cnn_float_activations": [[], [TINY_STEM]], "equalize": [False, True]}}})
+    report = run_auto(recipe, tmp_path / "run", budgets=["accuracy_drop=100", "min_cosine=0.9"], backend="inline")
+    auto = report.auto
+    by_trial = {c.trial: c for c in auto.candidates}
+    same = [c for c in auto.candidates if (c.reason or "").startswith("the same model as trial")]
+    assert len(auto.candidates) == 4 and auto.counts["same_model"] == 2 and all(c.params["equalize"] for c in same)
+    for candidate in same:
+        earlier = by_trial[int(candidate.reason.split("trial ")[1].split(" ")[0])]
+        assert earlier.params == {**candidate.params, "equalize": False}
+    measured = [c for c in auto.candidates if c not in same]
+    for candidate in measured:
+        model = onnx.load(str(tmp_path / "run" / candidate.model))
+        quantized = {n.input[0] for n in model.graph.node if n.op_type == "QuantizeLinear"}
+        float_weights = {t.name for t in model.graph.initializer if t.data_type == onnx.TensorProto.FLOAT}
+        float_convs = sum(n.op_type == "Conv" and n.input[1] in float_weights for n in model.graph.node)
+        kept = bool(candidate.params["cnn_float_activations"])
+        assert (TINY_STEM in quantized) != kept and float_convs == 2 * kept, candidate.params
+    small = min(measured, key=lambda c: c.figures.size_mb)  # at 20 KB the stem's Q/DQ weigh more than its weights
+    chosen = by_trial[auto.chosen]
+    assert chosen is small and chosen.meets_budgets and chosen.figures.how == "harness" and report.passed
+    assert chosen.figures.cosine_mean >= 0.9

@@ -77,6 +77,7 @@ def run_job(job: BuildJob | EvalJob) -> dict[str, Any]:
 
 
 def build(job: BuildJob) -> dict[str, Any]:
+    from edgepack.artifacts import sha256_file
     from edgepack.onnx_files import model_bytes
     from edgepack.pipeline import RunContext, build_variants, load_split, open_recipe_model
     from edgepack.recipe import parse_recipe
@@ -89,7 +90,7 @@ def build(job: BuildJob) -> dict[str, Any]:
     final = list(variants)[-1]
     path = variants[final]
     return {"ok": True, "model": str(path), "variant": final, "reference": str(variants["fp32"]),
-            "size_bytes": model_bytes(path), "weights_mb": initializer_bytes(path) / 2**20,
+            "size_bytes": model_bytes(path), "model_sha256": sha256_file(path), "weights_mb": initializer_bytes(path) / 2**20,
             "stages": [s.model_dump() for s in ctx.stages], "quantize_check": _quantize_check(path.parent, final)}
 
 

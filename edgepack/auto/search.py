@@ -99,6 +99,9 @@ class Search:
         self._trials: dict[int, Any] = {}
         #: candidate recipe's content hash -> the candidate (repeats are not built again)
         self._by_recipe: dict[str, Candidate] = {}
+        #: built model's content hash -> the first candidate that built it (another recipe, the same model: not
+        #: measured again)
+        self._by_model: dict[str, Candidate] = {}
         self.reference: dict[str, Any] = {}
         self.reference_evals: dict[int, dict[str, Any]] = {}
         self.sizes: list[int] = []
@@ -264,6 +267,10 @@ class Search:
         self.counts["built"] += 1
         candidate.build = result
         candidate.measured = self.proxy(result)
+        earlier = self._by_model.setdefault(str(result.get("model_sha256") or id(candidate)), candidate)
+        if earlier is not candidate:
+            self._same_model(candidate, earlier)
+            return None
         missed = self._proxy_misses(candidate.measured)
         if missed:
             self.counts["pruned_by_proxy"] += 1
@@ -271,6 +278,23 @@ class Search:
             return None
         candidate.rung = 0
         return self._eval_job(candidate.recipe, result["model"], self.sizes[0], f"trial {candidate.trial}")
+
+    def _same_model(self, candidate: Candidate, earlier: Candidate) -> None:
+        """A knob that changed nothing (CLE with no equalizable pair, 16-bit on a tensor kept float): the same model
+        file as an earlier trial's. Not measured or sent to the harness again; optuna is told the earlier result
+        (its value once complete, else pruned), and the trial is not counted against `trials` (run_trials)."""
+        import optuna
+
+        self.counts["same_model"] = self.counts.get("same_model", 0) + 1
+        candidate.measured = earlier.measured
+        candidate.state, candidate.reason = "pruned", f"the same model as trial {earlier.trial} (another recipe)"
+        trial = self._trials[candidate.trial]
+        if earlier.state == "complete" and earlier.value is not None:
+            self.study.tell(trial, earlier.value)
+        else:
+            self.study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+        get_reporter().info(f"- trial {candidate.trial} skipped: {describe_params(candidate.params)} — "
+                            f"{candidate.reason}")
 
     def _proxy_misses(self, m: Measurement) -> str | None:
         margin = self.recipe.auto.proxy_margin
@@ -350,6 +374,9 @@ class Search:
                 candidate, kind = inflight.pop(handle)
                 result = self._result(handle)
                 follow = self.on_build(candidate, result) if kind == "build" else self.on_eval(candidate, result)
+                if kind == "build" and (candidate.reason or "").startswith("the same model as") \
+                        and self.recipe.auto.sampler != "grid" and self.counts["same_model"] <= MAX_REPEATS:
+                    asked -= 1  # a knob that changed nothing: ask again (bounded like recipe repeats)
                 if follow is not None:
                     inflight[self.backend.submit(run_job, follow)] = (candidate, "eval")
 

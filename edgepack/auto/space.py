@@ -46,6 +46,9 @@ class Knob:
     #: a section switched on (`<section>.enabled: true`) when the value written is active (non-zero, non-empty)
     enables: str | None = None
     transform: Transform | None = None
+    #: integer recipe keys scaled by the factor the knob's value applies to the recipe's own value at `path`
+    #: (`resolution`: the resize side follows the crop side, so resize 256 / crop 224 stays 8:7)
+    scales: tuple[str, ...] = ()
 
     def written(self, value: Any, context: KnobContext) -> Any:
         return self.transform(value, context) if self.transform else value
@@ -54,8 +57,9 @@ class Knob:
 KNOBS: Registry[Knob] = Registry("auto knob")
 
 
-def knob(name: str, path: str, meaning: str, *, enables: str | None = None, transform: Transform | None = None) -> None:
-    KNOBS.register(name)(Knob(path, meaning, enables, transform))
+def knob(name: str, path: str, meaning: str, *, enables: str | None = None, transform: Transform | None = None,
+         scales: tuple[str, ...] = ()) -> None:
+    KNOBS.register(name)(Knob(path, meaning, enables, transform, scales))
 
 
 def _layers_removed(kept: Any, context: KnobContext) -> list[int]:
@@ -93,6 +97,16 @@ knob("activation_type", "quantize.activation_type", "uint8 or int8 activations")
 knob("float_fallback", "quantize.max_cosine_drop", "per-layer precision: the most sensitive layers (leave-one-out "
      "ranking) stay in float until 1 - cosine vs FP32 is at most this (null: every layer INT8)")
 knob("max_float_layers", "quantize.max_fallback_layers", "at most this many layers in float for float_fallback")
+# --- CNNs (the cnn recipe: `quantize.cnn`) and image models
+knob("cnn_float_activations", "quantize.cnn.float_activations", "activations kept float with the layers computing "
+     "and reading them (cnn recipe), e.g. [] or the stem's output")
+knob("wide_activations", "quantize.wide_activations", "activations quantized to 16 bits (uint16 QDQ), e.g. [] or "
+     "the stem's output")
+knob("equalize", "quantize.cnn.equalize", "cross-layer equalization of consecutive convolutions (cnn recipe)")
+knob("bias_correction", "quantize.cnn.bias_correction", "subtract each layer's mean INT8 weight error from its bias "
+     "(cnn recipe)")
+knob("resolution", "model.preprocessing.crop", "input image side in pixels (image families: the preprocessing's "
+     "crop; its resize side scales with it): the exported graph's input shape", scales=("model.preprocessing.resize",))
 # --- per-part precision of weight-only quantization (`quantize.mode: weight-only`): the last variant is the candidate
 WEIGHT_ONLY = "quantize.weight_only.variants.-1"
 knob("weight_bits", f"{WEIGHT_ONLY}.bits", "weight-only: bits of the MatMul weights (4 or 8, MatMulNBits)")
@@ -140,6 +154,18 @@ def _set(tree: dict[str, Any], path: str, value: Any) -> None:
         raise BadInputError(f"auto.space: '{path}' is not a recipe key{did_you_mean(leaf, node)}; keys of "
                             f"'{'.'.join(parents) or 'the recipe'}': {', '.join(sorted(node))}")
     node[leaf] = value
+
+
+def _scaled(tree: Mapping[str, Any], path: str, value: Any, base: Any, dim: Dimension) -> Any:
+    """The recipe's integer at `path` times value / base (the knob's value over the recipe's own)."""
+    try:
+        current = _get(tree, path)
+    except (KeyError, IndexError, TypeError):
+        current = None
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in (current, value, base)) or base <= 0:
+        raise BadInputError(f"auto.space.{dim.name}: needs integer values and the recipe's {dim.knob.path} and "
+                            f"{path} as integers (got {base!r} and {current!r}); set them in the recipe")
+    return round(current * value / base)
 
 
 def _get(tree: Mapping[str, Any], path: str) -> Any:
@@ -222,6 +248,8 @@ class SearchSpace:
         for name, value in values.items():
             dim = by_name[name]
             written = dim.knob.written(value, self.context)
+            for path in dim.knob.scales:
+                _set(tree, path, _scaled(self._base_tree, path, written, _get(self._base_tree, dim.knob.path), dim))
             _set(tree, dim.knob.path, written)
             if dim.knob.enables and _active(written):
                 tree[dim.knob.enables]["enabled"] = True

@@ -340,37 +340,45 @@ def _check_enough(unique: int, total: int, n_calibration: int, n_evaluation: int
 
 
 def split_samples(
-    samples: Sequence[Sample], *, n_calibration: int, n_evaluation: int, seed: int, source: str
+    samples: Sequence[Sample], *, n_calibration: int, n_evaluation: int, seed: int, source: str,
+    hold_out_labelled: bool = False,
 ) -> DataSplit:
     """Drop exact duplicates (first one kept), shuffle with `numpy.random.default_rng(seed)`, then take
-    `n_calibration` samples for calibration and the next `n_evaluation` for evaluation (never the same content)."""
+    `n_calibration` samples for calibration and the next `n_evaluation` for evaluation (never the same content).
+    `hold_out_labelled` (grouped samples: images): groups with a label go to evaluation first, in file order."""
     _check_counts(n_calibration, n_evaluation, source)
     unique = _drop_duplicates(samples)
     _check_enough(len(unique), len(samples), n_calibration, n_evaluation, source)
     rng = np.random.default_rng(seed)
     if any(hasattr(s, "group") for s in unique):
-        return _split_by_group(unique, rng, n_calibration=n_calibration, n_evaluation=n_evaluation, source=source)
+        return _split_by_group(unique, rng, n_calibration=n_calibration, n_evaluation=n_evaluation, source=source,
+                               hold_out_labelled=hold_out_labelled)
     order = rng.permutation(len(unique))
     chosen = screen_samples([unique[i] for i in order], n_calibration + n_evaluation, source=source)
     return DataSplit(calibration=chosen[:n_calibration], evaluation=chosen[n_calibration:])
 
 
 def _split_by_group(samples: Sequence[Sample], rng: np.random.Generator, *, n_calibration: int, n_evaluation: int,
-                    source: str) -> DataSplit:
+                    source: str, hold_out_labelled: bool = False) -> DataSplit:
     """Whole groups (the views of one image) go to calibration until it is full, the rest to evaluation: no image
-    contributes to both. Groups are shuffled, samples inside a group keep their order."""
+    contributes to both. Groups are shuffled, samples inside a group keep their order. With `hold_out_labelled`,
+    the labelled groups come first, in file order, and go to evaluation only; the unlabelled ones are shuffled."""
     groups: dict[str, list[Sample]] = {}
     for sample in samples:
         groups.setdefault(str(getattr(sample, "group", id(sample))), []).append(sample)
-    keys = list(groups)
-    order = [keys[i] for i in rng.permutation(len(keys))]
+    held = [k for k in groups if any(getattr(s, "label", None) is not None for s in groups[k])] \
+        if hold_out_labelled else []
+    keys = [k for k in groups if k not in held]
+    order = [*held, *(keys[i] for i in rng.permutation(len(keys)))]
     calibration: list[Sample] = []
     evaluation: list[Sample] = []
     for key in order:
         if not screen_samples(groups[key][:1], 1, source=source, partial=True):
             continue  # a bad image (on_error: skip): its views go with it
         members = groups[key]
-        if len(calibration) < n_calibration:
+        if key in held:
+            evaluation += members[: max(0, n_evaluation - len(evaluation))]
+        elif len(calibration) < n_calibration:
             calibration += members[: n_calibration - len(calibration)]
         elif len(evaluation) < n_evaluation:
             evaluation += members[: n_evaluation - len(evaluation)]
