@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from edgepack.errors import BadInputError
 
@@ -89,12 +89,13 @@ class WeightOnlyVariant(_Section):
 
     @field_validator("block_size", "embedding_block_size")
     @classmethod
-    def _block(cls, value: int | None) -> int | None:
+    def _block(cls, value: int | None, info: ValidationInfo) -> int | None:
         if value is None:
             return value
         if value < 16 or value & (value - 1):
-            raise BadInputError(f"quantize.weight_only block_size {value}: MatMulNBits needs a power of two >= 16 "
-                                "(16, 32, 64, 128, 256)")
+            kernel = "GatherBlockQuantized" if info.field_name == "embedding_block_size" else "MatMulNBits"
+            raise BadInputError(f"quantize.weight_only {info.field_name} {value}: {kernel} needs a power of two "
+                                ">= 16 (16, 32, 64, 128, 256)")
         return value
 
     @model_validator(mode="after")

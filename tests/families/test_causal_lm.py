@@ -206,6 +206,9 @@ def test_quantize_gptq_act_order_and_mse_grid_on_correlated_inputs():
         assert np.array_equal(permuted.codes, plain.codes) and np.allclose(permuted.scales, plain.scales)
     with pytest.raises(BadInputError, match="grid 'lsq'"):
         BlockSpec(grid="lsq")
+    for field, kernel in (("block_size", "MatMulNBits"), ("embedding_block_size", "GatherBlockQuantized")):
+        with pytest.raises(BadInputError, match=rf"weight_only {field} 24: {kernel} needs a power of two"):
+            WeightOnlyVariant(name="v", **{field: 24})
 
 
 def test_quantize_head_bits_8_with_act_order_and_mse_grid_through_the_graph(exported, tmp_path):
