@@ -144,6 +144,7 @@ def quantize(fp32: Path, family: ModelFamily, *, calibration: Sequence[Sample], 
     resolved for `providers` by `resolve_graph`), an accuracy budget and a range cache."""
     import json
 
+    from edgepack.quantization.calibrators import calibrator_options
     from edgepack.quantization.cnn import CnnOptions
     from edgepack.quantization.quantize import QuantizeOptions, RangeCache, quantize_static
     from edgepack.quantization.sensitivity import QuantBudget
@@ -157,7 +158,9 @@ def quantize(fp32: Path, family: ModelFamily, *, calibration: Sequence[Sample], 
                                 graph=graph, cnn=CnnOptions(**options.cnn.model_dump()),
                                 wide_activations=tuple(options.wide_activations))
     config = {**options.model_dump(exclude={"weight_only"}), "mode": mode, "recipe": recipe, "graph": graph,
-              "max_length": max_length, "padding": padding}
+              "max_length": max_length, "padding": padding,
+              # the calibrator's option values (its defaults): a changed default must not reuse an old build
+              "calibrator_options": calibrator_options(options.calibrator)}
     inputs = {"model": model_digest(fp32), "data": samples_hash(calibration)}
     key = calibration_key(family, calibration, max_length=max_length, padding=padding)
 

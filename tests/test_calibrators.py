@@ -15,6 +15,7 @@ from edgepack.errors import BadInputError
 from edgepack.quantization import calibrators
 from edgepack.quantization.calibrators import (
     CALIBRATORS,
+    calibrator_options,
     clipped_range,
     collect_tensor_ranges,
     entropy_threshold,
@@ -52,6 +53,15 @@ def stream(name: str, batches: list[np.ndarray], tensor: str = "t", **options: o
 
 def test_registry_holds_the_five_methods() -> None:
     assert CALIBRATORS.names() == ALL
+
+
+def test_calibrator_options_are_the_defaults_a_build_is_keyed_by() -> None:
+    """stages.quantize hashes these into its stage key (and RangeCache into its file name): a changed default
+    (entropy's floor moved from 99.0 to 99.99) rebuilds instead of reusing ranges calibrated the old way."""
+    assert calibrator_options("minmax") == {}
+    assert calibrator_options("entropy") == {"num_bins": 2048, "num_quantized_bins": 128, "min_percentile": 99.99}
+    for name in ALL:
+        assert make_calibrator(name, **calibrator_options(name)).options == make_calibrator(name).options
     for name in ALL:
         assert make_calibrator(name).name == name
 

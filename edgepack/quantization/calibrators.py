@@ -106,6 +106,11 @@ def make_calibrator(name: str, **options: object) -> RangeCalibrator:
     return cls(cls.Options(**options))
 
 
+def calibrator_options(name: str) -> dict[str, object]:
+    """The option values calibrator `name` runs with (its Options defaults), e.g. for a content hash."""
+    return dataclasses.asdict(CALIBRATORS.get(name).Options())
+
+
 def _checked_values(tensor: str, values: np.ndarray, sample: int) -> tuple[np.ndarray, float, float]:
     """Flatten to (N,) float32 or float64 and refuse NaN / Inf, naming the tensor and the sample; with min and max.
 

@@ -26,7 +26,13 @@ from edgepack.artifacts import content_hash, write_json
 from edgepack.calibration_data import Feed
 from edgepack.errors import BadInputError, did_you_mean
 from edgepack.onnx_files import model_digest, needs_external_data, save_onnx, without_weights
-from edgepack.quantization.calibrators import CALIBRATORS, RangeCalibrator, collect_tensor_ranges, make_calibrator
+from edgepack.quantization.calibrators import (
+    CALIBRATORS,
+    RangeCalibrator,
+    calibrator_options,
+    collect_tensor_ranges,
+    make_calibrator,
+)
 from edgepack.quantization.cnn import CnnOptions
 from edgepack.quantization.fused import graph_note
 from edgepack.quantization.recipes import BranchPoint, QuantPlan, detect_family, plan_quantization
@@ -189,7 +195,7 @@ class RangeCache:
 
     def path(self, model_path: Path, options: QuantizeOptions, plan: QuantPlan) -> Path:
         key = content_hash({"model": model_digest(model_path), "data": self.data_key, "calibrator": options.calibrator,
-                            "graph": options.graph,
+                            "calibrator_options": calibrator_options(options.calibrator), "graph": options.graph,
                             "smoothquant": options.smoothquant, "methods": plan.range_methods,
                             "nodes": plan.nodes_to_quantize, "exclude": plan.nodes_to_exclude,
                             "points": [[p.tensor, list(p.matmuls), p.alpha] for p in plan.branch_points],
