@@ -207,20 +207,13 @@ def _guard_calibration(fp32: Path, family: ModelFamily, calibration: Sequence[Sa
 
 def _extra_calibration(section: Any, family: ModelFamily) -> list[Sample]:
     """`weight_only.calibration_data`'s texts, joined into texts of about `calibration_tokens` tokens."""
-    from edgepack.calibration_data import read_samples, resolve_data_path
+    from edgepack.calibration_data import iter_samples, resolve_data_path
 
     if section.calibration_data is None:
         return []
-    path = resolve_data_path(section.calibration_data)
-    if path.name.endswith(".gz"):  # a corpus file (the bundled distillation corpus): streamed, its first records
-        from itertools import islice
-
-        from edgepack.calibration_data.corpus import stream_records
-
-        texts = [s.text for s in islice(stream_records(path), section.calibration_data_samples)]
-    else:
-        samples = read_samples(path, pair_field=None)
-        texts = [s.text for s in samples[: section.calibration_data_samples] if isinstance(s, TextSample)]
+    # streamed: only the first records are read (a .jsonl.gz corpus too, e.g. the bundled distillation corpus)
+    samples = iter_samples(resolve_data_path(section.calibration_data), limit=section.calibration_data_samples)
+    texts = [s.text for s in samples if isinstance(s, TextSample)]
     joined, current = [], []
     words = max(8, section.calibration_tokens * 3 // 4)  # ~0.75 words per token of English
     for text in texts:

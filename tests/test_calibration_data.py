@@ -234,6 +234,35 @@ def test_non_utf8_text_is_reported(tmp_path: Path) -> None:
     assert str(path) in message and "UTF-8" in message
 
 
+@pytest.mark.parametrize(("name", "body", "options"), [
+    ("lines.txt.gz", "first line\nsecond line\n", {}),
+    ("records.jsonl.gz", '{"text": "first line"}\n{"text": "second line"}\n', {}),
+    ("table.csv.gz", "text\nfirst line\nsecond line\n", {}),
+])
+def test_gzip_text_jsonl_and_csv_are_read_as_streams(tmp_path: Path, name: str, body: str, options: dict) -> None:
+    import gzip
+
+    from edgepack.calibration_data import iter_samples
+
+    path = tmp_path / name
+    path.write_bytes(gzip.compress(body.encode()))
+    assert [s.text for s in read_samples(path)] == ["first line", "second line"]
+    assert [s.text for s in iter_samples(path, limit=1)] == ["first line"]
+
+
+def test_bad_gzip_files_are_named(tmp_path: Path) -> None:
+    import gzip
+
+    truncated = tmp_path / "cut.jsonl.gz"
+    truncated.write_bytes(gzip.compress(b'{"text": "a"}\n' * 1000)[:40])
+    message = bad_input(lambda: read_samples(truncated))
+    assert str(truncated) in message and "not a readable gzip file" in message
+    arrays = tmp_path / "arrays.npz.gz"
+    arrays.write_bytes(gzip.compress(b"x"))
+    message = bad_input(lambda: read_samples(arrays))
+    assert str(arrays) in message and "must hold text, JSONL or CSV" in message
+
+
 # --- split_samples -----------------------------------------------------------------------------------------------
 
 

@@ -17,16 +17,19 @@ digests are sorted and the order drawn), and gives exactly what `split_samples(r
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import gzip
 import hashlib
 import io
 import itertools
 import json
 import zipfile
+import zlib
 from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 
@@ -59,7 +62,7 @@ def sample_path(name: str = "sentences.jsonl") -> Path:
     """Path of a data file bundled with edgepack (in `edgepack/calibration_data/samples/`)."""
     path = SAMPLES_DIR / name
     if not path.is_file():
-        known = sorted(p.name for p in SAMPLES_DIR.iterdir() if p.suffix in _SUFFIXES)
+        known = sorted(p.name for p in SAMPLES_DIR.iterdir() if p.suffix in (*_SUFFIXES, ".gz"))
         raise BadInputError(
             f"no bundled sample file '{name}'{did_you_mean(name, known)}; bundled files: {', '.join(known)}"
         )
@@ -115,6 +118,12 @@ def iter_samples(
 
 
 def _resolve_format(path: Path, format: str) -> str:
+    if path.suffix.lower() == ".gz":  # data.jsonl.gz: the format of the name inside, read through gzip
+        if format == "auto":
+            format = _SUFFIXES.get(Path(path.stem).suffix.lower(), "")
+        if format not in ("text", "jsonl", "csv") and format in (*data_formats.names(), ""):
+            raise BadInputError(f"{path}: a gzip file must hold text, JSONL or CSV; name it .txt.gz, .jsonl.gz or "
+                                ".csv.gz (an .npz is compressed already: give it uncompressed)")
     if format == "auto":
         suffix = path.suffix.lower()
         if suffix not in _SUFFIXES:
@@ -137,7 +146,7 @@ def _lines(path: Path) -> Iterator[tuple[int, str]]:
 
     Lines end at "\n" ("\r\n" keeps its "\r", which callers strip); a leading UTF-8 byte order mark is dropped."""
     offset = 0
-    with path.open("rb") as handle:
+    with _open_bytes(path) as handle, _gzip_errors(path):
         for lineno, raw in enumerate(handle, start=1):
             try:
                 line = raw.decode("utf-8")
@@ -148,6 +157,21 @@ def _lines(path: Path) -> Iterator[tuple[int, str]]:
                 line = line.removeprefix("\ufeff")
             offset += len(raw)
             yield lineno, line
+
+
+def _open_bytes(path: Path) -> BinaryIO:
+    """The file's bytes; a .gz file decompressed as it is read (offsets in errors are then decompressed ones)."""
+    return gzip.open(path, "rb") if path.suffix.lower() == ".gz" else path.open("rb")  # type: ignore[return-value]
+
+
+@contextlib.contextmanager
+def _gzip_errors(path: Path) -> Iterator[None]:
+    """A corrupt or truncated .gz file becomes one line naming it (gzip raises while the stream is read)."""
+    try:
+        yield
+    except (gzip.BadGzipFile, EOFError, zlib.error) as err:
+        raise BadInputError(f"{path}: not a readable gzip file ({type(err).__name__}: {err}); re-compress it with "
+                            "gzip or give the uncompressed file") from None
 
 
 @data_formats.register("text")
@@ -183,7 +207,7 @@ def _read_jsonl(path: Path, fields: Fields) -> Iterator[Sample]:
 
 @data_formats.register("csv")
 def _read_csv(path: Path, fields: Fields) -> Iterator[Sample]:
-    with path.open("rb") as raw, io.TextIOWrapper(raw, encoding="utf-8-sig", newline="") as file:
+    with _open_bytes(path) as raw, _gzip_errors(path), io.TextIOWrapper(raw, encoding="utf-8-sig", newline="") as file:
         rows = csv.DictReader(file)
         try:
             for row in rows:
