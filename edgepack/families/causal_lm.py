@@ -25,7 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from edgepack.calibration_data import Feed, Sample
 from edgepack.errors import BadInputError
-from edgepack.exporters.decoder import LLAMA_LIKE, DecoderConfig
+from edgepack.exporters.decoder import GRAPH_LAYOUT, LLAMA_LIKE, DecoderConfig
 from edgepack.families.base import FamilyOptions, ModelIO, ModelSource, TensorSpec, inspect_source, register_family
 from edgepack.families.hf_text import CARRIED_FILES, HFTextFamily, check_model_folder, texts_of
 
@@ -198,7 +198,7 @@ class CausalLM(HFTextFamily):
         return [(self.folder / name, name) for name in LLM_FILES if (self.folder / name).is_file()]
 
     def describe(self) -> dict[str, Any]:
-        described = super().describe()
+        described = {**super().describe(), "graph_layout": GRAPH_LAYOUT}
         if self.gguf is not None:
             described["gguf"] = str(self.gguf)
         return described

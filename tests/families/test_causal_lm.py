@@ -55,27 +55,35 @@ def test_export_with_past_matches_torch_on_prefill_and_cached_decode(exported):
     gqa = [n for n in model.graph.node if n.op_type == "GroupQueryAttention"]
     attrs = {a.name: onnx.helper.get_attribute_value(a) for a in gqa[0].attribute}
     assert len(gqa) == 2 and attrs["num_heads"] == 4 and attrs["kv_num_heads"] == 2
+    # packed q|k|v with the rotary inside GroupQueryAttention: no Split / RotaryEmbedding nodes per step
+    assert attrs["do_rotary"] == 1 and gqa[0].input[1:3] == ["", ""] and gqa[0].input[9] == "position_ids"
+    assert not {"Split", "RotaryEmbedding"} & {n.op_type for n in model.graph.node}
     tables = [i for i in model.graph.initializer if i.name == "model.embed_tokens.weight"]
     assert len(tables) == 1  # tied: lm_head reads the one table through a Transpose
     assert {"genai_config.json", "tokenizer.json", "config.json"} <= {p.name for p in exported.parent.iterdir()}
 
 
 def test_export_position_ids_are_honoured(exported, tiny_llama_dir):
-    """RoPE at the given positions: a gap in position_ids changes the logits as it does in PyTorch."""
+    """RoPE at the given positions (GroupQueryAttention's own rotary, `position_ids` as its input): a prompt that
+    starts at an offset, then a later chunk with a gap in its positions, give PyTorch's logits at those positions;
+    within the first call the kernel reads only the first position (the rest follow it, as in a batch-1 prompt)."""
     import torch
+    from transformers import AutoModelForCausalLM
 
     kv = KVSession(cpu_session(exported))
     ids = np.arange(5, 17, dtype=np.int64)
-    feed = {"input_ids": ids[None], "attention_mask": np.ones((1, 12), np.int64),
-            "position_ids": np.concatenate([np.arange(4), np.arange(40, 48)])[None].astype(np.int64), **kv.empty()}
-    gap = kv.session.run(["logits"], feed)[0][0]
+    positions = np.concatenate([np.arange(3, 7), np.arange(40, 48)]).astype(np.int64)
+    first = {"input_ids": ids[None, :4], "attention_mask": np.ones((1, 4), np.int64),
+             "position_ids": positions[None, :4], **kv.empty()}
+    head, *present = kv.session.run(["logits", *kv.present_names], first)
+    later = {"input_ids": ids[None, 4:], "attention_mask": np.ones((1, 12), np.int64),
+             "position_ids": positions[None, 4:], **dict(zip(kv.past_names, present, strict=True))}
+    gap = np.concatenate([head[0], kv.session.run(["logits"], later)[0][0]])
     contiguous, _ = kv.step(ids, kv.empty(), 0)
     assert np.abs(gap - contiguous).max() > 1e-3
-    from transformers import AutoModelForCausalLM
-
     model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, attn_implementation="eager").eval()
     with torch.no_grad():
-        want = model(torch.from_numpy(ids[None]), position_ids=torch.from_numpy(feed["position_ids"])).logits[0]
+        want = model(torch.from_numpy(ids[None]), position_ids=torch.from_numpy(positions[None])).logits[0]
     assert np.abs(gap - want.numpy()).max() < 1e-3
 
 
@@ -228,9 +236,9 @@ def test_quantize_head_bits_8_with_act_order_and_mse_grid_through_the_graph(expo
 
     widths = {n.name: bits(n) for n in model.graph.node if n.op_type == "MatMulNBits"}
     assert [b for name, b in widths.items() if "lm_head" in name] == [8]
-    assert {b for name, b in widths.items() if "lm_head" not in name} == {4} and len(widths) == 9
+    assert {b for name, b in widths.items() if "lm_head" not in name} == {4} and len(widths) == 11
     assert [bits(n) for n in model.graph.node if n.op_type == "GatherBlockQuantized"] == [8]
-    assert metrics["nodes_by_bits"] == {"4": 8, "8": 1} and "8-bit MatMulNBits codes" in metrics["embedding"]
+    assert metrics["nodes_by_bits"] == {"4": 10, "8": 1} and "8-bit MatMulNBits codes" in metrics["embedding"]
     ratio = float(np.exp(calibration_nll(out, held_out) - calibration_nll(exported, held_out)))
     assert ratio < 1.1
     with pytest.raises(BadInputError, match=r"did you mean 'act_order'"):
@@ -259,7 +267,7 @@ def test_quantize_int4_int8_weight_only_with_the_tied_table_shared(exported, tmp
         metrics = quantize_weight_only(exported, out, variant=variant, calibration=calibration)
         model = onnx.load(str(out))
         ops = [n.op_type for n in model.graph.node]
-        assert ops.count("MatMulNBits") == 2 * 4 + 1 and "MatMul" not in ops  # (qkv, o, gate_up, down) x 2, lm_head
+        assert ops.count("MatMulNBits") == 2 * 5 + 1 and "MatMul" not in ops  # (qkv, o, gate, up, down) x 2, lm_head
         assert ops.count("GatherBlockQuantized") == 1 and "Transpose" not in ops
         assert not any(i.name == "model.embed_tokens.weight" for i in model.graph.initializer)  # no float table
         assert "tied embedding" in metrics["embedding"]
@@ -270,6 +278,27 @@ def test_quantize_int4_int8_weight_only_with_the_tied_table_shared(exported, tmp
         ratios[variant.name] = float(np.exp(calibration_nll(out, held_out) - fp32_nll))
     assert sizes["int4"] < 0.25 and sizes["int8"] < 0.4
     assert ratios["int8"] < 1.01 and ratios["int4"] < 1.1 and ratios["int4-rtn"] < 1.2
+
+
+def test_quantize_int8_kv_cache_through_the_rotary_attention(exported, tmp_path):
+    """INT8 KV cache on the packed, rotary-inside GroupQueryAttention: int8 past / present, the copy and shared
+    decode paths give the same tokens, and the held-out log-likelihood stays close to the float cache's (< 1 s)."""
+    family = open_model(str(exported))
+    calibration = calibration_feeds(family.feeds(prose(4), max_length=64))
+    out = tmp_path / "int8-kv8.onnx"
+    variant = WeightOnlyVariant(name="int8-kv8", bits=8, method="rtn", kv_cache="int8")
+    metrics = quantize_weight_only(exported, out, variant=variant, calibration=calibration)
+    assert metrics["kv_cache"]["layers"] == 2
+    kv = KVSession(cpu_session(out))
+    assert kv.cache_dtype == np.int8
+    prompt = np.arange(5, 17, dtype=np.int64)
+    copy, _, _ = greedy(kv, prompt, 12)
+    shared, _, _ = greedy(kv, prompt, 12, shared=True)
+    assert copy.tolist() == shared.tolist()
+    window = next(iter(family.feeds(prose(1, start=20), max_length=64)))["input_ids"][0]
+    int8_nll = teacher_forced(kv, [window])[0].mean()
+    float_nll = teacher_forced(KVSession(cpu_session(exported)), [window])[0].mean()
+    assert abs(int8_nll - float_nll) < 0.05
 
 
 def test_quantize_mixed_precision_meets_its_budget_through_a_recipe(tiny_llama_dir, tmp_path):
