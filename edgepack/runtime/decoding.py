@@ -21,7 +21,7 @@ returning a copy of the whole cache every step (the graph is the same one; measu
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -70,32 +70,55 @@ class KVSession:
 
 class SharedCache:
     """A static-size KV cache (`length` tokens per layer) shared by the past inputs and present outputs of a
-    GroupQueryAttention graph through IO binding: each step writes its tokens in place (no per-step copy)."""
+    GroupQueryAttention graph through IO binding: each step writes its tokens in place (no per-step copy).
+
+    The per-step Python work is kept to what changes: the cache buffers are bound once; a one-token step writes its
+    token and position into preallocated arrays that stay bound, binds a view of one preallocated attention mask
+    (its length is the only thing GroupQueryAttention reads from it) and writes the logits into a bound buffer.
+    The logits a one-token step returns are that buffer: the next step overwrites them (copy to keep)."""
 
     def __init__(self, kv: KVSession, length: int) -> None:
         from onnxruntime import OrtValue
 
-        self.kv, self.length = kv, length
+        self.kv, self.length, self._ortvalue = kv, length, OrtValue.ortvalue_from_numpy
         self.buffers = {n: OrtValue.ortvalue_from_numpy(np.zeros((1, kv.kv_heads, length, kv.head_dim),
                                                                  kv.cache_dtype)) for n in kv.past_names}
         self.binding = kv.session.io_binding()
+        self.binding.bind_output("logits")  # first: a rebinding keeps its place, so outputs[0] stays the logits
+        for past, present in zip(kv.past_names, kv.present_names, strict=True):
+            self.binding.bind_ortvalue_input(past, self.buffers[past])
+            self.binding.bind_ortvalue_output(present, self.buffers[past])
+        self._mask = np.ones((1, length), np.int64)
+        self._token = np.zeros((1, 1), np.int64)
+        self._position = np.zeros((1, 1), np.int64)
+        self._one = {"input_ids": self._ortvalue(self._token), "position_ids": self._ortvalue(self._position)}
+        vocab = next(o.shape[-1] for o in kv.session.get_outputs() if o.name == "logits")
+        self._logits = np.zeros((1, 1, vocab), np.float32) if isinstance(vocab, int) else None
+        self._logits_value = None if self._logits is None else self._ortvalue(self._logits)
+        self._bound_one = False  # whether the one-token inputs / logits buffer are the ones bound now
 
     def step(self, ids: np.ndarray, start: int) -> np.ndarray:
         """Run tokens `ids` (S,) at positions start..start+S-1 on the cache so far; logits (S, V)."""
         length = len(ids)
         if start + length > self.length:
             raise ValueError(f"the shared cache holds {self.length} tokens; {start + length} asked")
-        io = self.binding
-        io.clear_binding_inputs()
-        io.clear_binding_outputs()
-        io.bind_cpu_input("input_ids", ids.reshape(1, length).astype(np.int64))
-        io.bind_cpu_input("attention_mask", np.ones((1, start + length), np.int64))
-        if "position_ids" in self.kv.input_names:
+        io, names = self.binding, self.kv.input_names
+        io.bind_ortvalue_input("attention_mask", self._ortvalue(self._mask[:, :start + length]))
+        if length == 1 and self._logits_value is not None:
+            self._token[0, 0], self._position[0, 0] = int(ids[0]), start
+            if not self._bound_one:
+                for name, value in self._one.items():
+                    if name in names:
+                        io.bind_ortvalue_input(name, value)
+                io.bind_ortvalue_output("logits", self._logits_value)
+                self._bound_one = True
+            self.kv.session.run_with_iobinding(io)
+            return self._logits[0]
+        io.bind_cpu_input("input_ids", np.ascontiguousarray(ids, np.int64).reshape(1, length))
+        if "position_ids" in names:
             io.bind_cpu_input("position_ids", np.arange(start, start + length, dtype=np.int64).reshape(1, length))
         io.bind_output("logits")
-        for past, present in zip(self.kv.past_names, self.kv.present_names, strict=True):
-            io.bind_ortvalue_input(past, self.buffers[past])
-            io.bind_ortvalue_output(present, self.buffers[past])
+        self._bound_one = False
         self.kv.session.run_with_iobinding(io)
         return io.get_outputs()[0].numpy()[0]
 
@@ -135,6 +158,20 @@ def greedy(kv: KVSession, prompt: np.ndarray, new_tokens: int, *, shared: bool =
     """Greedy continuation of `prompt` by `new_tokens` tokens (EOS does not stop it, so runs compare position by
     position); returns (tokens, time to first token in s, per-token decode times in s). `shared`: through a
     `SharedCache` of the run's length (past and present in one buffer), else a new cache returned every step."""
+    steps = greedy_steps(kv, prompt, new_tokens, shared=shared)
+    token, ttft = next(steps)
+    tokens, times = [token], []
+    for token, seconds in steps:
+        tokens.append(token)
+        times.append(seconds)
+    return np.array(tokens, np.int32), ttft, times
+
+
+def greedy_steps(kv: KVSession, prompt: np.ndarray, new_tokens: int, *, shared: bool = False
+                 ) -> Iterator[tuple[int, float]]:
+    """`greedy` one token at a time: yields (token, seconds) for the prompt (time to first token) and then for
+    each decode step, so a benchmark can advance several models in lockstep (each step of every model meets the
+    same moment's load on shared cores)."""
     start = time.perf_counter()
     if shared:
         cache = SharedCache(kv, len(prompt) + new_tokens)
@@ -148,17 +185,12 @@ def greedy(kv: KVSession, prompt: np.ndarray, new_tokens: int, *, shared: bool =
             assert logits is not None
             return logits
 
-    logits = run_step(prompt, 0)
-    token = int(logits[-1].argmax())
-    ttft = time.perf_counter() - start
-    tokens, times = [token], []
+    token = int(run_step(prompt, 0)[-1].argmax())
+    yield token, time.perf_counter() - start
     for position in range(len(prompt), len(prompt) + new_tokens - 1):
         begin = time.perf_counter()
-        logits = run_step(np.array([token]), position)
-        token = int(logits[-1].argmax())
-        times.append(time.perf_counter() - begin)
-        tokens.append(token)
-    return np.array(tokens, np.int32), ttft, times
+        token = int(run_step(np.array([token]), position)[-1].argmax())
+        yield token, time.perf_counter() - begin
 
 
 def prefill_seconds(kv: KVSession, ids: np.ndarray, *, runs: int) -> float:
