@@ -34,6 +34,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -237,11 +238,13 @@ def interleaved(models: dict[str, Path], out: Path, *, rounds: int, steps: int, 
 
 def decode_modes(models: dict[str, Path], out: Path, *, rounds: int, steps: int, threads: int,
                  context: int) -> dict[str, Any]:
-    """Decode-step latency, round-robin in one process like `interleaved`, of every model in each runtime mode:
-    `copy` (ONNX Runtime, a new cache returned each step: the graph contract), `shared` (ONNX Runtime with IO
-    binding, past and present in one static buffer: `runtime.decoding.SharedCache`; GroupQueryAttention graphs
-    only) and `genai` (onnxruntime-genai's generator on the folder, its genai_config as written). Each run: a prompt
-    of `context` tokens, then `steps` greedy steps; the median step per model and mode."""
+    """Decode-step latency of every model in each runtime mode, in one process: `copy` (ONNX Runtime, a new cache
+    returned each step: the graph contract), `shared` (ONNX Runtime with IO binding, past and present in one static
+    buffer: `runtime.decoding.SharedCache`; GroupQueryAttention graphs only) and `genai` (onnxruntime-genai's
+    generator on the folder, its genai_config as written). Each round: every model and mode reads a prompt of
+    `context` tokens, then they all advance in lockstep, one greedy step each in turn (the order reversed every
+    other round), so a burst of other processes' load on the shared cores lands on all of them alike; the median
+    step per model and mode."""
     import numpy as np
     import onnx
     import onnxruntime as ort
@@ -265,9 +268,16 @@ def decode_modes(models: dict[str, Path], out: Path, *, rounds: int, steps: int,
             config.overlay(json.dumps({"model": {"decoder": {"session_options": {"intra_op_num_threads": threads}}}}))
             runners[f"{name} genai"] = _genai_runner(og, og.Model(config))
     times: dict[str, list[float]] = {key: [] for key in runners}
-    for _ in range(rounds):
-        for key, runner in runners.items():
-            times[key] += runner(prompt, steps)
+    for round_ in range(rounds):
+        order = list(runners) if round_ % 2 == 0 else list(reversed(runners))
+        running = {key: runners[key](prompt, steps + 1) for key in order}
+        for run in running.values():
+            next(run)  # the prompt
+        for _ in range(steps):
+            for key, run in running.items():
+                step = next(run, None)  # None: GenAI's generator stopped at an EOS
+                if step is not None:
+                    times[key].append(step[1])
     result = {key: {"decode_ms_p50": float(np.median(t) * 1e3), "decode_ms_p90": float(np.percentile(t, 90) * 1e3),
                     "steps": len(t)} for key, t in times.items()}
     (out / "decode_modes.json").write_text(json.dumps({"rounds": rounds, "steps": steps, "threads": threads,
@@ -278,32 +288,33 @@ def decode_modes(models: dict[str, Path], out: Path, *, rounds: int, steps: int,
 
 
 def _copy_runner(kv: Any) -> Any:
-    """The copy path (`runtime.decoding.greedy`): every step feeds the last presents back as the pasts."""
-    from edgepack.runtime.decoding import greedy
+    """The copy path (`runtime.decoding.greedy_steps`): every step feeds the last presents back as the pasts."""
+    from edgepack.runtime.decoding import greedy_steps
 
-    return lambda prompt, steps: greedy(kv, prompt, steps + 1)[2]
+    return lambda prompt, tokens: greedy_steps(kv, prompt, tokens)
 
 
 def _shared_runner(kv: Any) -> Any:
-    """The shared path (`greedy(shared=True)`): one static buffer per layer bound as both past and present."""
-    from edgepack.runtime.decoding import greedy
+    """The shared path (`greedy_steps(shared=True)`): one static buffer per layer bound as both past and present."""
+    from edgepack.runtime.decoding import greedy_steps
 
-    return lambda prompt, steps: greedy(kv, prompt, steps + 1, shared=True)[2]
+    return lambda prompt, tokens: greedy_steps(kv, prompt, tokens, shared=True)
 
 
 def _genai_runner(og: Any, model: Any) -> Any:
-    def run(prompt: Any, steps: int) -> list[float]:
+    """onnxruntime-genai's generator, one token at a time: yields (token, seconds) like `greedy_steps`."""
+    def run(prompt: Any, tokens: int) -> Iterator[tuple[int, float]]:
+        begin = time.perf_counter()
         params = og.GeneratorParams(model)
-        params.set_search_options(max_length=len(prompt) + steps + 1, do_sample=False)
+        params.set_search_options(max_length=len(prompt) + tokens, do_sample=False)
         generator = og.Generator(model, params)
         generator.append_tokens(prompt.astype("int32"))
         generator.generate_next_token()
-        out = []
+        yield int(generator.get_next_tokens()[0]), time.perf_counter() - begin
         while not generator.is_done():
             begin = time.perf_counter()
             generator.generate_next_token()
-            out.append(time.perf_counter() - begin)
-        return out
+            yield int(generator.get_next_tokens()[0]), time.perf_counter() - begin
 
     return run
 
@@ -325,9 +336,9 @@ def decode_table(out: Path) -> str:
               "ONNX Runtime, past = present buffer (IO binding)", "onnxruntime-genai generator"]
     return "\n".join([
         "### Decode step by runtime mode (scripts/bench_llm.py --part decode)", "",
-        f"Machine: {machine_line()}. Batch 1, {data['threads']} threads; one process, every model and mode "
-        f"round-robin, {data['rounds']} rounds x {data['steps']} greedy steps after a {data['context']}-token prompt, "
-        f"median / 90th percentile step; measured {data['when']} under the bench lock (load "
+        f"Machine: {machine_line()}. Batch 1, {data['threads']} threads; one process, every model and mode in "
+        f"lockstep (one greedy step each in turn), {data['rounds']} rounds x {data['steps']} steps after a "
+        f"{data['context']}-token prompt, median / 90th percentile step; measured {data['when']} under the bench lock (load "
         f"{data['load_avg_1m']:.1f}: other engineers' processes shared the 2 cores).", "",
         "*Shared* is what edgepack's probe now decodes with (`runtime.decoding.SharedCache`): the same graph, its "
         "past inputs and present outputs bound to one buffer of the run's length, so GroupQueryAttention appends "
