@@ -390,3 +390,33 @@ def test_cnn_space_reaches_the_model_and_skips_a_knob_that_changed_nothing(tmp_p
     chosen = by_trial[auto.chosen]
     assert chosen is small and chosen.meets_budgets and chosen.figures.how == "harness" and report.passed
     assert chosen.figures.cosine_mean >= 0.9
+
+
+@pytest.mark.slow
+def test_resolution_knob_exports_another_input_and_its_finalist_is_measured(tmp_path, labelled_photos):
+    """`resolution` writes model.preprocessing.crop and scales resize (36 / 32 -> 27 / 24): the candidate exports a
+    24 x 24 input; as a finalist the harness runs it with its own preprocessing, and its cosine to the 32 x 32 FP32
+    reference is the one its last rung measured on the same samples (~15 s)."""
+    import onnx
+
+    from edgepack.auto.driver import run_auto
+
+    recipe = parse_recipe({
+        "name": "tiny-resolution-auto",
+        "model": {"family": "image-classifier", "path": "tests.tiny_models:make_mobilenet",
+                  "preprocessing": {"resize": 36, "crop": 32}, "outputs": ["logits"]},
+        "data": {"path": str(labelled_photos), "label_field": "folder", "images": {"views": 2},
+                 "n_calibration": 8, "n_evaluation": 12},
+        "quantize": {"enabled": False}, "validate": {"runs": 5, "warmup": 1}, "bundle": {"enabled": False},
+        "auto": {"sampler": "grid", "rung_runs": 3, "rungs": 1, "finalists": 2, "objective": "p50_ms",
+                 "space": {"resolution": [32, 24]}}})
+    preprocessing = SearchSpace.build(recipe).tree({"resolution": 24})["model"]["preprocessing"]
+    assert (preprocessing["resize"], preprocessing["crop"]) == (27, 24)
+    report = run_auto(recipe, tmp_path / "run", budgets=["accuracy_drop=100", "min_cosine=0.01"], backend="inline")
+    by_res = {c.params["resolution"]: c for c in report.auto.candidates}
+    small = by_res[24]
+    dims = onnx.load(str(tmp_path / "run" / small.model)).graph.input[0].type.tensor_type.shape.dim
+    assert [d.dim_value for d in dims][2:] == [24, 24]
+    assert small.finalist and small.figures.how == "harness" and small.figures.samples == 12
+    assert small.figures.cosine_mean is not None and small.figures.p50_ms > 0 and small.meets_budgets
+    assert by_res[32].figures.cosine_mean > 0.9999  # the reference's own export

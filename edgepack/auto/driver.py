@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -124,8 +125,17 @@ def run_harness(search: Search, finalists: list[Candidate]) -> tuple[Any, Any]:
                                   threads=v.threads, warmup=v.warmup, runs=v.runs, device=v.device)
     evaluation = load_split(recipe).evaluation
     get_reporter().info(f"auto: full harness for {len(finalists)} finalist(s) on {', '.join(p.key for p in providers)}")
-    result = stages.validate(variants, family, samples=evaluation, providers=providers, settings=settings,
-                             compared_to=compared, root=out, cache_dir=out / "ep-cache")
+    shape = family.io.inputs[0].dims
+    own = {name: open_model(str(path)) for name, path in variants.items() if name != "fp32"}
+    other = [name for name, fam in own.items() if fam.io.inputs[0].dims != shape]  # e.g. another input resolution
+    result = stages.validate({k: p for k, p in variants.items() if k not in other}, family, samples=evaluation,
+                             providers=providers, settings=settings,
+                             compared_to={k: c for k, c in compared.items() if k not in other}, root=out,
+                             cache_dir=out / "ep-cache")
+    for name in other:  # its own preprocessing, so no parent in the same run: its cosine comes from its last rung
+        alone = stages.validate({name: variants[name]}, own[name], samples=evaluation, providers=providers,
+                                settings=settings, compared_to={name: None}, root=out, cache_dir=out / "ep-cache")
+        result.metrics["variants"][name] = alone.metrics["variants"][name]
     return result, family
 
 
@@ -149,6 +159,14 @@ def harness_figures(search: Search, entry: dict[str, Any], *, size_mb: float) ->
                        samples=cpu.get("evaluation_samples") or 0, how="harness")
 
 
+def _with_rung_fidelity(harness: Measurement, rung: Measurement) -> Measurement:
+    """A finalist the harness could not compare with the reference (its input differs: another resolution) keeps
+    the cosine its last rung measured on the same samples against the reference's saved outputs."""
+    if harness.cosine_mean is not None or rung.cosine_mean is None or rung.samples != harness.samples:
+        return harness
+    return replace(harness, cosine_mean=rung.cosine_mean, cosine_min=rung.cosine_min)
+
+
 # --------------------------------------------------------------------------------------------------- finish
 
 
@@ -168,8 +186,9 @@ def finish(search: Search, *, start: float, backend: str) -> Report:
         ref_cpu = (rows["fp32"]["providers"].get("cpu") or {}).get("metrics") or {}
         search.harness_reference_metric = ref_cpu.get(search.metric) if search.metric else None
         for candidate in finalists:
-            candidate.harness = harness_figures(search, rows[candidate.variant],
-                                                size_mb=candidate.measured.size_mb or 0.0)
+            candidate.harness = _with_rung_fidelity(
+                harness_figures(search, rows[candidate.variant], size_mb=candidate.measured.size_mb or 0.0),
+                candidate.measured)
         paths = {name: Path(p) for name, p in [("fp32", search.reference["model"]),
                                                 *((c.variant, c.build["model"]) for c in finalists)]}
         report_variants = _report_variants(paths, rows, out)
