@@ -83,6 +83,9 @@ class DistillSection(_Section):
     ffn_ratio: float = 0.5
     hidden_ratio: float = 0.0
     importance: str = "activation"
+    #: FFN / hidden widths kept in multiples of this; null: 8 (SIMD-friendly GEMM shapes), or with weight-only
+    #: quantization in the recipe the lcm of 8 and its block sizes (MatMulNBits needs a block to divide the width)
+    width_multiple: int | None = Field(None, ge=1)
     #: a smaller config trained from scratch instead (e.g. {hidden_size: 256, num_hidden_layers: 3})
     student_config: dict[str, int] = Field(default_factory=dict)
     #: loss name -> weight (registry `edgepack.compress.distill.LOSSES`: cosine, mse, hidden, attention-relation,
@@ -148,6 +151,8 @@ class PruneSection(_Section):
     hidden_ratio: float = 0.0
     #: layer indices removed entirely
     layers: list[int] = Field(default_factory=list)
+    #: FFN / hidden widths kept in multiples of this; null: as distill.width_multiple
+    width_multiple: int | None = Field(None, ge=1)
     #: registry `edgepack.compress.prune.IMPORTANCES`: magnitude, taylor, activation
     importance: str = "activation"
     calibration_samples: int = Field(64, ge=1)

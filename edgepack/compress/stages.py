@@ -145,7 +145,7 @@ def _student(teacher: torch.nn.Module, tokenizer: Any, teacher_dir: Path, texts:
     batches = calibration_batches(tokenizer, texts, count=64, batch_size=16, max_length=options.max_length)
     spec = StudentSpec(keep_layers=tuple(options.keep_layers), num_layers=options.num_layers,
                        ffn_ratio=options.ffn_ratio, hidden_ratio=options.hidden_ratio, importance=options.importance,
-                       config=dict(options.student_config))
+                       config=dict(options.student_config), multiple=options.width_multiple or 8)
     return build_student(teacher, spec, batches=batches)
 
 
@@ -260,7 +260,8 @@ def prune_model(model_dir: Path, out_dir: Path, *, texts: Sequence[str], options
     options = _with_task(options)
     _check_names("prune", options.recovery_losses, options.importance)
     spec = StructuredSpec(heads_ratio=options.heads_ratio, ffn_ratio=options.ffn_ratio,
-                          hidden_ratio=options.hidden_ratio, layers=tuple(options.layers), importance=options.importance)
+                          hidden_ratio=options.hidden_ratio, layers=tuple(options.layers), importance=options.importance,
+                          multiple=options.width_multiple or 8)
     torch.manual_seed(options.seed)
     model = load_pretrained(model_dir, task=options.task).eval()
     tokenizer = load_tokenizer(model_dir)

@@ -79,6 +79,8 @@ class StudentSpec:
     hidden_ratio: float = 0.0
     importance: str = "magnitude"
     config: Mapping[str, int] = field(default_factory=dict)
+    #: FFN / hidden widths kept in multiples of this (StructuredSpec.multiple)
+    multiple: int = 8
 
 
 def evenly_spaced(total: int, count: int) -> list[int]:
@@ -98,7 +100,7 @@ def build_student(teacher: nn.Module, spec: StudentSpec, *, batches: Sequence[Ba
         student = copy.deepcopy(teacher)
         select_layers(student, keep)
     narrow = StructuredSpec(ffn_ratio=spec.ffn_ratio, hidden_ratio=spec.hidden_ratio, importance=spec.importance,
-                            field_prefix="distill.")
+                            multiple=spec.multiple, field_prefix="distill.")
     report = prune_transformer(student, narrow, batches=batches)
     teacher_params, student_params = count_params(teacher), count_params(student)
     if student_params > teacher_params:

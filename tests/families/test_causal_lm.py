@@ -372,6 +372,26 @@ def test_compress_distill_and_prune_a_causal_lm(tiny_llama_dir, tmp_path, one_to
     assert result.metrics["graph"]["layers"] == 1
 
 
+def test_compress_keeps_widths_that_weight_only_blocks_divide(tiny_llama_dir, tmp_path):
+    """Pruned FFN widths snap to multiples of the recipe's weight-only block sizes (MatMulNBits refuses a block
+    that does not divide the input width: SmolLM2's FFN pruned by a third in multiples of 8 was 1032 wide)."""
+    from edgepack.compress.config import PruneSection
+    from edgepack.compress.stages import prune_model
+    from edgepack.pipeline import width_multiple
+
+    family = open_model(str(tiny_llama_dir))
+    variants = [{"name": "a", "block_size": 32}, {"name": "b", "block_size": 16, "embedding_block_size": 64}]
+    recipe = parse_recipe({"model": {"path": str(tiny_llama_dir)}, "quantize": {"weight_only": {"variants": variants}}})
+    assert width_multiple(recipe, family) == 64
+    static = parse_recipe({"model": {"path": "x"}, "quantize": {"enabled": False}})
+    assert width_multiple(static, family) == 8
+    texts = [s.text for s in prose(8)]
+    for multiple, kept in ((8, 88), (32, 96)):  # 128 neurons, 30% removed: 89.6 kept, rounded to the multiple
+        prune_model(tiny_llama_dir, tmp_path / str(multiple), texts=texts, options=PruneSection(
+            task="causal-lm", ffn_ratio=0.3, importance="magnitude", width_multiple=multiple))
+        assert json.loads((tmp_path / str(multiple) / "config.json").read_text())["intermediate_size"] == kept
+
+
 # ----------------------------------------------------------------------------------------------- bad input
 
 
