@@ -234,11 +234,12 @@ class CausalLM(HFTextFamily):
         return feed
 
     def feed_for(self, feed: Feed, model: Path) -> Feed:
-        """`feed` with its empty cache in `model`'s cache type (an INT8-KV variant takes int8 past tensors)."""
-        from edgepack.families.causal_lm_eval import cache_element_bytes
+        """`feed` with the empty cache `model` takes: its layers, KV heads and cache type (an INT8-KV variant takes
+        int8 past tensors; the teacher validated beside a distilled student has more layers)."""
+        from edgepack.families.causal_lm_eval import cache_geometry
 
-        dtype = np.dtype(cache_element_bytes(model)[0])
-        return {k: (v.astype(dtype) if k.startswith("past_key_values.") else v) for k, v in feed.items()}
+        cache = cache_geometry(model, kv_heads=self.decoder.kv_heads, head_dim=self.decoder.head_dim)
+        return {**{k: v for k, v in feed.items() if not k.startswith("past_key_values.")}, **cache.empty()}
 
     def check_context(self, tokens: int, *, what: str) -> None:
         limit = self.decoder.max_positions

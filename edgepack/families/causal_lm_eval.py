@@ -23,6 +23,7 @@ longest context the line says fits (capped at max_position_embeddings).
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -168,14 +169,47 @@ def task_report(family: CausalLM, results: Mapping[str, Any], reference: Mapping
     return {"metrics": metrics, "memory_plan": plan, "errors": errors}
 
 
-def cache_element_bytes(model: Path) -> tuple[str, int]:
-    """The KV cache's element type and size, read from the graph's first past input."""
+@dataclass(frozen=True)
+class CacheGeometry:
+    """The KV cache a graph takes, read from its past inputs (a distilled student's differs from its teacher's)."""
+
+    names: tuple[str, ...]  # past_key_values.N.key / .value, in graph order
+    kv_heads: int
+    head_dim: int
+    dtype: str
+
+    @property
+    def layers(self) -> int:
+        return len(self.names) // 2
+
+    @property
+    def element_bytes(self) -> int:
+        return int(np.dtype(self.dtype).itemsize)
+
+    def bytes_per_token(self) -> int:
+        """layers x kv_heads x head_dim x 2 (key and value) x bytes per element."""
+        return self.layers * self.kv_heads * self.head_dim * 2 * self.element_bytes
+
+    def empty(self) -> dict[str, np.ndarray]:
+        return {name: np.zeros((1, self.kv_heads, 0, self.head_dim), self.dtype) for name in self.names}
+
+
+def cache_geometry(model: Path, *, kv_heads: int, head_dim: int) -> CacheGeometry:
+    """`model`'s cache inputs; symbolic head dims (a graph from another exporter) fall back to the given ones."""
     import onnx
 
     graph = onnx.load(str(model), load_external_data=False).graph
-    past = next(i for i in graph.input if i.name.startswith("past_key_values."))
-    dtype = onnx.helper.tensor_dtype_to_np_dtype(past.type.tensor_type.elem_type)
-    return str(dtype), int(dtype.itemsize)
+    past = [i for i in graph.input if i.name.startswith("past_key_values.")]
+    dims = [d.dim_value if d.HasField("dim_value") else None for d in past[0].type.tensor_type.shape.dim]
+    dtype = onnx.helper.tensor_dtype_to_np_dtype(past[0].type.tensor_type.elem_type)
+    return CacheGeometry(tuple(i.name for i in past), kv_heads=dims[1] or kv_heads, head_dim=dims[3] or head_dim,
+                         dtype=str(dtype))
+
+
+def cache_element_bytes(model: Path) -> tuple[str, int]:
+    """The KV cache's element type and size, read from the graph's first past input."""
+    geometry = cache_geometry(model, kv_heads=0, head_dim=0)
+    return geometry.dtype, geometry.element_bytes
 
 
 def memory_plan(family: CausalLM, model: Path, points: Sequence[tuple[int, Any]]) -> dict[str, Any]:
@@ -183,8 +217,8 @@ def memory_plan(family: CausalLM, model: Path, points: Sequence[tuple[int, Any]]
     from edgepack.runtime.fixed_shape import initializer_bytes
 
     cfg = family.decoder
-    dtype, size = cache_element_bytes(model)
-    per_token = cfg.kv_bytes_per_token(size)
+    cache = cache_geometry(model, kv_heads=cfg.kv_heads, head_dim=cfg.head_dim)  # the variant's own (a teacher's)
+    dtype, size, per_token = cache.dtype, cache.element_bytes, cache.bytes_per_token()
     points = sorted(points, key=lambda p: p[0])
     contexts = np.array([c for c, _ in points], dtype=np.float64)
     peaks = np.array([r.memory_mb["peak"] for _, r in points])
@@ -207,7 +241,7 @@ def memory_plan(family: CausalLM, model: Path, points: Sequence[tuple[int, Any]]
                      "fits": bool(longest > 0)})
     return {
         "weight_bytes": int(initializer_bytes(model)), "kv_dtype": dtype, "kv_bytes_per_token": int(per_token),
-        "kv_formula": (f"layers {cfg.layers} x kv_heads {cfg.kv_heads} x head_dim {cfg.head_dim} x 2 (key, value) "
+        "kv_formula": (f"layers {cache.layers} x kv_heads {cache.kv_heads} x head_dim {cache.head_dim} x 2 (key, value) "
                        f"x {size} bytes = {per_token} bytes/token"),
         "fixed_mb": float(fixed), "measured_bytes_per_token": float(slope * MIB), "kv_copies_predicted": KV_COPIES,
         "points": rows, "fits": fits, "max_positions": cfg.max_positions,

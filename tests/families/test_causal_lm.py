@@ -370,6 +370,12 @@ def test_compress_distill_and_prune_a_causal_lm(tiny_llama_dir, tmp_path, one_to
     result = stages.export(student, check_samples=prose(1), options=ExportSection(check_samples=1), max_length=32,
                            folder=tmp_path / "student-export")
     assert result.metrics["graph"]["layers"] == 1
+    # validated beside each other, each variant gets the cache its own graph takes (the teacher has 2 layers)
+    teacher = open_model(str(tiny_llama_dir))
+    feed = teacher.feed_for(teacher.latency_feed(prose(2), sequence_length=8), result.folder / "model.onnx")
+    assert sorted(k for k in feed if k.startswith("past_key_values.")) == ["past_key_values.0.key",
+                                                                           "past_key_values.0.value"]
+    assert cpu_session(result.folder / "model.onnx").run(["logits"], feed)[0].shape[:2] == (1, 8)
 
 
 def test_compress_keeps_widths_that_weight_only_blocks_divide(tiny_llama_dir, tmp_path):
