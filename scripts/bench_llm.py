@@ -339,7 +339,7 @@ def decode_table(out: Path) -> str:
         f"Machine: {machine_line()}. Batch 1, {data['threads']} threads; one process, every model and mode in "
         f"lockstep (one greedy step each in turn), {data['rounds']} rounds x {data['steps']} steps after a "
         f"{data['context']}-token prompt, median / 90th percentile step; measured {data['when']} under the bench lock (load "
-        f"{data['load_avg_1m']:.1f}: other engineers' processes shared the 2 cores).", "",
+        f"{data['load_avg_1m']:.1f}, the benchmark's own 2 threads included: about 2 means nothing else ran).", "",
         "*Shared* is what edgepack's probe now decodes with (`runtime.decoding.SharedCache`): the same graph, its "
         "past inputs and present outputs bound to one buffer of the run's length, so GroupQueryAttention appends "
         "in place (the same tokens and logits as the copy mode: tests/families/test_causal_lm.py); edgepack's "
