@@ -206,12 +206,6 @@ def cache_geometry(model: Path, *, kv_heads: int, head_dim: int) -> CacheGeometr
                          dtype=str(dtype))
 
 
-def cache_element_bytes(model: Path) -> tuple[str, int]:
-    """The KV cache's element type and size, read from the graph's first past input."""
-    geometry = cache_geometry(model, kv_heads=0, head_dim=0)
-    return geometry.dtype, geometry.element_bytes
-
-
 def memory_plan(family: CausalLM, model: Path, points: Sequence[tuple[int, Any]]) -> dict[str, Any]:
     """Weights + KV arithmetic against the measured peaks; the longest context per budget."""
     from edgepack.runtime.fixed_shape import initializer_bytes
