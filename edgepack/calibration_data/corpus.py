@@ -16,7 +16,6 @@ the vectorised numpy version below is one array expression per text and needs no
 
 from __future__ import annotations
 
-import gzip
 import io
 import json
 import re
@@ -27,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from edgepack.calibration_data import TextSample
+from edgepack.calibration_data.readers import open_bytes
 from edgepack.errors import BadInputError
 
 _PRIME = (1 << 61) - 1
@@ -39,9 +39,7 @@ def normalize(text: str) -> str:
 
 
 def _open_text(path: Path) -> io.TextIOBase:
-    if path.suffix == ".gz":
-        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8")
-    return path.open(encoding="utf-8")
+    return io.TextIOWrapper(open_bytes(path), encoding="utf-8")
 
 
 def stream_records(path: str | Path, *, field: str = "text", pair_field: str | None = None) -> Iterator[TextSample]:

@@ -146,7 +146,7 @@ def _lines(path: Path) -> Iterator[tuple[int, str]]:
 
     Lines end at "\n" ("\r\n" keeps its "\r", which callers strip); a leading UTF-8 byte order mark is dropped."""
     offset = 0
-    with _open_bytes(path) as handle, _gzip_errors(path):
+    with open_bytes(path) as handle, _gzip_errors(path):
         for lineno, raw in enumerate(handle, start=1):
             try:
                 line = raw.decode("utf-8")
@@ -159,8 +159,9 @@ def _lines(path: Path) -> Iterator[tuple[int, str]]:
             yield lineno, line
 
 
-def _open_bytes(path: Path) -> BinaryIO:
-    """The file's bytes; a .gz file decompressed as it is read (offsets in errors are then decompressed ones)."""
+def open_bytes(path: Path) -> BinaryIO:
+    """The file's bytes; a .gz file decompressed as it is read (offsets in errors are then decompressed ones).
+    The data readers and the distillation corpus (`corpus.stream_records`) open files through it."""
     return gzip.open(path, "rb") if path.suffix.lower() == ".gz" else path.open("rb")  # type: ignore[return-value]
 
 
@@ -207,7 +208,7 @@ def _read_jsonl(path: Path, fields: Fields) -> Iterator[Sample]:
 
 @data_formats.register("csv")
 def _read_csv(path: Path, fields: Fields) -> Iterator[Sample]:
-    with _open_bytes(path) as raw, _gzip_errors(path), io.TextIOWrapper(raw, encoding="utf-8-sig", newline="") as file:
+    with open_bytes(path) as raw, _gzip_errors(path), io.TextIOWrapper(raw, encoding="utf-8-sig", newline="") as file:
         rows = csv.DictReader(file)
         try:
             for row in rows:
