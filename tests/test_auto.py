@@ -315,17 +315,20 @@ TINY_STEM = "/stem/stem.2/Clip_output_0"
 @pytest.fixture(scope="module")
 def labelled_photos(tmp_path_factory):
     """10 smooth RGB images in two class folders (labels 0 and 1)."""
-    import numpy as np
-    from PIL import Image
+    from tests.vision_graphs import write_class_photos
 
-    root = tmp_path_factory.mktemp("photos")
-    rng = np.random.default_rng(0)
-    for i in range(10):
-        coarse = rng.integers(0, 256, size=(6, 8, 3), dtype=np.uint8)
-        folder = root / str(i % 2)
-        folder.mkdir(exist_ok=True)
-        Image.fromarray(coarse).resize((64, 48), Image.Resampling.BICUBIC).save(folder / f"img{i}.png")
-    return root
+    return write_class_photos(tmp_path_factory.mktemp("photos"), 10)
+
+
+def tiny_cnn_auto_recipe(name: str, photos, *, quantize: dict, auto: dict):
+    """An auto recipe over the tiny MobileNet (32 x 32 input) on `photos`: 8 calibration and 12 evaluation views."""
+    return parse_recipe({
+        "name": name,
+        "model": {"family": "image-classifier", "path": "tests.tiny_models:make_mobilenet",
+                  "preprocessing": {"resize": 36, "crop": 32}, "outputs": ["logits"]},
+        "data": {"path": str(photos), "label_field": "folder", "images": {"views": 2},
+                 "n_calibration": 8, "n_evaluation": 12},
+        "quantize": quantize, "validate": {"runs": 5, "warmup": 1}, "bundle": {"enabled": False}, "auto": auto})
 
 
 def test_hold_out_labelled_keeps_labelled_images_out_of_calibration(tmp_path):
@@ -360,16 +363,11 @@ def test_cnn_space_reaches_the_model_and_skips_a_knob_that_changed_nothing(tmp_p
 
     from edgepack.auto.driver import run_auto
 
-    recipe = parse_recipe({
-        "name": "tiny-cnn-auto",
-        "model": {"family": "image-classifier", "path": "tests.tiny_models:make_mobilenet",
-                  "preprocessing": {"resize": 36, "crop": 32}, "outputs": ["logits"]},
-        "data": {"path": str(labelled_photos), "label_field": "folder", "images": {"views": 2},
-                 "n_calibration": 8, "n_evaluation": 12},
-        "quantize": {"calibrator": "minmax", "max_cosine_drop": None, "cnn": {"equalize": False}},
-        "validate": {"runs": 5, "warmup": 1}, "bundle": {"enabled": False},
-        "auto": {"sampler": "grid", "rung_runs": 3, "rungs": 2, "finalists": 2,
-                 "space": {"cnn_float_activations": [[], [TINY_STEM]], "equalize": [False, True]}}})
+    recipe = tiny_cnn_auto_recipe(
+        "tiny-cnn-auto", labelled_photos,
+        quantize={"calibrator": "minmax", "max_cosine_drop": None, "cnn": {"equalize": False}},
+        auto={"sampler": "grid", "rung_runs": 3, "rungs": 2, "finalists": 2,
+              "space": {"cnn_float_activations": [[], [TINY_STEM]], "equalize": [False, True]}})
     report = run_auto(recipe, tmp_path / "run", budgets=["accuracy_drop=100", "min_cosine=0.9"], backend="inline")
     auto = report.auto
     by_trial = {c.trial: c for c in auto.candidates}
@@ -401,15 +399,10 @@ def test_resolution_knob_exports_another_input_and_its_finalist_is_measured(tmp_
 
     from edgepack.auto.driver import run_auto
 
-    recipe = parse_recipe({
-        "name": "tiny-resolution-auto",
-        "model": {"family": "image-classifier", "path": "tests.tiny_models:make_mobilenet",
-                  "preprocessing": {"resize": 36, "crop": 32}, "outputs": ["logits"]},
-        "data": {"path": str(labelled_photos), "label_field": "folder", "images": {"views": 2},
-                 "n_calibration": 8, "n_evaluation": 12},
-        "quantize": {"enabled": False}, "validate": {"runs": 5, "warmup": 1}, "bundle": {"enabled": False},
-        "auto": {"sampler": "grid", "rung_runs": 3, "rungs": 1, "finalists": 2, "objective": "p50_ms",
-                 "space": {"resolution": [32, 24]}}})
+    recipe = tiny_cnn_auto_recipe(
+        "tiny-resolution-auto", labelled_photos, quantize={"enabled": False},
+        auto={"sampler": "grid", "rung_runs": 3, "rungs": 1, "finalists": 2, "objective": "p50_ms",
+              "space": {"resolution": [32, 24]}})
     preprocessing = SearchSpace.build(recipe).tree({"resolution": 24})["model"]["preprocessing"]
     assert (preprocessing["resize"], preprocessing["crop"]) == (27, 24)
     report = run_auto(recipe, tmp_path / "run", budgets=["accuracy_drop=100", "min_cosine=0.01"], backend="inline")

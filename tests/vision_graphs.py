@@ -75,3 +75,20 @@ def images(n: int, seed: int = 0) -> list[np.ndarray]:
         out.append(np.repeat(np.repeat(coarse, 4, axis=2), 4, axis=3) + 0.1 * rng.normal(size=(1, 3, H, W))
                    .astype(np.float32))
     return out
+
+
+def write_class_photos(root, count: int, *, grayscale: int = 0):
+    """`count` smooth 64 x 48 PNGs (upscaled random 8 x 6 colour fields, seed 0) in two class folders `0` and `1`
+    (image i in folder i % 2); the last `grayscale` of them saved as grayscale. Returns `root`."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for i in range(count):
+        coarse = rng.integers(0, 256, size=(6, 8, 3), dtype=np.uint8)
+        image = Image.fromarray(coarse).resize((64, 48), Image.Resampling.BICUBIC)
+        if i >= count - grayscale:
+            image = image.convert("L")
+        folder = root / str(i % 2)
+        folder.mkdir(exist_ok=True)
+        image.save(folder / f"img{i}.png")
+    return root

@@ -8,7 +8,6 @@ import json
 import numpy as np
 import onnx
 import pytest
-from PIL import Image
 
 from edgepack import stages
 from edgepack.calibration_data import read_samples
@@ -17,7 +16,7 @@ from edgepack.families import open_model
 from edgepack.families.image_classifier import dense_fidelity, mask_iou, topk_agreement
 from edgepack.recipe import ExportSection, QuantizeSection
 from tests.tiny_models import MOBILENET_OPTIONS
-from tests.vision_graphs import paddle_style_segmenter
+from tests.vision_graphs import paddle_style_segmenter, write_class_photos
 
 FAMILY = "image-classifier"
 FACTORY = "tests.tiny_models:make_mobilenet"
@@ -26,17 +25,7 @@ FACTORY = "tests.tiny_models:make_mobilenet"
 @pytest.fixture(scope="module")
 def photos(tmp_path_factory):
     """12 smooth RGB images and 2 grayscale ones in two class folders (labels 0 and 1)."""
-    root = tmp_path_factory.mktemp("photos")
-    rng = np.random.default_rng(0)
-    for i in range(14):
-        coarse = rng.integers(0, 256, size=(6, 8, 3), dtype=np.uint8)
-        image = Image.fromarray(coarse).resize((64, 48), Image.Resampling.BICUBIC)
-        if i >= 12:
-            image = image.convert("L")
-        folder = root / str(i % 2)
-        folder.mkdir(exist_ok=True)
-        image.save(folder / f"img{i}.png")
-    return root
+    return write_class_photos(tmp_path_factory.mktemp("photos"), 14, grayscale=2)
 
 
 @pytest.fixture(scope="module")
