@@ -178,12 +178,14 @@ def width_multiple(recipe: Recipe, family: ModelFamily) -> int:
     quantization after the compression also every block size of it (MatMulNBits needs its block size to divide
     the input width of each MatMul: a third of SmolLM2's FFN removed in multiples of 8 left 1032, which block 32
     refused)."""
+    from edgepack.compress.config import WIDTH_MULTIPLE
+
     section = recipe.quantize
     if not section.enabled or stages.quantize_mode(family, section) != "weight-only":
-        return 8
+        return WIDTH_MULTIPLE
     sizes = [size for variant in section.weight_only.variants
              for size in (variant.block_size, variant.embedding_block_size) if size]
-    return math.lcm(8, *sizes)
+    return math.lcm(WIDTH_MULTIPLE, *sizes)
 
 
 def stage_compress(ctx: RunContext) -> ModelFamily | None:

@@ -68,6 +68,10 @@ class DistillData(_Section):
     seed: int = 0
 
 
+#: pruned FFN / hidden widths are kept in multiples of this by default (SIMD-friendly GEMM shapes)
+WIDTH_MULTIPLE = 8
+
+
 class DistillSection(_Section):
     enabled: bool = False
     #: training text; null: the data section's calibration split (minus the last fifth, kept for early stopping)

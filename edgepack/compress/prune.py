@@ -30,6 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from edgepack.compress.config import WIDTH_MULTIPLE
 from edgepack.errors import BadInputError
 from edgepack.registry import Registry
 
@@ -473,7 +474,7 @@ class StructuredSpec:
     layers: tuple[int, ...] = ()
     importance: str = "magnitude"
     #: FFN neurons and hidden channels are kept in multiples of this (SIMD-friendly GEMM shapes).
-    multiple: int = 8
+    multiple: int = WIDTH_MULTIPLE
     field_prefix: str = "prune."
 
     def __post_init__(self) -> None:

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from edgepack.artifacts import peak_rss_mb, write_json
-from edgepack.compress.config import DistillSection, PruneSection
+from edgepack.compress.config import WIDTH_MULTIPLE, DistillSection, PruneSection
 from edgepack.compress.distill import (
     LOSSES,
     build_objective,
@@ -145,7 +145,7 @@ def _student(teacher: torch.nn.Module, tokenizer: Any, teacher_dir: Path, texts:
     batches = calibration_batches(tokenizer, texts, count=64, batch_size=16, max_length=options.max_length)
     spec = StudentSpec(keep_layers=tuple(options.keep_layers), num_layers=options.num_layers,
                        ffn_ratio=options.ffn_ratio, hidden_ratio=options.hidden_ratio, importance=options.importance,
-                       config=dict(options.student_config), multiple=options.width_multiple or 8)
+                       config=dict(options.student_config), multiple=options.width_multiple or WIDTH_MULTIPLE)
     return build_student(teacher, spec, batches=batches)
 
 
@@ -261,7 +261,7 @@ def prune_model(model_dir: Path, out_dir: Path, *, texts: Sequence[str], options
     _check_names("prune", options.recovery_losses, options.importance)
     spec = StructuredSpec(heads_ratio=options.heads_ratio, ffn_ratio=options.ffn_ratio,
                           hidden_ratio=options.hidden_ratio, layers=tuple(options.layers), importance=options.importance,
-                          multiple=options.width_multiple or 8)
+                          multiple=options.width_multiple or WIDTH_MULTIPLE)
     torch.manual_seed(options.seed)
     model = load_pretrained(model_dir, task=options.task).eval()
     tokenizer = load_tokenizer(model_dir)

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from edgepack.compress.config import WIDTH_MULTIPLE
 from edgepack.compress.prune import (
     Batch,
     StructuredSpec,
@@ -80,7 +81,7 @@ class StudentSpec:
     importance: str = "magnitude"
     config: Mapping[str, int] = field(default_factory=dict)
     #: FFN / hidden widths kept in multiples of this (StructuredSpec.multiple)
-    multiple: int = 8
+    multiple: int = WIDTH_MULTIPLE
 
 
 def evenly_spaced(total: int, count: int) -> list[int]:
