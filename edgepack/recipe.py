@@ -162,6 +162,12 @@ class CnnSection(_Section):
     #: activation tensors kept in float with the layer computing them and every layer reading them (no Q/DQ on
     #: them): the few activations whose 8-bit step dominates the error; names as in the normalised graph
     float_activations: list[str] = Field(default_factory=list)
+    #: INT4 weights, activations INT8 (W4A8): these layers (node names: 1x1 Conv, Gemm, MatMul) and the
+    #: `int4_largest` largest such layers, GPTQ-rounded in blocks of `int4_block_size` input channels, bias
+    #: corrected; on the CPU EP those layers then run in float (smaller file, slower layer: docs/benchmarks.md)
+    int4_layers: list[str] = Field(default_factory=list)
+    int4_largest: int = Field(0, ge=0)
+    int4_block_size: Literal[16, 32, 64, 128, 256] = 128
 
 
 class QuantizeSection(_Section):

@@ -320,11 +320,11 @@ def labelled_photos(tmp_path_factory):
     return write_class_photos(tmp_path_factory.mktemp("photos"), 10)
 
 
-def tiny_cnn_auto_recipe(name: str, photos, *, quantize: dict, auto: dict):
+def tiny_cnn_auto_recipe(name: str, photos, *, quantize: dict, auto: dict, path: str = "make_mobilenet"):
     """An auto recipe over the tiny MobileNet (32 x 32 input) on `photos`: 8 calibration and 12 evaluation views."""
     return parse_recipe({
         "name": name,
-        "model": {"family": "image-classifier", "path": "tests.tiny_models:make_mobilenet",
+        "model": {"family": "image-classifier", "path": f"tests.tiny_models:{path}",
                   "preprocessing": {"resize": 36, "crop": 32}, "outputs": ["logits"]},
         "data": {"path": str(photos), "label_field": "folder", "images": {"views": 2},
                  "n_calibration": 8, "n_evaluation": 12},
@@ -413,3 +413,26 @@ def test_resolution_knob_exports_another_input_and_its_finalist_is_measured(tmp_
     assert small.finalist and small.figures.how == "harness" and small.figures.samples == 12
     assert small.figures.cosine_mean is not None and small.figures.p50_ms > 0 and small.meets_budgets
     assert by_res[32].figures.cosine_mean > 0.9999  # the reference's own export
+
+
+@pytest.mark.slow
+def test_int4_knob_gives_the_smallest_cnn_and_a_tight_cosine_budget_refuses_it(tmp_path, labelled_photos):
+    """`cnn_int4_largest` over the tiny MobileNet with a 512-class head: with INT4 weights for its two largest
+    layers (the head, the 32x32 pointwise conv) the file is smaller and the logits further from FP32 than all-INT8; a loose cosine budget chooses the INT4 model (the smallest), a
+    budget between the two candidates' cosines chooses the INT8 one (~20 s)."""
+    from edgepack.auto.driver import run_auto
+
+    recipe = tiny_cnn_auto_recipe(
+        "tiny-int4-auto", labelled_photos,
+        quantize={"calibrator": "minmax", "max_cosine_drop": None, "cnn": {"int4_block_size": 16}},
+        auto={"sampler": "grid", "rung_runs": 3, "rungs": 1, "finalists": 2, "space": {"cnn_int4_largest": [0, 2]}},
+        path="make_mobilenet_wide_head")
+    loose = run_auto(recipe, tmp_path / "run", budgets=["accuracy_drop=100", "min_cosine=0.9"], backend="inline")
+    by_n = {c.params["cnn_int4_largest"]: c for c in loose.auto.candidates}
+    int8, int4 = by_n[0].figures, by_n[2].figures
+    assert int4.size_mb < int8.size_mb and int4.cosine_mean < int8.cosine_mean, (int4, int8)
+    assert loose.auto.chosen == by_n[2].trial
+    between = (int4.cosine_mean + int8.cosine_mean) / 2
+    tight = run_auto(recipe, tmp_path / "run", budgets=["accuracy_drop=100", f"min_cosine={between}"],
+                     backend="inline")
+    assert tight.auto.chosen == by_n[0].trial

@@ -299,3 +299,72 @@ def test_a_float_activation_keeps_its_layers_float_and_lowers_the_error(mobilene
     with pytest.raises(BadInputError, match="applies to the cnn recipe"):
         quantize_static(path, tmp_path / "bad.onnx", calibration_feeds=calibration, n_calibration=32,
                         options=QuantizeOptions(family="generic", cnn=CnnOptions(float_activations=(stem,))))
+
+
+def test_int4_weights_go_to_the_largest_layers_in_blocks_and_keep_the_logits(mobilenet, tmp_path):
+    """quantize.cnn.int4_largest: the three largest 1x1 convolutions / Gemms (the 32x32 pointwise conv, the
+    16 -> 24 one and the head; the 24-wide conv has no 16-block): the convs get packed uint4 weights in 16-channel
+    blocks read by an opset-21 DequantizeLinear and a float bias, the head Gemm becomes MatMulNBits with its bias;
+    the logits stay close to FP32; the INT8 calibration is reused."""
+    from edgepack.quantization.cnn_int4 import eligible_layers
+    from edgepack.quantization.quantize import RangeCache
+
+    path = tmp_path / "fp32.onnx"
+    onnx.save(mobilenet, path)
+    reference = outputs(mobilenet, HELD_OUT)
+    cache = RangeCache(tmp_path / "cache", "data-key")
+    quantize_static(path, tmp_path / "int8.onnx", calibration_feeds=calibration, n_calibration=32, cache=cache)
+    check = ([{"pixel_values": x} for x in HELD_OUT[:8]], "logits")
+    metrics = quantize_static(path, tmp_path / "int4.onnx", calibration_feeds=calibration, n_calibration=32,
+                              cache=cache, check=check,
+                              options=QuantizeOptions(cnn=CnnOptions(int4_largest=3, int4_block_size=16)))
+    assert metrics["range_cache"]["hit"]
+    int8, int4 = onnx.load(str(tmp_path / "int8.onnx")), onnx.load(str(tmp_path / "int4.onnx"))
+    eligible = eligible_layers(int8, mobilenet)
+    assert [t.elements for t in eligible] == [1024, 384, 320]  # conv 32->32, conv 16->24, head 32->10
+    chosen = [r["layer"] for r in metrics["int4"]["layers"]]
+    assert chosen == [t.name for t in eligible]
+    inits = {t.name: t for t in int4.graph.initializer}
+    producers = {o: n for n in int4.graph.node for o in n.output}
+    head = next(n for n in int4.graph.node if n.name == chosen[2])
+    attrs = {a.name: helper.get_attribute_value(a) for a in head.attribute}
+    assert head.op_type == "MatMulNBits" and attrs == {"K": 32, "N": 10, "bits": 4, "block_size": 16}
+    assert inits[head.input[1]].dims == [10, 2, 8] and inits[head.input[5]].data_type == TensorProto.FLOAT
+    for node in (n for n in int4.graph.node if n.name in chosen[:2]):
+        dq = producers[node.input[1]]
+        attrs = {a.name: helper.get_attribute_value(a) for a in dq.attribute}
+        codes = inits[dq.input[0]]
+        assert codes.data_type == TensorProto.UINT4 and attrs == {"axis": 1, "block_size": 16}
+        assert len(codes.raw_data) == int(np.prod(codes.dims)) // 2  # two codes per byte
+        assert inits[node.input[2]].data_type == TensorProto.FLOAT
+    assert next(o.version for o in int4.opset_import if o.domain == "") == 21
+    cosine = {}
+    for name, model in (("int8", int8), ("int4", int4)):
+        got = outputs(model, HELD_OUT)
+        cosine[name] = float(np.mean(np.sum(got * reference, 1) / np.linalg.norm(got, axis=1)
+                                     / np.linalg.norm(reference, axis=1)))
+    assert 0.97 < cosine["int4"] < cosine["int8"], cosine
+    assert abs(metrics["int4"]["fidelity"]["cosine_mean"] - cosine["int4"]) < 0.02
+
+
+def test_int4_bias_correction_and_gptq_lower_the_error_of_nearest_int4(mobilenet, tmp_path):
+    """On the same INT8 model: INT4 weights of every eligible layer, GPTQ-rounded and bias-corrected, have a lower
+    held-out logit error than without bias correction; an unknown layer name is one error listing the eligible."""
+    from edgepack.errors import BadInputError
+    from edgepack.quantization.cnn_int4 import apply_int4
+
+    path = tmp_path / "fp32.onnx"
+    onnx.save(mobilenet, path)
+    reference = outputs(mobilenet, HELD_OUT)
+    quantize_static(path, tmp_path / "int8.onnx", calibration_feeds=calibration, n_calibration=32)
+    errors = {}
+    for corrected in (True, False):
+        out = tmp_path / f"int4-{corrected}.onnx"
+        apply_int4(tmp_path / "int8.onnx", path, calibration, names=[], largest=3, block_size=16, n_samples=32,
+                   bias_correction=corrected, out_path=out)
+        errors[corrected] = error(onnx.load(str(out)), reference)
+    assert errors[True] < errors[False], errors
+    with pytest.raises(BadInputError, match="not a quantized 1x1 Conv"):
+        apply_int4(tmp_path / "int8.onnx", path, calibration, names=["/nope/Conv"], largest=0, block_size=16,
+                   n_samples=32, bias_correction=True, out_path=tmp_path / "bad.onnx")
+    assert not (tmp_path / "bad.onnx").exists()

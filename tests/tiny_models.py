@@ -31,7 +31,7 @@ class TinyMobileNet(torch.nn.Module):
     """Depthwise-separable blocks with BatchNorm (random statistics, so channel ranges differ as in trained nets)
     and ReLU6: the structure of MobileNet / EfficientNet-Lite at 32 x 32."""
 
-    def __init__(self) -> None:
+    def __init__(self, classes: int = 10) -> None:
         super().__init__()
         nn = torch.nn
 
@@ -41,7 +41,7 @@ class TinyMobileNet(torch.nn.Module):
 
         self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, 2, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU6())
         self.blocks = nn.Sequential(block(16, 24, 1), block(24, 32, 2), block(32, 32, 1))
-        self.head = nn.Linear(32, 10)
+        self.head = nn.Linear(32, classes)
         generator = torch.Generator().manual_seed(0)
         for module in self.modules():
             if isinstance(module, nn.BatchNorm2d):  # trained-looking statistics: wide per-channel scales
@@ -59,6 +59,12 @@ class TinyMobileNet(torch.nn.Module):
 def make_mobilenet() -> torch.nn.Module:
     torch.manual_seed(0)
     return TinyMobileNet().eval()
+
+
+def make_mobilenet_wide_head() -> torch.nn.Module:
+    """TinyMobileNet with a 512-class head: the classifier holds most of its weights, as in ImageNet CNNs."""
+    torch.manual_seed(0)
+    return TinyMobileNet(classes=512).eval()
 
 
 #: family image-classifier options for `make_mobilenet` (32 x 32 RGB, ImageNet normalisation)

@@ -105,6 +105,9 @@ knob("wide_activations", "quantize.wide_activations", "activations quantized to 
 knob("equalize", "quantize.cnn.equalize", "cross-layer equalization of consecutive convolutions (cnn recipe)")
 knob("bias_correction", "quantize.cnn.bias_correction", "subtract each layer's mean INT8 weight error from its bias "
      "(cnn recipe)")
+knob("cnn_int4_largest", "quantize.cnn.int4_largest", "INT4 weights (W4A8, GPTQ) for this many of the largest 1x1 "
+     "convolutions / Gemms (cnn recipe); 0: every weight INT8")
+knob("cnn_int4_block", "quantize.cnn.int4_block_size", "INT4 weights per scale along the input channels (16..256)")
 knob("resolution", "model.preprocessing.crop", "input image side in pixels (image families: the preprocessing's "
      "crop; its resize side scales with it): the exported graph's input shape", scales=("model.preprocessing.resize",))
 # --- per-part precision of weight-only quantization (`quantize.mode: weight-only`): the last variant is the candidate

@@ -36,7 +36,7 @@ from __future__ import annotations
 import math
 import tempfile
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -74,9 +74,19 @@ class CnnOptions:
     seed: int = 0
     #: activation tensors kept in float with their producing and reading layers (`float_activation_nodes`)
     float_activations: tuple[str, ...] = ()
+    #: INT4 weights (W4A8) for these layers and for the `int4_largest` largest eligible ones (`cnn_int4`), in
+    #: blocks of `int4_block_size` input channels (a smaller power of two where it does not divide the width)
+    int4_layers: tuple[str, ...] = ()
+    int4_largest: int = 0
+    int4_block_size: int = 128
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "float_activations", tuple(self.float_activations))
+        object.__setattr__(self, "int4_layers", tuple(self.int4_layers))
+        if self.int4_largest < 0:
+            raise BadInputError(f"quantize.cnn.int4_largest must be >= 0, got {self.int4_largest}")
+        if self.int4_block_size not in (16, 32, 64, 128, 256):
+            raise BadInputError(f"quantize.cnn.int4_block_size {self.int4_block_size}: choose 16, 32, 64, 128 or 256")
         for name in ("adaround_iterations", "adaround_samples", "adaround_batch"):
             if getattr(self, name) < 1:
                 raise BadInputError(f"quantize.cnn.{name} must be >= 1, got {getattr(self, name)}")
@@ -84,6 +94,14 @@ class CnnOptions:
     @property
     def active(self) -> bool:
         return self.equalize or self.bias_correction or self.rounding != "nearest"
+
+    @property
+    def int4(self) -> bool:
+        return bool(self.int4_layers or self.int4_largest)
+
+    def preparation_key(self) -> dict[str, Any]:
+        """The options the calibration and the prepared graph depend on (the INT4 pass runs after both)."""
+        return {k: v for k, v in asdict(self).items() if not k.startswith("int4_")}
 
 
 @dataclass

@@ -15,7 +15,7 @@ import json
 import os
 import tempfile
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -200,7 +200,7 @@ class RangeCache:
                             "nodes": plan.nodes_to_quantize, "exclude": plan.nodes_to_exclude,
                             "points": [[p.tensor, list(p.matmuls), p.alpha] for p in plan.branch_points],
                             "normalize": options.normalize, "per_channel": options.per_channel,
-                            "cnn": asdict(options.cnn), "v": _CACHE_VERSION})
+                            "cnn": options.cnn.preparation_key(), "v": _CACHE_VERSION})
         return self.folder / f"ranges-{key}.json"
 
     def load(self, path: Path, plan: QuantPlan) -> tuple[Smoothing, dict[str, tuple[float, float]]] | None:
@@ -565,6 +565,9 @@ def quantize_static(model_path: Path, out_path: Path, *, calibration_feeds: Call
         final, budget_record = build_within_budget(build, plan, model_path, budget=budget, check=check,
                                                    sensitivity_top=sensitivity_top, model=graph.model)
         metrics: dict[str, Any] = {**graph.notes, **budget_record}
+        if options.cnn.int4:
+            final, metrics["int4"] = _int4_weights(final, graph, options, model_path, check=check, workdir=workdir,
+                                                   calibration_feeds=calibration_feeds, n_calibration=n_calibration)
         _move_model(final, out_path)
     metrics.update({
         "graph": options.graph,
@@ -577,6 +580,29 @@ def quantize_static(model_path: Path, out_path: Path, *, calibration_feeds: Call
         "tensor_ranges": {k: [float(lo), float(hi)] for k, (lo, hi) in ranges.items()},
     })
     return metrics
+
+
+def _int4_weights(final: Path, graph: _Graph, options: QuantizeOptions, fp32_path: Path, *,
+                  check: tuple[Sequence[Feed], str] | None, workdir: Path,
+                  calibration_feeds: Callable[[], Iterable[Feed]], n_calibration: int) -> tuple[Path, dict[str, Any]]:
+    """`quantize.cnn.int4_*`: the chosen layers of the INT8 QDQ model get INT4 weights (`cnn_int4.apply_int4`);
+    with `check`, the result's fidelity vs FP32 on those feeds is recorded."""
+    from edgepack.quantization.cnn_int4 import apply_int4
+
+    if graph.recipe != "cnn" or options.graph != "qdq":
+        raise BadInputError(f"quantize.cnn.int4_layers / int4_largest apply to the cnn recipe's QDQ graph; this "
+                            f"model quantizes with the {graph.recipe} recipe, graph {options.graph}: drop them "
+                            "(or set quantize.recipe cnn, graph qdq)")
+    cnn = options.cnn
+    record = apply_int4(final, graph.float_weights or graph.path, calibration_feeds, names=cnn.int4_layers,
+                        largest=cnn.int4_largest, block_size=cnn.int4_block_size, n_samples=n_calibration,
+                        bias_correction=cnn.bias_correction, out_path=workdir / "int4.onnx")
+    if not record["layers"]:
+        return final, record
+    if check is not None:
+        record["fidelity"] = _fidelity_scorer(fp32_path, check[0], check[1])(workdir / "int4.onnx")
+    get_reporter().info(f"- INT4 weights: {len(record['layers'])} layers, {record['int4_elements']:,} weights")
+    return workdir / "int4.onnx", record
 
 
 def _tensors_for_graph(model: onnx.ModelProto, plan: QuantPlan, graph: str) -> list[str]:

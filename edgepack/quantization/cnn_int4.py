@@ -1,0 +1,330 @@
+"""INT4 weights for the largest layers of a static INT8 CNN (W4A8 mixed precision, `quantize.cnn.int4_*`).
+
+After ORT's quantizer has written the INT8 QDQ model, the chosen layers' weights are replaced by 4-bit codes in
+blocks along the reduction axis (input channels), each block with its own scale and zero point, read by an
+opset-21 DequantizeLinear (`axis`, `block_size`); activations stay INT8. Which layers: `int4_layers` (node names)
+and / or the `int4_largest` largest eligible ones, largest first (in MobileNet-class networks the classifier and
+the last stages' 1x1 convolutions hold most of the bytes; their single-layer INT4 sensitivity on EfficientNet-Lite0
+is within a factor of two of each other, docs/benchmarks.md). Eligible: 1x1 Conv with group 1, Gemm, MatMul with a
+constant weight that ORT quantized; depthwise and k x k convolutions stay INT8 (small, and their blocks would mix
+kernel taps).
+
+Rounding is GPTQ (`blockwise.quantize_gptq`: the second moment X^T X of each layer's input from the FP32
+reference graph on the calibration samples), then bias correction: the mean output error the 4-bit weight causes,
+E[x] (W4 - W), is subtracted from the layer's bias (the bias becomes a float initializer: the layer no longer runs
+as an integer kernel, so its INT32 bias form has no use).
+
+Why our own: onnxruntime.quantization's QDQ quantizer writes INT4 weights by round-to-nearest only, with one
+`BlockSize` for every weight and the blocks along the per-channel (output) axis; nothing in it picks layers by
+size, rounds with calibration data or corrects the bias.
+
+On the CPU EP an INT4-weight Conv is not fused into QLinearConv: its weight is dequantized at every run and the
+convolution runs in float between the activations' Q/DQ (smaller file, slower layer: the benchmark states both).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from edgepack.calibration_data import Feed
+from edgepack.errors import BadInputError
+from edgepack.quantization.blockwise import BlockSpec, pack, quantize_gptq
+
+#: opset and IR version that carry 4-bit tensors and blocked DequantizeLinear
+INT4_OPSET = 21
+INT4_IR_VERSION = 10
+#: block sizes tried, largest first, when the configured one does not divide a layer's input width
+_BLOCKS = (256, 128, 64, 32, 16)
+
+
+@dataclass(frozen=True)
+class Int4Target:
+    """A weight layer of the QDQ model whose weight is an INT8 DequantizeLinear of a constant."""
+
+    node: onnx.NodeProto
+    dq: onnx.NodeProto  # the weight's DequantizeLinear
+    weight: str  # the FP32 initializer of the layer in the reference graph
+    input: str  # the layer's activation input (in the reference graph's names)
+    transposed: bool  # weight stored (N, K) (Conv, Gemm transB=1) rather than (K, N)
+    shape: tuple[int, ...]
+
+    @property
+    def name(self) -> str:
+        return self.node.name
+
+    @property
+    def width(self) -> int:
+        """K: the reduction width (input channels)."""
+        return self.shape[1] if self.transposed else self.shape[0]
+
+    @property
+    def elements(self) -> int:
+        return int(np.prod(self.shape))
+
+
+def _attr(node: onnx.NodeProto, name: str, default: Any) -> Any:
+    return next((helper.get_attribute_value(a) for a in node.attribute if a.name == name), default)
+
+
+def eligible_layers(qdq: onnx.ModelProto, reference: onnx.ModelProto) -> list[Int4Target]:
+    """The layers INT4 can take, largest weight first (ties in graph order)."""
+    producers = {o: n for n in qdq.graph.node for o in n.output}
+    qinits = {t.name for t in qdq.graph.initializer}
+    ref_nodes = {n.name: n for n in reference.graph.node}
+    ref_inits = {t.name: t for t in reference.graph.initializer}
+    found = []
+    for node in qdq.graph.node:
+        if node.op_type not in ("Conv", "Gemm", "MatMul") or len(node.input) < 2:
+            continue
+        dq = producers.get(node.input[1])
+        ref = ref_nodes.get(node.name)
+        if dq is None or dq.op_type != "DequantizeLinear" or dq.input[0] not in qinits or ref is None:
+            continue
+        if ref.input[1] not in ref_inits:
+            continue
+        shape = tuple(ref_inits[ref.input[1]].dims)
+        if node.op_type == "Conv":
+            if _attr(node, "group", 1) != 1 or len(shape) != 4 or shape[2:] != (1, 1):
+                continue
+            transposed = True
+        elif node.op_type == "Gemm":
+            if _attr(node, "transA", 0) or len(shape) != 2:
+                continue
+            transposed = bool(_attr(node, "transB", 0))
+        else:
+            if len(shape) != 2:
+                continue
+            transposed = False
+        target = Int4Target(node, dq, ref.input[1], ref.input[0], transposed, shape)
+        if block_for(target.width, _BLOCKS[0]) is None:
+            continue
+        found.append(target)
+    order = {id(t): i for i, t in enumerate(found)}
+    return sorted(found, key=lambda t: (-t.elements, order[id(t)]))
+
+
+def block_for(width: int, block_size: int) -> int | None:
+    """The largest power of two <= block_size (and >= 16) that divides `width`, or None."""
+    return next((b for b in _BLOCKS if b <= block_size and width % b == 0), None)
+
+
+def choose_layers(targets: Sequence[Int4Target], *, names: Sequence[str], largest: int) -> list[Int4Target]:
+    """`names` (each must be an eligible layer) plus the `largest` largest eligible layers."""
+    by_name = {t.name: t for t in targets}
+    unknown = [n for n in names if n not in by_name]
+    if unknown:
+        listed = ", ".join(t.name for t in targets[:8]) or "none"
+        raise BadInputError(f"quantize.cnn.int4_layers: {', '.join(unknown)} is not a quantized 1x1 Conv / Gemm / "
+                            f"MatMul of this model; eligible (largest first): {listed}")
+    chosen = {t.name: t for t in targets[:largest]}
+    chosen.update({n: by_name[n] for n in names})
+    return sorted(chosen.values(), key=lambda t: -t.elements)
+
+
+def _moments(reference_path: Path, targets: Sequence[Int4Target], feeds: Iterable[Feed],
+             n_samples: int) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Per layer input: E[x x^T] (K, K) and E[x] (K,) over the calibration samples and spatial positions."""
+    from edgepack.quantization.cnn import _activations
+
+    names = sorted({t.input for t in targets})
+    second: dict[str, np.ndarray] = {}
+    first: dict[str, np.ndarray] = {}
+    rows: dict[str, int] = {}
+
+    def visit(_: int, acts: dict[str, np.ndarray]) -> None:
+        for name, x in acts.items():
+            x = np.asarray(x, np.float64)
+            flat = np.moveaxis(x, 1, -1).reshape(-1, x.shape[1]) if x.ndim == 4 else x.reshape(-1, x.shape[-1])
+            second[name] = second.get(name, 0) + flat.T @ flat
+            first[name] = first.get(name, 0) + flat.sum(0)
+            rows[name] = rows.get(name, 0) + flat.shape[0]
+
+    _activations(reference_path, feeds, names, visit, limit=n_samples)
+    return ({n: (second[n] / rows[n]).astype(np.float32) for n in names},
+            {n: (first[n] / rows[n]).astype(np.float32) for n in names})
+
+
+def apply_int4(qdq_path: Path, reference_path: Path, calibration_feeds: Callable[[], Iterable[Feed]], *,
+               names: Sequence[str], largest: int, block_size: int, n_samples: int, bias_correction: bool,
+               out_path: Path) -> dict[str, Any]:
+    """Rewrite the chosen layers of the QDQ model at `qdq_path` with GPTQ-rounded INT4 weights; save at `out_path`.
+
+    `reference_path`: the FP32 graph the QDQ model was quantized from (same node names; its weights are the ones
+    rounded and its activations give the layers' input statistics)."""
+    qdq = onnx.load(str(qdq_path))
+    reference = onnx.load(str(reference_path))
+    chosen = choose_layers(eligible_layers(qdq, reference), names=names, largest=largest)
+    if not chosen:
+        return {"layers": [], "note": "no eligible layer (1x1 Conv / Gemm / MatMul with an INT8 weight)"}
+    qdq = _to_int4_opset(qdq)
+    chosen = choose_layers(eligible_layers(qdq, reference), names=[t.name for t in chosen], largest=0)
+    hessians, means = _moments(reference_path, chosen, calibration_feeds(), n_samples)
+    ref_inits = {t.name: t for t in reference.graph.initializer}
+    inits = {t.name: t for t in qdq.graph.initializer}
+    producers = {o: n for n in qdq.graph.node for o in n.output}
+    records = []
+    for target in chosen:
+        w = numpy_helper.to_array(ref_inits[target.weight]).astype(np.float32)
+        kn = w.reshape(w.shape[0], -1).T if target.transposed else w  # (K, N)
+        block = block_for(target.width, block_size)
+        assert block is not None  # eligible_layers kept only widths some block divides
+        q = quantize_gptq(kn, hessians[target.input], BlockSpec(bits=4, block_size=block, symmetric=False))
+        delta = q.dequantize() - kn  # (K, N)
+        shift = means[target.input] @ delta if bias_correction else None
+        bias = _bias(target, producers, inits, ref_inits, shift)
+        if _plain_product(target.node):
+            _write_matmul_nbits(qdq, inits, target, q, bias)
+        else:
+            _write_weight(qdq, inits, target, q.codes, q.scales, q.zeros)
+            if bias is not None:
+                _set_bias(qdq, inits, target.node, bias)
+        x_second = hessians[target.input]
+        err = float(np.einsum("kn,kl,ln->", delta, x_second, delta) / max(np.einsum("kn,kl,ln->", kn, x_second, kn),
+                                                                          1e-30))
+        records.append({"layer": target.name, "elements": target.elements, "block_size": block,
+                        "relative_output_error": round(err, 6)})
+    _drop_unused(qdq)
+    onnx.save_model(qdq, str(out_path))
+    return {"layers": records, "int4_elements": sum(r["elements"] for r in records),
+            "block_size": block_size, "rounding": "gptq", "bias_correction": bias_correction}
+
+
+def _write_weight(model: onnx.ModelProto, inits: dict[str, onnx.TensorProto], target: Int4Target,
+                  codes: np.ndarray, scales: np.ndarray, zeros: np.ndarray) -> None:
+    """The weight's DequantizeLinear reads uint4 codes in blocks along the input axis (a fresh set of inputs)."""
+    n, k = codes.shape
+    blocks = scales.shape[1]
+    if target.transposed:  # (N, K, 1, 1) / (N, K): blocks on axis 1
+        code_arr, scale_arr, zero_arr = codes, scales, zeros
+        tail = (1,) * (len(target.shape) - 2)
+        code_shape, scale_shape, axis = target.shape, (n, blocks, *tail), 1
+    else:  # (K, N): blocks on axis 0
+        code_arr, scale_arr, zero_arr = codes.T, scales.T, zeros.T
+        code_shape, scale_shape, axis = (k, n), (blocks, n), 0
+    base = target.dq.input[0] + "_int4"
+    new = [_uint4(base, code_arr, code_shape),
+           numpy_helper.from_array(np.ascontiguousarray(scale_arr).reshape(scale_shape).astype(np.float32),
+                                   base + "_scale"),
+           _uint4(base + "_zero_point", zero_arr, scale_shape)]
+    for tensor in new:
+        model.graph.initializer.append(tensor)
+        inits[tensor.name] = tensor
+    target.dq.ClearField("input")
+    target.dq.input.extend([t.name for t in new])
+    target.dq.ClearField("attribute")
+    target.dq.attribute.extend([helper.make_attribute("axis", axis),
+                                helper.make_attribute("block_size", int(k // blocks))])
+
+
+def _uint4(name: str, values: np.ndarray, shape: Sequence[int]) -> onnx.TensorProto:
+    """A UINT4 initializer, two codes per byte, low nibble first (ONNX's packed raw_data layout)."""
+    return helper.make_tensor(name, onnx.TensorProto.UINT4, list(shape), pack(np.asarray(values).ravel(), 4).tobytes(),
+                              raw=True)
+
+
+def _bias(target: Int4Target, producers: dict[str, onnx.NodeProto], inits: dict[str, onnx.TensorProto],
+          ref_inits: dict[str, onnx.TensorProto], shift: np.ndarray | None) -> np.ndarray | None:
+    """The layer's float bias: the reference's FP32 bias minus the INT4 mean output error (`shift`); None for a
+    layer without bias and without correction."""
+    node = target.node
+    has_bias = node.op_type != "MatMul" and len(node.input) > 2 and bool(node.input[2])
+    if not has_bias and shift is None:
+        return None
+    bias = (_reference_bias(node.input[2], producers, inits, ref_inits, target) if has_bias
+            else np.zeros(target.shape[0] if target.transposed else target.shape[1], np.float32))
+    return bias if shift is None else (bias - shift).astype(np.float32)
+
+
+def _set_bias(model: onnx.ModelProto, inits: dict[str, onnx.TensorProto], node: onnx.NodeProto,
+              bias: np.ndarray) -> None:
+    name = f"{node.name}_int4_bias"
+    tensor = numpy_helper.from_array(bias.astype(np.float32), name)
+    model.graph.initializer.append(tensor)
+    inits[name] = tensor
+    if len(node.input) < 3:
+        node.input.append(name)
+    else:
+        node.input[2] = name
+
+
+def _plain_product(node: onnx.NodeProto) -> bool:
+    """A MatMul, or a Gemm that is one (alpha = beta = 1): ONNX Runtime's MatMulNBits computes it."""
+    if node.op_type == "MatMul":
+        return True
+    return node.op_type == "Gemm" and _attr(node, "alpha", 1.0) == 1.0 and _attr(node, "beta", 1.0) == 1.0
+
+
+def _write_matmul_nbits(model: onnx.ModelProto, inits: dict[str, onnx.TensorProto], target: Int4Target,
+                        q: Any, bias: np.ndarray | None) -> None:
+    """The Gemm / MatMul becomes com.microsoft MatMulNBits (its bias input takes the float bias): ONNX Runtime's
+    4-bit GEMM kernel, instead of dequantizing the weight at every run."""
+    from edgepack.quantization.blockwise import matmul_nbits_arrays
+
+    arrays = matmul_nbits_arrays(q)
+    base = target.dq.input[0] + "_int4"
+    names = {"B": base, "scales": base + "_scale", "zero_points": base + "_zero_point"}
+    for key, name in names.items():
+        tensor = numpy_helper.from_array(arrays[key], name)
+        model.graph.initializer.append(tensor)
+        inits[name] = tensor
+    inputs = [target.node.input[0], *names.values()]
+    if bias is not None:
+        bias_name = f"{target.name}_int4_bias"
+        model.graph.initializer.append(numpy_helper.from_array(bias.astype(np.float32), bias_name))
+        inputs += ["", bias_name]  # g_idx unused
+    n, k = q.codes.shape
+    node = helper.make_node("MatMulNBits", inputs, list(target.node.output), name=target.name,
+                            domain="com.microsoft", K=k, N=n, bits=4, block_size=q.spec.block_size)
+    index = list(model.graph.node).index(target.node)
+    model.graph.node.remove(target.node)
+    model.graph.node.insert(index, node)
+    if not any(o.domain == "com.microsoft" for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+
+
+def _reference_bias(current: str, producers: dict[str, onnx.NodeProto], inits: dict[str, onnx.TensorProto],
+                    ref_inits: dict[str, onnx.TensorProto], target: Int4Target) -> np.ndarray:
+    """The FP32 bias of the layer: the reference graph's (not the INT8-corrected one the QDQ model carries)."""
+    dq = producers.get(current)
+    source = dq.input[0] if dq is not None and dq.op_type == "DequantizeLinear" else current
+    for name in (source.removesuffix("_quantized"), current):
+        if name in ref_inits:
+            return numpy_helper.to_array(ref_inits[name]).astype(np.float32)
+    if current in inits:
+        return numpy_helper.to_array(inits[current]).astype(np.float32)
+    raise BadInputError(f"quantize.cnn.int4: the bias of {target.name} ({current}) is neither an initializer nor "
+                        "a DequantizeLinear of one; drop the layer from int4_layers")
+
+
+def _to_int4_opset(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The model at opset 21 (onnx's version converter: ReduceMean's axes become an input, ...), IR version 10."""
+    from onnx import version_converter
+
+    from edgepack.exporters.normalize import default_opset
+
+    if default_opset(model) < INT4_OPSET:
+        model = version_converter.convert_version(model, INT4_OPSET)
+    model.ir_version = max(model.ir_version, INT4_IR_VERSION)
+    return model
+
+
+def _drop_unused(model: onnx.ModelProto) -> None:
+    """Remove nodes nothing reads (the replaced biases' DequantizeLinear) and initializers nothing reads."""
+    outputs = {o.name for o in model.graph.output}
+    while True:
+        used = {i for n in model.graph.node for i in n.input} | outputs
+        dead = [n for n in model.graph.node if not any(o in used for o in n.output)]
+        if not dead:
+            break
+        for node in dead:
+            model.graph.node.remove(node)
+    keep = [t for t in model.graph.initializer if t.name in used]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(keep)
