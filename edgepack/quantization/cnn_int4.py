@@ -151,49 +151,136 @@ def _moments(reference_path: Path, targets: Sequence[Int4Target], feeds: Iterabl
             {n: (first[n] / rows[n]).astype(np.float32) for n in names})
 
 
+@dataclass
+class _Rounded:
+    q: Any  # blockwise.BlockQuantized, codes (N, K)
+    bias: np.ndarray | None
+    record: dict[str, Any]
+
+
+class Int4Builder:
+    """The INT8 QDQ model and its FP32 reference; builds the model with any set of layers at INT4.
+
+    Each layer is GPTQ-rounded once (input moments from one FP32 pass over the calibration samples), so trying
+    many sets (the budget's sensitivity ranking) costs a graph rewrite each, not a rounding."""
+
+    def __init__(self, qdq_path: Path, reference_path: Path, calibration_feeds: Callable[[], Iterable[Feed]], *,
+                 block_size: int, n_samples: int, bias_correction: bool) -> None:
+        self.reference_path = reference_path
+        self.reference = onnx.load(str(reference_path))
+        self.qdq = onnx.load(str(qdq_path))
+        self.targets = eligible_layers(self.qdq, self.reference)
+        if self.targets:
+            self.qdq = _to_int4_opset(self.qdq)
+            self.targets = eligible_layers(self.qdq, self.reference)
+        self.calibration_feeds = calibration_feeds
+        self.block_size, self.n_samples, self.bias_correction = block_size, n_samples, bias_correction
+        self._rounded: dict[str, _Rounded] = {}
+
+    def _round(self, chosen: Sequence[Int4Target]) -> None:
+        todo = [t for t in chosen if t.name not in self._rounded]
+        if not todo:
+            return
+        hessians, means = _moments(self.reference_path, todo, self.calibration_feeds(), self.n_samples)
+        ref_inits = {t.name: t for t in self.reference.graph.initializer}
+        inits = {t.name: t for t in self.qdq.graph.initializer}
+        producers = {o: n for n in self.qdq.graph.node for o in n.output}
+        for target in todo:
+            w = numpy_helper.to_array(ref_inits[target.weight]).astype(np.float32)
+            kn = w.reshape(w.shape[0], -1).T if target.transposed else w  # (K, N)
+            block = block_for(target.width, self.block_size)
+            assert block is not None  # eligible_layers kept only widths some block divides
+            second = hessians[target.input]
+            q = quantize_gptq(kn, second, BlockSpec(bits=4, block_size=block, symmetric=False))
+            delta = q.dequantize() - kn  # (K, N)
+            shift = means[target.input] @ delta if self.bias_correction else None
+            err = float(np.einsum("kn,kl,ln->", delta, second, delta)
+                        / max(float(np.einsum("kn,kl,ln->", kn, second, kn)), 1e-30))
+            self._rounded[target.name] = _Rounded(q, _bias(target, producers, inits, ref_inits, shift), {
+                "layer": target.name, "elements": target.elements, "block_size": block,
+                "relative_output_error": round(err, 6)})
+
+    def build(self, names: Sequence[str]) -> onnx.ModelProto:
+        """A copy of the QDQ model with the layers `names` at INT4 (each must be eligible)."""
+        model = onnx.ModelProto()
+        model.CopyFrom(self.qdq)
+        chosen = choose_layers(eligible_layers(model, self.reference), names=names, largest=0)
+        self._round(chosen)
+        inits = {t.name: t for t in model.graph.initializer}
+        for target in chosen:
+            rounded = self._rounded[target.name]
+            if _plain_product(target.node):
+                _write_matmul_nbits(model, inits, target, rounded.q, rounded.bias)
+            else:
+                q = rounded.q
+                _write_weight(model, inits, target, q.codes, q.scales, q.zeros)
+                if rounded.bias is not None:
+                    _set_bias(model, inits, target.node, rounded.bias)
+        _drop_unused(model)
+        return model
+
+    def records(self, names: Sequence[str]) -> list[dict[str, Any]]:
+        return [self._rounded[n].record for n in sorted(names, key=lambda n: -self._elements(n))]
+
+    def _elements(self, name: str) -> int:
+        return next(t.elements for t in self.targets if t.name == name)
+
+
+def select_by_budget(builder: Int4Builder, forced: Sequence[str], score: Callable[[onnx.ModelProto], float], *,
+                     max_cosine_drop: float, min_share: float = 0.01) -> tuple[list[str], dict[str, Any]]:
+    """The most layers at INT4 (beyond `forced`) whose model keeps 1 - cosine vs FP32 (`score`) <= the budget.
+
+    Each eligible layer holding at least `min_share` of the eligible weights is put alone at INT4 (with `forced`)
+    and scored; layers are ranked by score rise per weight (the bytes a layer saves for the error it costs:
+    EfficientNet-Lite0's expand convs are cheap, its project convs, which feed the residual sums, are not), and the
+    longest prefix of that ranking within the budget is found by bisection (scores rise along the ranking)."""
+    total = sum(t.elements for t in builder.targets)
+    candidates = [t for t in builder.targets if t.name not in forced and t.elements >= min_share * total]
+    base = score(builder.build(forced))
+    rise = {t.name: max(score(builder.build([*forced, t.name])) - base, 0.0) for t in candidates}
+    ranked = sorted(candidates, key=lambda t: (rise[t.name] / t.elements, -t.elements))
+    low, high, scores = 0, len(ranked), {0: base}  # prefix `low` is within the budget (or nothing is)
+    while low < high:
+        mid = (low + high + 1) // 2
+        scores[mid] = score(builder.build([*forced, *(t.name for t in ranked[:mid])]))
+        if scores[mid] <= max_cosine_drop:
+            low = mid
+        else:
+            high = mid - 1
+    chosen = [*forced, *(t.name for t in ranked[:low])]
+    return chosen, {"max_cosine_drop": max_cosine_drop, "score": scores.get(low, base),
+                    "within_budget": scores.get(low, base) <= max_cosine_drop,
+                    "sensitivity": {t.name: float(f"{rise[t.name]:.4g}") for t in ranked},
+                    "scored_models": 1 + len(candidates) + len(scores) - 1}
+
+
 def apply_int4(qdq_path: Path, reference_path: Path, calibration_feeds: Callable[[], Iterable[Feed]], *,
                names: Sequence[str], largest: int, block_size: int, n_samples: int, bias_correction: bool,
-               out_path: Path) -> dict[str, Any]:
+               out_path: Path, max_cosine_drop: float | None = None,
+               score: Callable[[onnx.ModelProto], float] | None = None) -> dict[str, Any]:
     """Rewrite the chosen layers of the QDQ model at `qdq_path` with GPTQ-rounded INT4 weights; save at `out_path`.
 
     `reference_path`: the FP32 graph the QDQ model was quantized from (same node names; its weights are the ones
-    rounded and its activations give the layers' input statistics)."""
-    qdq = onnx.load(str(qdq_path))
-    reference = onnx.load(str(reference_path))
-    chosen = choose_layers(eligible_layers(qdq, reference), names=names, largest=largest)
-    if not chosen:
-        return {"layers": [], "note": "no eligible layer (1x1 Conv / Gemm / MatMul with an INT8 weight)"}
-    qdq = _to_int4_opset(qdq)
-    chosen = choose_layers(eligible_layers(qdq, reference), names=[t.name for t in chosen], largest=0)
-    hessians, means = _moments(reference_path, chosen, calibration_feeds(), n_samples)
-    ref_inits = {t.name: t for t in reference.graph.initializer}
-    inits = {t.name: t for t in qdq.graph.initializer}
-    producers = {o: n for n in qdq.graph.node for o in n.output}
-    records = []
-    for target in chosen:
-        w = numpy_helper.to_array(ref_inits[target.weight]).astype(np.float32)
-        kn = w.reshape(w.shape[0], -1).T if target.transposed else w  # (K, N)
-        block = block_for(target.width, block_size)
-        assert block is not None  # eligible_layers kept only widths some block divides
-        q = quantize_gptq(kn, hessians[target.input], BlockSpec(bits=4, block_size=block, symmetric=False))
-        delta = q.dequantize() - kn  # (K, N)
-        shift = means[target.input] @ delta if bias_correction else None
-        bias = _bias(target, producers, inits, ref_inits, shift)
-        if _plain_product(target.node):
-            _write_matmul_nbits(qdq, inits, target, q, bias)
-        else:
-            _write_weight(qdq, inits, target, q.codes, q.scales, q.zeros)
-            if bias is not None:
-                _set_bias(qdq, inits, target.node, bias)
-        x_second = hessians[target.input]
-        err = float(np.einsum("kn,kl,ln->", delta, x_second, delta) / max(np.einsum("kn,kl,ln->", kn, x_second, kn),
-                                                                          1e-30))
-        records.append({"layer": target.name, "elements": target.elements, "block_size": block,
-                        "relative_output_error": round(err, 6)})
-    _drop_unused(qdq)
-    onnx.save_model(qdq, str(out_path))
-    return {"layers": records, "int4_elements": sum(r["elements"] for r in records),
-            "block_size": block_size, "rounding": "gptq", "bias_correction": bias_correction}
+    rounded and its activations give the layers' input statistics). Chosen: `names`, the `largest` largest eligible
+    layers, and with `max_cosine_drop` (and `score`: 1 - cosine vs FP32 of a model on held-in samples) as many
+    more as that budget allows (`select_by_budget`)."""
+    builder = Int4Builder(qdq_path, reference_path, calibration_feeds, block_size=block_size, n_samples=n_samples,
+                          bias_correction=bias_correction)
+    forced = [t.name for t in choose_layers(builder.targets, names=names, largest=largest)]
+    budget = None
+    if max_cosine_drop is not None and builder.targets:
+        if score is None:
+            raise BadInputError("quantize.cnn.int4_max_cosine_drop needs samples to score on: set "
+                                "quantize.budget_samples")
+        forced, budget = select_by_budget(builder, forced, score, max_cosine_drop=max_cosine_drop)
+    if not forced:
+        return {"layers": [], "budget": budget,
+                "note": "no layer at INT4" if builder.targets else
+                "no eligible layer (1x1 Conv / Gemm / MatMul with an INT8 weight)"}
+    onnx.save_model(builder.build(forced), str(out_path))
+    records = builder.records(forced)
+    return {"layers": records, "int4_elements": sum(r["elements"] for r in records), "block_size": block_size,
+            "rounding": "gptq", "bias_correction": bias_correction, "budget": budget}
 
 
 def _write_weight(model: onnx.ModelProto, inits: dict[str, onnx.TensorProto], target: Int4Target,

@@ -586,7 +586,7 @@ def _int4_weights(final: Path, graph: _Graph, options: QuantizeOptions, fp32_pat
                   check: tuple[Sequence[Feed], str] | None, workdir: Path,
                   calibration_feeds: Callable[[], Iterable[Feed]], n_calibration: int) -> tuple[Path, dict[str, Any]]:
     """`quantize.cnn.int4_*`: the chosen layers of the INT8 QDQ model get INT4 weights (`cnn_int4.apply_int4`);
-    with `check`, the result's fidelity vs FP32 on those feeds is recorded."""
+    `int4_max_cosine_drop` is judged, and the result's fidelity recorded, on the budget samples (`check`)."""
     from edgepack.quantization.cnn_int4 import apply_int4
 
     if graph.recipe != "cnn" or options.graph != "qdq":
@@ -594,9 +594,18 @@ def _int4_weights(final: Path, graph: _Graph, options: QuantizeOptions, fp32_pat
                             f"model quantizes with the {graph.recipe} recipe, graph {options.graph}: drop them "
                             "(or set quantize.recipe cnn, graph qdq)")
     cnn = options.cnn
+    score = None
+    if check is not None:
+        scorer = _fidelity_scorer(fp32_path, check[0], check[1])
+
+        def score(model: onnx.ModelProto) -> float:
+            path = save_onnx(model, workdir / "int4-candidate.onnx")
+            return 1.0 - scorer(path)["cosine_mean"]
+
     record = apply_int4(final, graph.float_weights or graph.path, calibration_feeds, names=cnn.int4_layers,
                         largest=cnn.int4_largest, block_size=cnn.int4_block_size, n_samples=n_calibration,
-                        bias_correction=cnn.bias_correction, out_path=workdir / "int4.onnx")
+                        bias_correction=cnn.bias_correction, out_path=workdir / "int4.onnx",
+                        max_cosine_drop=cnn.int4_max_cosine_drop, score=score)
     if not record["layers"]:
         return final, record
     if check is not None:
