@@ -168,9 +168,9 @@ class CnnSection(_Section):
     int4_layers: list[str] = Field(default_factory=list)
     int4_largest: int = Field(0, ge=0)
     int4_block_size: Literal[16, 32, 64, 128, 256] = 128
-    #: and as many more layers at INT4 as keep 1 - logit cosine vs FP32 on the budget samples (calibration data)
-    #: within this: the layers that cost least per weight first, by single-layer sensitivity
-    int4_max_cosine_drop: float | None = Field(None, ge=0, le=1)
+    #: and as many more layers at INT4 as add at most this to the INT8 model's 1 - logit cosine vs FP32 on the
+    #: budget samples (calibration data; optimistic: GPTQ fit them): the cheapest per weight first
+    int4_max_cosine_rise: float | None = Field(None, ge=0, le=1)
 
 
 class QuantizeSection(_Section):

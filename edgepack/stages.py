@@ -173,7 +173,7 @@ def quantize(fp32: Path, family: ModelFamily, *, calibration: Sequence[Sample], 
         budget = None if options.max_cosine_drop is None else QuantBudget(options.max_cosine_drop,
                                                                           options.max_fallback_layers)
         wants_check = (budget is not None or options.sensitivity_top > 0
-                       or options.cnn.int4_max_cosine_drop is not None)
+                       or options.cnn.int4_max_cosine_rise is not None)
         check = (list(family.feeds(calibration[: options.budget_samples], max_length=max_length)),
                  family.primary_output) if wants_check else None
         cache = RangeCache(cache_dir, key) if cache_dir is not None else None

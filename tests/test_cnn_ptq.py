@@ -371,9 +371,9 @@ def test_int4_bias_correction_and_gptq_lower_the_error_of_nearest_int4(mobilenet
 
 
 def test_int4_cosine_budget_takes_the_cheapest_layers_first_and_holds_on_calibration(mobilenet, tmp_path):
-    """quantize.cnn.int4_max_cosine_drop: every eligible layer is scored alone at INT4, ranked by error per weight,
-    and the longest prefix within the budget is kept: a zero budget takes no layer (INT8 alone is not within it),
-    a loose one all three, one halfway between INT8's and all-INT4's scores a shorter prefix within it."""
+    """quantize.cnn.int4_max_cosine_rise: every eligible layer is scored alone at INT4, ranked by error per weight,
+    and the longest prefix whose score is within the budget above INT8's is kept: a zero budget takes no layer, a
+    loose one all three, half of all-INT4's rise a shorter prefix within it."""
     path = tmp_path / "fp32.onnx"
     onnx.save(mobilenet, path)
     check = ([{"pixel_values": x} for x in CALIBRATION[:16]], "logits")
@@ -381,18 +381,18 @@ def test_int4_cosine_budget_takes_the_cheapest_layers_first_and_holds_on_calibra
     for budget in (0.0, 1.0):
         metrics = quantize_static(path, tmp_path / f"b{budget}.onnx", calibration_feeds=calibration, n_calibration=32,
                                   check=check, options=QuantizeOptions(
-                                      cnn=CnnOptions(int4_max_cosine_drop=budget, int4_block_size=16)))
+                                      cnn=CnnOptions(int4_max_cosine_rise=budget, int4_block_size=16)))
         picked[budget] = metrics["int4"]
     assert picked[0.0]["layers"] == [] and len(picked[1.0]["layers"]) == 3
     sensitivity = picked[1.0]["budget"]["sensitivity"]
     assert len(sensitivity) == 3 and all(v >= 0 for v in sensitivity.values())
-    int8_score, int4_score = picked[0.0]["budget"]["score"], picked[1.0]["budget"]["score"]
-    assert not picked[0.0]["budget"]["within_budget"] and int4_score > int8_score > 0
-    middle = (int8_score + int4_score) / 2  # below the all-INT4 score: fewer layers fit
+    int8_score, int4_score = picked[1.0]["budget"]["int8_score"], picked[1.0]["budget"]["score"]
+    assert picked[0.0]["budget"]["score"] == int8_score and int4_score > int8_score > 0
+    middle = (int4_score - int8_score) / 2  # below the all-INT4 rise: fewer layers fit
     metrics = quantize_static(path, tmp_path / "mid.onnx", calibration_feeds=calibration, n_calibration=32,
                               check=check, options=QuantizeOptions(
-                                  cnn=CnnOptions(int4_max_cosine_drop=middle, int4_block_size=16)))
+                                  cnn=CnnOptions(int4_max_cosine_rise=middle, int4_block_size=16)))
     budget = metrics["int4"]["budget"]
-    assert budget["within_budget"] and budget["score"] <= middle and len(metrics["int4"]["layers"]) < 3
+    assert budget["within_budget"] and budget["score"] - int8_score <= middle and len(metrics["int4"]["layers"]) < 3
     if metrics["int4"]["layers"]:  # the score judged is the shipped model's
         assert 1 - metrics["int4"]["fidelity"]["cosine_mean"] == pytest.approx(budget["score"], abs=1e-9)

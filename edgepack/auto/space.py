@@ -107,8 +107,9 @@ knob("bias_correction", "quantize.cnn.bias_correction", "subtract each layer's m
      "(cnn recipe)")
 knob("cnn_int4_largest", "quantize.cnn.int4_largest", "INT4 weights (W4A8, GPTQ) for this many of the largest 1x1 "
      "convolutions / Gemms (cnn recipe); 0: every weight INT8")
-knob("cnn_int4_cosine", "quantize.cnn.int4_max_cosine_drop", "INT4 weights for as many 1x1 convolutions / Gemms as "
-     "keep 1 - cosine vs FP32 on the budget samples within this, cheapest per weight first (cnn recipe); null: off")
+knob("cnn_int4_cosine", "quantize.cnn.int4_max_cosine_rise", "INT4 weights for as many 1x1 convolutions / Gemms as "
+     "add at most this to the INT8 model's 1 - cosine vs FP32 on the budget samples, cheapest per weight first (cnn "
+     "recipe); null: off")
 knob("cnn_int4_block", "quantize.cnn.int4_block_size", "INT4 weights per scale along the input channels (16..256)")
 knob("resolution", "model.preprocessing.crop", "input image side in pixels (image families: the preprocessing's "
      "crop; its resize side scales with it): the exported graph's input shape", scales=("model.preprocessing.resize",))

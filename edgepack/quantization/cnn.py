@@ -79,8 +79,9 @@ class CnnOptions:
     int4_layers: tuple[str, ...] = ()
     int4_largest: int = 0
     int4_block_size: int = 128
-    #: and as many more as keep 1 - cosine vs FP32 on the budget samples within this (`cnn_int4.select_by_budget`)
-    int4_max_cosine_drop: float | None = None
+    #: and as many more as add at most this to the INT8 model's 1 - cosine vs FP32 on the budget samples
+    #: (`cnn_int4.select_by_budget`)
+    int4_max_cosine_rise: float | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "float_activations", tuple(self.float_activations))
@@ -99,7 +100,7 @@ class CnnOptions:
 
     @property
     def int4(self) -> bool:
-        return bool(self.int4_layers or self.int4_largest or self.int4_max_cosine_drop is not None)
+        return bool(self.int4_layers or self.int4_largest or self.int4_max_cosine_rise is not None)
 
     def preparation_key(self) -> dict[str, Any]:
         """The options the calibration and the prepared graph depend on (the INT4 pass runs after both)."""

@@ -586,7 +586,7 @@ def _int4_weights(final: Path, graph: _Graph, options: QuantizeOptions, fp32_pat
                   check: tuple[Sequence[Feed], str] | None, workdir: Path,
                   calibration_feeds: Callable[[], Iterable[Feed]], n_calibration: int) -> tuple[Path, dict[str, Any]]:
     """`quantize.cnn.int4_*`: the chosen layers of the INT8 QDQ model get INT4 weights (`cnn_int4.apply_int4`);
-    `int4_max_cosine_drop` is judged, and the result's fidelity recorded, on the budget samples (`check`)."""
+    `int4_max_cosine_rise` is judged, and the result's fidelity recorded, on the budget samples (`check`)."""
     from edgepack.quantization.cnn_int4 import apply_int4
 
     if graph.recipe != "cnn" or options.graph != "qdq":
@@ -605,7 +605,7 @@ def _int4_weights(final: Path, graph: _Graph, options: QuantizeOptions, fp32_pat
     record = apply_int4(final, graph.float_weights or graph.path, calibration_feeds, names=cnn.int4_layers,
                         largest=cnn.int4_largest, block_size=cnn.int4_block_size, n_samples=n_calibration,
                         bias_correction=cnn.bias_correction, out_path=workdir / "int4.onnx",
-                        max_cosine_drop=cnn.int4_max_cosine_drop, score=score)
+                        max_cosine_rise=cnn.int4_max_cosine_rise, score=score)
     if not record["layers"]:
         return final, record
     if check is not None:
