@@ -164,13 +164,18 @@ class CnnSection(_Section):
     float_activations: list[str] = Field(default_factory=list)
     #: INT4 weights, activations INT8 (W4A8): these layers (node names: 1x1 Conv, Gemm, MatMul) and the
     #: `int4_largest` largest such layers, GPTQ-rounded in blocks of `int4_block_size` input channels, bias
-    #: corrected; on the CPU EP those layers then run in float (smaller file, slower layer: docs/benchmarks.md)
+    #: corrected
     int4_layers: list[str] = Field(default_factory=list)
     int4_largest: int = Field(0, ge=0)
     int4_block_size: Literal[16, 32, 64, 128, 256] = 128
     #: and as many more layers at INT4 as add at most this to the INT8 model's 1 - logit cosine vs FP32 on the
     #: budget samples (calibration data; optimistic: GPTQ fit them): the cheapest per weight first
     int4_max_cosine_rise: float | None = Field(None, ge=0, le=1)
+    #: how an INT4 layer runs: matmul-nbits (ONNX Runtime's 4-bit GEMM, com.microsoft MatMulNBits; a 1x1 Conv
+    #: between two Transposes; CPU / GPU EPs) | dequantize (standard opset-21 blocked DequantizeLinear before the
+    #: float layer, what NPU EPs read; on the CPU EP the weight is dequantized at every run: ~3x slower layers) |
+    #: auto (matmul-nbits when every EP in validate.providers is a CPU EP, else dequantize)
+    int4_kernel: Literal["auto", "matmul-nbits", "dequantize"] = "auto"
 
 
 class QuantizeSection(_Section):

@@ -124,6 +124,17 @@ def resolve_graph(graph: str, *, fp32: Path, recipe: str, providers: Sequence[st
     return "fused" if on_cpu and recipe == "transformer-encoder" else "qdq"
 
 
+def resolve_int4_kernel(kernel: str, providers: Sequence[str]) -> str:
+    """`quantize.cnn.int4_kernel: auto` -> `matmul-nbits` (ONNX Runtime's contrib 4-bit GEMM) when every EP in
+    `providers` is the CPU EP, else `dequantize` (standard ONNX: the blocked DequantizeLinear NPUs read)."""
+    if kernel != "auto":
+        return kernel
+    from edgepack.runtime.providers import get_provider
+
+    on_cpu = all(get_provider(name).ort_name == "CPUExecutionProvider" for name in providers)
+    return "matmul-nbits" if on_cpu else "dequantize"
+
+
 def int8_variants(graph: str, *, fp32: Path, recipe: str, providers: Sequence[str]) -> dict[str, str]:
     """INT8 variant name -> graph for a run. `auto` with CPU and non-CPU EPs in `providers` (e.g. cpu + qnn-htp)
     makes both: `int8` (fused, what the CPU EPs run fastest) and `int8-qdq` (what the NPUs run, validated and bundled
@@ -152,12 +163,15 @@ def quantize(fp32: Path, family: ModelFamily, *, calibration: Sequence[Sample], 
     recipe = options.recipe if options.recipe != "auto" else family.quant_recipe
     mode = quantize_mode(family, options)
     graph = resolve_graph(options.graph, fp32=fp32, recipe=recipe, providers=providers)
+    int4_kernel = resolve_int4_kernel(options.cnn.int4_kernel, providers)
     q_options = QuantizeOptions(calibrator=options.calibrator, smoothquant=options.smoothquant, family=recipe,
                                 per_channel=options.per_channel, activation_type=options.activation_type,
                                 weight_type=options.weight_type, exclude_nodes=tuple(options.exclude_nodes),
-                                graph=graph, cnn=CnnOptions(**options.cnn.model_dump()),
+                                graph=graph, cnn=CnnOptions(**{**options.cnn.model_dump(),
+                                                               "int4_kernel": int4_kernel}),
                                 wide_activations=tuple(options.wide_activations))
     config = {**options.model_dump(exclude={"weight_only"}), "mode": mode, "recipe": recipe, "graph": graph,
+              "int4_kernel": int4_kernel,
               "max_length": max_length, "padding": padding,
               # the calibrator's option values (its defaults): a changed default must not reuse an old build
               "calibrator_options": calibrator_options(options.calibrator)}

@@ -303,9 +303,12 @@ def test_a_float_activation_keeps_its_layers_float_and_lowers_the_error(mobilene
 
 def test_int4_weights_go_to_the_largest_layers_in_blocks_and_keep_the_logits(mobilenet, tmp_path):
     """quantize.cnn.int4_largest: the three largest 1x1 convolutions / Gemms (the 32x32 pointwise conv, the
-    16 -> 24 one and the head; the 24-wide conv has no 16-block): the convs get packed uint4 weights in 16-channel
-    blocks read by an opset-21 DequantizeLinear and a float bias, the head Gemm becomes MatMulNBits with its bias;
-    the logits stay close to FP32; the INT8 calibration is reused."""
+    16 -> 24 one and the head; the 24-wide conv has no 16-block). int4_kernel dequantize: the convs get packed
+    uint4 weights in 16-channel blocks read by an opset-21 DequantizeLinear and a float bias; matmul-nbits (the
+    default): each conv is Transpose -> MatMulNBits -> Transpose with the same codes, and the two graphs compute
+    the same logits; the head Gemm is MatMulNBits with its bias there (a blocked DequantizeLinear with
+    dequantize: standard ONNX only, what NPU EPs read); the logits stay close to FP32; the INT8
+    calibration is reused."""
     from edgepack.quantization.cnn_int4 import eligible_layers
     from edgepack.quantization.quantize import RangeCache
 
@@ -315,36 +318,56 @@ def test_int4_weights_go_to_the_largest_layers_in_blocks_and_keep_the_logits(mob
     cache = RangeCache(tmp_path / "cache", "data-key")
     quantize_static(path, tmp_path / "int8.onnx", calibration_feeds=calibration, n_calibration=32, cache=cache)
     check = ([{"pixel_values": x} for x in HELD_OUT[:8]], "logits")
-    metrics = quantize_static(path, tmp_path / "int4.onnx", calibration_feeds=calibration, n_calibration=32,
-                              cache=cache, check=check,
-                              options=QuantizeOptions(cnn=CnnOptions(int4_largest=3, int4_block_size=16)))
-    assert metrics["range_cache"]["hit"]
-    int8, int4 = onnx.load(str(tmp_path / "int8.onnx")), onnx.load(str(tmp_path / "int4.onnx"))
+    metrics, models = {}, {}
+    for kernel in ("dequantize", "matmul-nbits"):
+        metrics[kernel] = quantize_static(
+            path, tmp_path / f"{kernel}.onnx", calibration_feeds=calibration, n_calibration=32, cache=cache,
+            check=check, options=QuantizeOptions(cnn=CnnOptions(int4_largest=3, int4_block_size=16,
+                                                                int4_kernel=kernel)))
+        assert metrics[kernel]["range_cache"]["hit"] and metrics[kernel]["int4"]["kernel"] == kernel
+        models[kernel] = onnx.load(str(tmp_path / f"{kernel}.onnx"))
+    int8, int4 = onnx.load(str(tmp_path / "int8.onnx")), models["dequantize"]
     eligible = eligible_layers(int8, mobilenet)
     assert [t.elements for t in eligible] == [1024, 384, 320]  # conv 32->32, conv 16->24, head 32->10
-    chosen = [r["layer"] for r in metrics["int4"]["layers"]]
+    chosen = [r["layer"] for r in metrics["dequantize"]["int4"]["layers"]]
     assert chosen == [t.name for t in eligible]
+    for model in models.values():
+        assert next(o.version for o in model.opset_import if o.domain == "") == 21
+    inits = {t.name: t for t in models["matmul-nbits"].graph.initializer}
+    head = next(n for n in models["matmul-nbits"].graph.node if n.name == chosen[2])
+    attrs = {a.name: helper.get_attribute_value(a) for a in head.attribute}
+    assert head.op_type == "MatMulNBits"
+    assert attrs == {"K": 32, "N": 10, "bits": 4, "block_size": 16, "accuracy_level": 0}
+    assert inits[head.input[1]].dims == [10, 2, 8] and inits[head.input[5]].data_type == TensorProto.FLOAT
     inits = {t.name: t for t in int4.graph.initializer}
     producers = {o: n for n in int4.graph.node for o in n.output}
-    head = next(n for n in int4.graph.node if n.name == chosen[2])
-    attrs = {a.name: helper.get_attribute_value(a) for a in head.attribute}
-    assert head.op_type == "MatMulNBits" and attrs == {"K": 32, "N": 10, "bits": 4, "block_size": 16}
-    assert inits[head.input[1]].dims == [10, 2, 8] and inits[head.input[5]].data_type == TensorProto.FLOAT
-    for node in (n for n in int4.graph.node if n.name in chosen[:2]):
+    assert not any(n.domain == "com.microsoft" for n in int4.graph.node)  # dequantize: standard ONNX only
+    for node in (n for n in int4.graph.node if n.name in chosen):
         dq = producers[node.input[1]]
         attrs = {a.name: helper.get_attribute_value(a) for a in dq.attribute}
         codes = inits[dq.input[0]]
-        assert codes.data_type == TensorProto.UINT4 and attrs == {"axis": 1, "block_size": 16}
+        assert node.op_type in ("Conv", "Gemm") and codes.data_type == TensorProto.UINT4
+        assert attrs == {"axis": 1, "block_size": 16}
         assert len(codes.raw_data) == int(np.prod(codes.dims)) // 2  # two codes per byte
         assert inits[node.input[2]].data_type == TensorProto.FLOAT
-    assert next(o.version for o in int4.opset_import if o.domain == "") == 21
+    nbits = models["matmul-nbits"]
+    producers = {o: n for n in nbits.graph.node for o in n.output}
+    readers = {i: n for n in nbits.graph.node for i in n.input}
+    for name in chosen[:2]:
+        node = next(n for n in nbits.graph.node if n.name == name)
+        before, after = producers[node.input[0]], readers[node.output[0]]
+        assert node.op_type == "MatMulNBits" and before.op_type == after.op_type == "Transpose"
+        assert [helper.get_attribute_value(a) for a in before.attribute] == [[0, 2, 3, 1]]
+        assert [helper.get_attribute_value(a) for a in after.attribute] == [[0, 3, 1, 2]]
+    assert not any(n.op_type == "Conv" and n.name in chosen for n in nbits.graph.node)
+    got = {kernel: outputs(model, HELD_OUT) for kernel, model in models.items()}
+    np.testing.assert_allclose(got["matmul-nbits"], got["dequantize"], atol=2e-3 * np.abs(reference).max())
     cosine = {}
-    for name, model in (("int8", int8), ("int4", int4)):
-        got = outputs(model, HELD_OUT)
-        cosine[name] = float(np.mean(np.sum(got * reference, 1) / np.linalg.norm(got, axis=1)
+    for name, out in (("int8", outputs(int8, HELD_OUT)), ("int4", got["matmul-nbits"])):
+        cosine[name] = float(np.mean(np.sum(out * reference, 1) / np.linalg.norm(out, axis=1)
                                      / np.linalg.norm(reference, axis=1)))
     assert 0.97 < cosine["int4"] < cosine["int8"], cosine
-    assert abs(metrics["int4"]["fidelity"]["cosine_mean"] - cosine["int4"]) < 0.02
+    assert abs(metrics["matmul-nbits"]["int4"]["fidelity"]["cosine_mean"] - cosine["int4"]) < 0.02
 
 
 def test_int4_bias_correction_and_gptq_lower_the_error_of_nearest_int4(mobilenet, tmp_path):
@@ -396,3 +419,22 @@ def test_int4_cosine_budget_takes_the_cheapest_layers_first_and_holds_on_calibra
     assert budget["within_budget"] and budget["score"] - int8_score <= middle and len(metrics["int4"]["layers"]) < 3
     if metrics["int4"]["layers"]:  # the score judged is the shipped model's
         assert 1 - metrics["int4"]["fidelity"]["cosine_mean"] == pytest.approx(budget["score"], abs=1e-9)
+
+
+def test_int4_kernel_auto_follows_the_eps_and_strided_convs_keep_the_dequantize_form():
+    """int4_kernel auto: MatMulNBits (a contrib op) only when every EP is the CPU EP; with an NPU in the list the
+    standard blocked DequantizeLinear. A 1x1 Conv is one MatMul per pixel only at stride 1 without padding."""
+    from edgepack.errors import BadInputError
+    from edgepack.quantization.cnn_int4 import _plain_product
+    from edgepack.stages import resolve_int4_kernel
+
+    assert resolve_int4_kernel("auto", ["cpu", "mobile-cpu"]) == "matmul-nbits"
+    assert resolve_int4_kernel("auto", ["cpu", "qnn-htp"]) == "dequantize"
+    assert resolve_int4_kernel("dequantize", ["cpu"]) == "dequantize"
+    conv = helper.make_node("Conv", ["x", "w"], ["y"], kernel_shape=[1, 1])
+    assert _plain_product(conv)
+    assert not _plain_product(helper.make_node("Conv", ["x", "w"], ["y"], kernel_shape=[1, 1], strides=[2, 2]))
+    assert not _plain_product(helper.make_node("Conv", ["x", "w"], ["y"], kernel_shape=[1, 1], pads=[1, 1, 1, 1]))
+    assert not _plain_product(helper.make_node("Gemm", ["x", "w"], ["y"], alpha=0.5))
+    with pytest.raises(BadInputError, match="int4_kernel 'fast': choose matmul-nbits or dequantize"):
+        CnnOptions(int4_kernel="fast")

@@ -82,6 +82,9 @@ class CnnOptions:
     #: and as many more as add at most this to the INT8 model's 1 - cosine vs FP32 on the budget samples
     #: (`cnn_int4.select_by_budget`)
     int4_max_cosine_rise: float | None = None
+    #: matmul-nbits (MatMulNBits; a 1x1 Conv between Transposes) | dequantize (blocked DequantizeLinear + the
+    #: float layer) (`cnn_int4._write_matmul_nbits`)
+    int4_kernel: Literal["matmul-nbits", "dequantize"] = "matmul-nbits"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "float_activations", tuple(self.float_activations))
@@ -90,6 +93,8 @@ class CnnOptions:
             raise BadInputError(f"quantize.cnn.int4_largest must be >= 0, got {self.int4_largest}")
         if self.int4_block_size not in (16, 32, 64, 128, 256):
             raise BadInputError(f"quantize.cnn.int4_block_size {self.int4_block_size}: choose 16, 32, 64, 128 or 256")
+        if self.int4_kernel not in ("matmul-nbits", "dequantize"):
+            raise BadInputError(f"quantize.cnn.int4_kernel {self.int4_kernel!r}: choose matmul-nbits or dequantize")
         for name in ("adaround_iterations", "adaround_samples", "adaround_batch"):
             if getattr(self, name) < 1:
                 raise BadInputError(f"quantize.cnn.{name} must be >= 1, got {getattr(self, name)}")

@@ -18,8 +18,14 @@ Why our own: onnxruntime.quantization's QDQ quantizer writes INT4 weights by rou
 `BlockSize` for every weight and the blocks along the per-channel (output) axis; nothing in it picks layers by
 size, rounds with calibration data or corrects the bias.
 
-On the CPU EP an INT4-weight Conv is not fused into QLinearConv: its weight is dequantized at every run and the
-convolution runs in float between the activations' Q/DQ (smaller file, slower layer: the benchmark states both).
+How a chosen layer runs (`int4_kernel`): `matmul-nbits` (for the CPU EP) makes it ONNX Runtime's 4-bit GEMM
+(com.microsoft MatMulNBits; a stride-1 1x1 Conv becomes Transpose -> MatMulNBits -> Transpose, as ONNX Runtime
+has no 4-bit Conv kernel); `dequantize` keeps it standard ONNX for NPU EPs: the blocked DequantizeLinear above
+and the float layer. On the CPU EP the dequantize form is not fused into QLinearConv: the weight is dequantized
+at every run, and on EfficientNet-Lite0 with its 6 largest layers at INT4 a run took 9.0 ms against 3.2 ms for
+the MatMulNBits form (and 2.4 ms all-INT8; same codes, same logits; AMD EPYC Zen 5, 2 threads, three
+interleaved passes in one process; docs/benchmarks.md has the search's figures). MatMulNBits' accuracy_level
+stays 0 (float compute): level 4 (int8 activations) measured no faster on these shapes.
 """
 
 from __future__ import annotations
@@ -165,8 +171,10 @@ class Int4Builder:
     many sets (the budget's sensitivity ranking) costs a graph rewrite each, not a rounding."""
 
     def __init__(self, qdq_path: Path, reference_path: Path, calibration_feeds: Callable[[], Iterable[Feed]], *,
-                 block_size: int, n_samples: int, bias_correction: bool) -> None:
+                 block_size: int, n_samples: int, bias_correction: bool, kernel: str = "matmul-nbits",
+                 accuracy_level: int = 0) -> None:
         self.reference_path = reference_path
+        self.kernel, self.accuracy_level = kernel, accuracy_level
         self.reference = onnx.load(str(reference_path))
         self.qdq = onnx.load(str(qdq_path))
         self.targets = eligible_layers(self.qdq, self.reference)
@@ -209,8 +217,8 @@ class Int4Builder:
         inits = {t.name: t for t in model.graph.initializer}
         for target in chosen:
             rounded = self._rounded[target.name]
-            if _plain_product(target.node):
-                _write_matmul_nbits(model, inits, target, rounded.q, rounded.bias)
+            if self.kernel == "matmul-nbits" and _plain_product(target.node):
+                _write_matmul_nbits(model, inits, target, rounded.q, rounded.bias, self.accuracy_level)
             else:
                 q = rounded.q
                 _write_weight(model, inits, target, q.codes, q.scales, q.zeros)
@@ -261,7 +269,8 @@ def select_by_budget(builder: Int4Builder, forced: Sequence[str], score: Callabl
 def apply_int4(qdq_path: Path, reference_path: Path, calibration_feeds: Callable[[], Iterable[Feed]], *,
                names: Sequence[str], largest: int, block_size: int, n_samples: int, bias_correction: bool,
                out_path: Path, max_cosine_rise: float | None = None,
-               score: Callable[[onnx.ModelProto], float] | None = None) -> dict[str, Any]:
+               score: Callable[[onnx.ModelProto], float] | None = None,
+               kernel: str = "matmul-nbits") -> dict[str, Any]:
     """Rewrite the chosen layers of the QDQ model at `qdq_path` with GPTQ-rounded INT4 weights; save at `out_path`.
 
     `reference_path`: the FP32 graph the QDQ model was quantized from (same node names; its weights are the ones
@@ -269,7 +278,7 @@ def apply_int4(qdq_path: Path, reference_path: Path, calibration_feeds: Callable
     layers, and with `max_cosine_rise` (and `score`: 1 - cosine vs FP32 of a model on calibration samples) as
     many more as that budget allows (`select_by_budget`)."""
     builder = Int4Builder(qdq_path, reference_path, calibration_feeds, block_size=block_size, n_samples=n_samples,
-                          bias_correction=bias_correction)
+                          bias_correction=bias_correction, kernel=kernel)
     forced = [t.name for t in choose_layers(builder.targets, names=names, largest=largest)]
     budget = None
     if max_cosine_rise is not None and builder.targets:
@@ -284,7 +293,7 @@ def apply_int4(qdq_path: Path, reference_path: Path, calibration_feeds: Callable
     onnx.save_model(builder.build(forced), str(out_path))
     records = builder.records(forced)
     return {"layers": records, "int4_elements": sum(r["elements"] for r in records), "block_size": block_size,
-            "rounding": "gptq", "bias_correction": bias_correction, "budget": budget}
+            "rounding": "gptq", "bias_correction": bias_correction, "budget": budget, "kernel": kernel}
 
 
 def _write_weight(model: onnx.ModelProto, inits: dict[str, onnx.TensorProto], target: Int4Target,
@@ -346,16 +355,24 @@ def _set_bias(model: onnx.ModelProto, inits: dict[str, onnx.TensorProto], node: 
 
 
 def _plain_product(node: onnx.NodeProto) -> bool:
-    """A MatMul, or a Gemm that is one (alpha = beta = 1): ONNX Runtime's MatMulNBits computes it."""
+    """A MatMul, a Gemm that is one (alpha = beta = 1), or a 1x1 Conv that is one per pixel (stride 1, no
+    padding): ONNX Runtime's MatMulNBits computes it."""
     if node.op_type == "MatMul":
         return True
+    if node.op_type == "Conv":
+        return (all(s == 1 for s in _attr(node, "strides", [1, 1])) and not any(_attr(node, "pads", [0] * 4))
+                and _attr(node, "auto_pad", b"NOTSET") in (b"NOTSET", "NOTSET", b"VALID", "VALID"))
     return node.op_type == "Gemm" and _attr(node, "alpha", 1.0) == 1.0 and _attr(node, "beta", 1.0) == 1.0
 
 
 def _write_matmul_nbits(model: onnx.ModelProto, inits: dict[str, onnx.TensorProto], target: Int4Target,
-                        q: Any, bias: np.ndarray | None) -> None:
-    """The Gemm / MatMul becomes com.microsoft MatMulNBits (its bias input takes the float bias): ONNX Runtime's
-    4-bit GEMM kernel, instead of dequantizing the weight at every run."""
+                        q: Any, bias: np.ndarray | None, accuracy_level: int) -> None:
+    """The Gemm / MatMul / 1x1 Conv becomes com.microsoft MatMulNBits (its bias input takes the float bias):
+    ONNX Runtime's 4-bit GEMM kernel, instead of dequantizing the weight at every run. A 1x1 Conv reads its
+    (N, C, H, W) input as (N, H, W, C) rows: Transpose -> MatMulNBits -> Transpose back (there is no 4-bit Conv
+    kernel in ONNX Runtime; on 7x7 / 14x14 maps the two transposes cost far less than the per-run dequantize).
+    `accuracy_level` 4: the kernel quantizes each row block of the input to int8 and multiplies in integers (the
+    input is already the INT8 grid's DequantizeLinear, so this adds little error; measured in docs/benchmarks.md)."""
     from edgepack.quantization.blockwise import matmul_nbits_arrays
 
     arrays = matmul_nbits_arrays(q)
@@ -365,17 +382,28 @@ def _write_matmul_nbits(model: onnx.ModelProto, inits: dict[str, onnx.TensorProt
         tensor = numpy_helper.from_array(arrays[key], name)
         model.graph.initializer.append(tensor)
         inits[name] = tensor
-    inputs = [target.node.input[0], *names.values()]
+    conv = target.node.op_type == "Conv"
+    rows, out = target.node.input[0], target.node.output[0]
+    nodes = []
+    if conv:
+        rows, out = f"{target.name}_nhwc", f"{target.name}_nhwc_out"
+        nodes.append(helper.make_node("Transpose", [target.node.input[0]], [rows], name=f"{target.name}_to_nhwc",
+                                      perm=[0, 2, 3, 1]))
+    inputs = [rows, *names.values()]
     if bias is not None:
         bias_name = f"{target.name}_int4_bias"
         model.graph.initializer.append(numpy_helper.from_array(bias.astype(np.float32), bias_name))
         inputs += ["", bias_name]  # g_idx unused
     n, k = q.codes.shape
-    node = helper.make_node("MatMulNBits", inputs, list(target.node.output), name=target.name,
-                            domain="com.microsoft", K=k, N=n, bits=4, block_size=q.spec.block_size)
+    nodes.append(helper.make_node("MatMulNBits", inputs, [out], name=target.name, domain="com.microsoft", K=k, N=n,
+                                  bits=4, block_size=q.spec.block_size, accuracy_level=accuracy_level))
+    if conv:
+        nodes.append(helper.make_node("Transpose", [out], [target.node.output[0]], name=f"{target.name}_to_nchw",
+                                      perm=[0, 3, 1, 2]))
     index = list(model.graph.node).index(target.node)
     model.graph.node.remove(target.node)
-    model.graph.node.insert(index, node)
+    for offset, node in enumerate(nodes):
+        model.graph.node.insert(index + offset, node)
     if not any(o.domain == "com.microsoft" for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
 

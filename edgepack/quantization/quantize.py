@@ -605,7 +605,7 @@ def _int4_weights(final: Path, graph: _Graph, options: QuantizeOptions, fp32_pat
     record = apply_int4(final, graph.float_weights or graph.path, calibration_feeds, names=cnn.int4_layers,
                         largest=cnn.int4_largest, block_size=cnn.int4_block_size, n_samples=n_calibration,
                         bias_correction=cnn.bias_correction, out_path=workdir / "int4.onnx",
-                        max_cosine_rise=cnn.int4_max_cosine_rise, score=score)
+                        max_cosine_rise=cnn.int4_max_cosine_rise, score=score, kernel=cnn.int4_kernel)
     if not record["layers"]:
         return final, record
     if check is not None:
