@@ -116,9 +116,8 @@ def resolve_graph(graph: str, *, fp32: Path, recipe: str, providers: Sequence[st
     import onnx
 
     from edgepack.quantization.recipes import detect_family
-    from edgepack.runtime.providers import get_provider
 
-    on_cpu = all(get_provider(name).ort_name == "CPUExecutionProvider" for name in providers)
+    on_cpu = all(map(_on_cpu_ep, providers))
     if recipe == "auto":
         recipe = detect_family(onnx.load(str(fp32), load_external_data=False))
     return "fused" if on_cpu and recipe == "transformer-encoder" else "qdq"
@@ -129,19 +128,22 @@ def resolve_int4_kernel(kernel: str, providers: Sequence[str]) -> str:
     `providers` is the CPU EP, else `dequantize` (standard ONNX: the blocked DequantizeLinear NPUs read)."""
     if kernel != "auto":
         return kernel
+    return "matmul-nbits" if all(map(_on_cpu_ep, providers)) else "dequantize"
+
+
+def _on_cpu_ep(provider: str) -> bool:
+    """Whether the EP named `provider` (cpu, mobile-cpu, ...) is ONNX Runtime's CPU EP, whose contrib kernels
+    (fused encoder ops, MatMulNBits) it can run."""
     from edgepack.runtime.providers import get_provider
 
-    on_cpu = all(get_provider(name).ort_name == "CPUExecutionProvider" for name in providers)
-    return "matmul-nbits" if on_cpu else "dequantize"
+    return get_provider(provider).ort_name == "CPUExecutionProvider"
 
 
 def int8_variants(graph: str, *, fp32: Path, recipe: str, providers: Sequence[str]) -> dict[str, str]:
     """INT8 variant name -> graph for a run. `auto` with CPU and non-CPU EPs in `providers` (e.g. cpu + qnn-htp)
     makes both: `int8` (fused, what the CPU EPs run fastest) and `int8-qdq` (what the NPUs run, validated and bundled
     last); otherwise one `int8` in the graph `resolve_graph` picks."""
-    from edgepack.runtime.providers import get_provider
-
-    cpu = [p for p in providers if get_provider(p).ort_name == "CPUExecutionProvider"]
+    cpu = [p for p in providers if _on_cpu_ep(p)]
     chosen = resolve_graph(graph, fp32=fp32, recipe=recipe, providers=cpu or providers)
     if graph == "auto" and chosen == "fused" and len(cpu) < len(providers):
         return {"int8": "fused", "int8-qdq": "qdq"}

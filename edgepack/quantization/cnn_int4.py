@@ -171,10 +171,9 @@ class Int4Builder:
     many sets (the budget's sensitivity ranking) costs a graph rewrite each, not a rounding."""
 
     def __init__(self, qdq_path: Path, reference_path: Path, calibration_feeds: Callable[[], Iterable[Feed]], *,
-                 block_size: int, n_samples: int, bias_correction: bool, kernel: str = "matmul-nbits",
-                 accuracy_level: int = 0) -> None:
+                 block_size: int, n_samples: int, bias_correction: bool, kernel: str = "matmul-nbits") -> None:
         self.reference_path = reference_path
-        self.kernel, self.accuracy_level = kernel, accuracy_level
+        self.kernel = kernel
         self.reference = onnx.load(str(reference_path))
         self.qdq = onnx.load(str(qdq_path))
         self.targets = eligible_layers(self.qdq, self.reference)
@@ -218,7 +217,7 @@ class Int4Builder:
         for target in chosen:
             rounded = self._rounded[target.name]
             if self.kernel == "matmul-nbits" and _plain_product(target.node):
-                _write_matmul_nbits(model, inits, target, rounded.q, rounded.bias, self.accuracy_level)
+                _write_matmul_nbits(model, inits, target, rounded.q, rounded.bias)
             else:
                 q = rounded.q
                 _write_weight(model, inits, target, q.codes, q.scales, q.zeros)
@@ -361,18 +360,17 @@ def _plain_product(node: onnx.NodeProto) -> bool:
         return True
     if node.op_type == "Conv":
         return (all(s == 1 for s in _attr(node, "strides", [1, 1])) and not any(_attr(node, "pads", [0] * 4))
-                and _attr(node, "auto_pad", b"NOTSET") in (b"NOTSET", "NOTSET", b"VALID", "VALID"))
+                and _attr(node, "auto_pad", b"NOTSET") in (b"NOTSET", b"VALID"))
     return node.op_type == "Gemm" and _attr(node, "alpha", 1.0) == 1.0 and _attr(node, "beta", 1.0) == 1.0
 
 
 def _write_matmul_nbits(model: onnx.ModelProto, inits: dict[str, onnx.TensorProto], target: Int4Target,
-                        q: Any, bias: np.ndarray | None, accuracy_level: int) -> None:
+                        q: Any, bias: np.ndarray | None) -> None:
     """The Gemm / MatMul / 1x1 Conv becomes com.microsoft MatMulNBits (its bias input takes the float bias):
     ONNX Runtime's 4-bit GEMM kernel, instead of dequantizing the weight at every run. A 1x1 Conv reads its
     (N, C, H, W) input as (N, H, W, C) rows: Transpose -> MatMulNBits -> Transpose back (there is no 4-bit Conv
     kernel in ONNX Runtime; on 7x7 / 14x14 maps the two transposes cost far less than the per-run dequantize).
-    `accuracy_level` 4: the kernel quantizes each row block of the input to int8 and multiplies in integers (the
-    input is already the INT8 grid's DequantizeLinear, so this adds little error; measured in docs/benchmarks.md)."""
+    accuracy_level 0 (float compute): 4 (int8 activations in the kernel) measured no faster on these shapes."""
     from edgepack.quantization.blockwise import matmul_nbits_arrays
 
     arrays = matmul_nbits_arrays(q)
@@ -396,7 +394,7 @@ def _write_matmul_nbits(model: onnx.ModelProto, inits: dict[str, onnx.TensorProt
         inputs += ["", bias_name]  # g_idx unused
     n, k = q.codes.shape
     nodes.append(helper.make_node("MatMulNBits", inputs, [out], name=target.name, domain="com.microsoft", K=k, N=n,
-                                  bits=4, block_size=q.spec.block_size, accuracy_level=accuracy_level))
+                                  bits=4, block_size=q.spec.block_size, accuracy_level=0))
     if conv:
         nodes.append(helper.make_node("Transpose", [out], [target.node.output[0]], name=f"{target.name}_to_nchw",
                                       perm=[0, 3, 1, 2]))
